@@ -1,0 +1,1 @@
+"""`llamapool bench`: throughput, latency and overload behaviour of the pool against baselines."""

@@ -1,0 +1,1 @@
+"""Servers the pool is measured against."""

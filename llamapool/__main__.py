@@ -1,0 +1,3 @@
+from llamapool.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Router ⇄ worker messaging over ZeroMQ."""

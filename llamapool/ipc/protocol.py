@@ -1,0 +1,159 @@
+"""Wire protocol between the router and its workers.
+
+Frames (after ZeroMQ's identity frame on the router side):
+`[b"LP1"][type: 1 byte][msgpack body]`. Bodies are msgspec Structs decoded with a
+typed decoder per message type; nothing is ever pickled across the boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+VERSION = b"LP1"
+
+
+class ProtocolError(Exception):
+    """A frame that is malformed, of an unknown version or type, or out of order."""
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(msgspec.Struct):
+    prompt_ms: float
+    generate_ms: float
+    cached_tokens: int = 0
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Sampling for one request; None means the model's configured default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] | None = None
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+
+
+# worker → router
+
+
+class Ready(msgspec.Struct):
+    worker_id: str
+    pid: int
+    model_id: str
+    n_ctx: int
+    capacity: int
+
+
+class Heartbeat(msgspec.Struct):
+    seq: int
+    busy_request: str | None = None
+
+
+class Chunk(msgspec.Struct):
+    request_id: str
+    text: str
+    tokens: int
+
+
+class Done(msgspec.Struct):
+    request_id: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings | None = None
+    # Embedding results travel in DONE: one vector per input.
+    embeddings: list[list[float]] | None = None
+
+
+class Error(msgspec.Struct):
+    request_id: str
+    code: str
+    message: str
+    retryable: bool = False
+    param: str | None = None
+
+
+class Fatal(msgspec.Struct):
+    reason: str
+    cannot_boot: bool = False
+
+
+# router → worker
+
+
+class Request(msgspec.Struct, kw_only=True):
+    request_id: str
+    kind: Literal["chat", "completion", "embedding"]
+    deadline: float | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    inputs: list[str] | None = None
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+
+
+class Cancel(msgspec.Struct):
+    request_id: str
+
+
+class RouterHeartbeat(msgspec.Struct):
+    seq: int
+
+
+class Shutdown(msgspec.Struct):
+    drain: bool = True
+
+
+Message = (
+    Ready | Heartbeat | Chunk | Done | Error | Fatal | Request | Cancel | RouterHeartbeat | Shutdown
+)
+
+_TYPES: dict[int, type] = {
+    0x01: Ready,
+    0x02: Heartbeat,
+    0x03: Chunk,
+    0x04: Done,
+    0x05: Error,
+    0x06: Fatal,
+    0x10: Request,
+    0x11: Cancel,
+    0x12: RouterHeartbeat,
+    0x13: Shutdown,
+}
+_CODES: dict[type, bytes] = {cls: bytes([code]) for code, cls in _TYPES.items()}
+_DECODERS = {code: msgspec.msgpack.Decoder(cls) for code, cls in _TYPES.items()}
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: Any) -> list[bytes]:
+    """Frames for one message: version tag, type byte, msgpack body."""
+    return [VERSION, _CODES[type(message)], _encoder.encode(message)]
+
+
+def decode(frames: list[bytes]) -> Any:
+    """Decode `[version, type, body]`; raise ProtocolError on anything malformed."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}")
+    version, kind, body = frames
+    if version != VERSION:
+        raise ProtocolError(f"unknown protocol version {bytes(version)[:8]!r}")
+    if len(kind) != 1 or kind[0] not in _DECODERS:
+        raise ProtocolError(f"unknown message type {bytes(kind)[:4]!r}")
+    try:
+        return _DECODERS[kind[0]].decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"bad {_TYPES[kind[0]].__name__} body: {exc}") from None

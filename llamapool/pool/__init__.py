@@ -1,0 +1,1 @@
+"""The supervised pool: workers, their engine, the scheduler and the supervisor."""

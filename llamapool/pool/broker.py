@@ -1,0 +1,215 @@
+"""The router's side of the pool: one ROUTER socket, the supervisor and the scheduler.
+
+Runs inside the router's asyncio loop: a receive task routes worker messages, and
+a tick task drives supervision and router → worker heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import IO, Any
+
+import zmq
+import zmq.asyncio
+
+from llamapool import errors
+from llamapool.config import Config, ModelSpec
+from llamapool.ipc import protocol as P
+from llamapool.ipc.sockets import broker_endpoint, make_ipc_dir, remove_ipc_dir, router_socket
+from llamapool.pool.scheduler import Job, Scheduler
+from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle, WorkerState
+
+log = logging.getLogger("llamapool.broker")
+
+TICK = 0.1
+
+
+class Broker:
+    """Everything the HTTP layer needs from the pool: submit, release, status."""
+
+    def __init__(self, config: Config, *, log_level: str = "INFO", worker_log: IO | None = None):
+        self.config = config
+        self.ipc_dir = make_ipc_dir()
+        self.endpoint = broker_endpoint(self.ipc_dir)
+        self.ctx = zmq.asyncio.Context()
+        self.sock = router_socket(self.ctx, self.endpoint)
+        self.supervisor = Supervisor(
+            config.pool,
+            self.endpoint,
+            on_worker_lost=self._on_worker_lost,
+            on_worker_ready=self._on_worker_ready,
+            on_model_failed=self._on_model_failed,
+            log_level=log_level,
+            worker_log=worker_log,
+        )
+        self.scheduler = Scheduler(
+            self.supervisor, self.send, max_requeues=config.pool.max_requeues
+        )
+        self.protocol_errors = 0
+        self._tasks: list[asyncio.Task] = []
+        self._hb_seq = 0
+        self._next_hb = 0.0
+        for spec in config.models.values():
+            self._add_model(spec)
+        for model_id, reason in config.broken.items():
+            log.error("model %s is not served: %s", model_id, reason)
+
+    def _add_model(self, spec: ModelSpec) -> None:
+        self.supervisor.add_model(spec)
+        self.scheduler.add_model(spec.id, spec.max_queue, spec.queue_timeout)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.supervisor.tick()
+        self._tasks = [
+            asyncio.create_task(self._recv_loop(), name="broker-recv"),
+            asyncio.create_task(self._tick_loop(), name="broker-tick"),
+        ]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain workers politely, then SIGTERM, then SIGKILL; close the socket."""
+        self.scheduler.accepting = False
+        grace = self.config.pool.grace if grace is None else grace
+        for w in self.supervisor.live_workers():
+            was_ready = w.ready
+            self.supervisor.request_stop(w, "pool shutting down")
+            if was_ready:
+                self.send(w, P.Shutdown(drain=True))
+        deadline = time.monotonic() + grace
+        while self.supervisor.live_workers() and time.monotonic() < deadline:
+            await asyncio.sleep(TICK)
+            self.supervisor.reap(time.monotonic())
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.supervisor.terminate_all, 3.0)
+        self.sock.close(linger=0)
+        self.ctx.term()
+        remove_ipc_dir(self.ipc_dir)
+
+    async def _tick_loop(self) -> None:
+        interval = self.config.pool.heartbeat_interval
+        while True:
+            try:
+                now = time.monotonic()
+                self.supervisor.tick(now)
+                if now >= self._next_hb:
+                    self._next_hb = now + interval
+                    self._hb_seq += 1
+                    for w in self.supervisor.live_workers():
+                        if w.state is not WorkerState.STARTING:
+                            self.send(w, P.RouterHeartbeat(seq=self._hb_seq))
+            except Exception:
+                log.exception("supervisor tick failed")
+            await asyncio.sleep(TICK)
+
+    # -- messages ---------------------------------------------------------------
+
+    def send(self, worker: WorkerHandle, message: Any) -> bool:
+        """Send to one worker; False when ZeroMQ says it is unreachable."""
+        fut = self.sock.send_multipart([worker.identity, *P.encode(message)])
+        if fut.done() and fut.exception() is not None:
+            exc = fut.exception()
+            log.warning("send to worker %s failed: %s", worker.id, exc)
+            return False
+        return True
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                self._handle(frames)
+            except Exception:
+                log.exception("failed to handle a worker message")
+
+    def _handle(self, frames: list[bytes]) -> None:
+        identity, body = frames[0].decode(errors="replace"), frames[1:]
+        worker = self.supervisor.workers.get(identity)
+        if worker is None:
+            self.scheduler.dropped_replies += 1
+            return
+        worker.last_seen = time.monotonic()
+        try:
+            msg = P.decode(body)
+        except P.ProtocolError as exc:
+            self._protocol_violation(worker, str(exc))
+            return
+        if isinstance(msg, P.Ready):
+            if worker.state is not WorkerState.STARTING or msg.worker_id != worker.id:
+                self._protocol_violation(worker, "READY out of order")
+                return
+            self.supervisor.mark_ready(worker, msg.capacity, msg.n_ctx)
+        elif worker.state is WorkerState.STARTING and not isinstance(msg, P.Fatal):
+            self._protocol_violation(worker, f"{type(msg).__name__} before READY")
+        elif isinstance(msg, P.Chunk):
+            self.scheduler.on_chunk(worker, msg)
+        elif isinstance(msg, P.Done):
+            self.scheduler.on_done(worker, msg)
+        elif isinstance(msg, P.Error):
+            self.scheduler.on_error(worker, msg)
+        elif isinstance(msg, P.Fatal):
+            self.supervisor.note_fatal(worker, msg.reason, msg.cannot_boot)
+        elif not isinstance(msg, P.Heartbeat):
+            self._protocol_violation(worker, f"unexpected {type(msg).__name__}")
+
+    def _protocol_violation(self, worker: WorkerHandle, what: str) -> None:
+        self.protocol_errors += 1
+        log.error("worker %s: protocol error (%s); restarting it", worker.id, what)
+        self.supervisor.kill(worker, f"protocol error: {what}")
+
+    # -- supervisor callbacks ---------------------------------------------------
+
+    def _on_worker_ready(self, worker: WorkerHandle) -> None:
+        self.scheduler.dispatch(worker.model_id)
+
+    def _on_worker_lost(self, worker: WorkerHandle, reason: str) -> None:
+        self.scheduler.on_worker_lost(worker, reason)
+
+    def _on_model_failed(self, model_id: str, reason: str) -> None:
+        self.scheduler.on_model_failed(model_id, reason)
+
+    # -- what the HTTP layer uses -----------------------------------------------
+
+    def check_model(self, model_id: str) -> ModelSpec:
+        """The spec of a servable model, or the error naming why it cannot serve."""
+        runtime = self.supervisor.models.get(model_id)
+        if runtime is not None:
+            return runtime.spec
+        if model_id in self.config.broken:
+            raise errors.ModelFailed(
+                f"model {model_id!r} is not served: {self.config.broken[model_id]}"
+            )
+        known = ", ".join(sorted(self.supervisor.models)) or "none"
+        raise errors.ModelNotFound(
+            f"model {model_id!r} does not exist; available models: {known}", param="model"
+        )
+
+    def submit(self, model_id: str, request: P.Request) -> Job:
+        self.check_model(model_id)
+        return self.scheduler.submit(model_id, request)
+
+    def release(self, job: Job) -> None:
+        self.scheduler.release(job)
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Whether every model has its min_instances up, with per-model detail."""
+        detail: dict[str, Any] = {}
+        ok = True
+        for model_id, runtime in self.supervisor.models.items():
+            up = sum(1 for w in self.supervisor.workers_of(model_id) if w.ready)
+            want = runtime.spec.min_instances
+            model_ok = runtime.state is not ModelState.FAILED and up >= want
+            ok = ok and model_ok
+            detail[model_id] = {
+                "state": runtime.state.value,
+                "instances_ready": up,
+                "min_instances": want,
+                "reason": runtime.reason,
+            }
+        for model_id, reason in self.config.broken.items():
+            ok = False
+            detail[model_id] = {"state": ModelState.FAILED.value, "reason": reason}
+        return ok, detail

@@ -1,0 +1,392 @@
+"""The one `Llama` a worker owns: a lock around it, reset discipline, a token loop.
+
+The KV cache is kept between requests so llama-cpp-python's prefix matching in
+`Llama.generate` reuses a shared prompt prefix; after any error or cancel the
+state is reset, because a half-evaluated batch leaves the cache out of step with
+`n_tokens` (the source of "inconsistent sequence positions" errors).
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from llamapool.config import ModelSpec
+from llamapool.ipc.protocol import Request, Timings, Usage
+
+log = logging.getLogger(__name__)
+
+EmitFn = Callable[[str, int], None]
+
+
+class Cancelled(Exception):
+    """The router asked this request to stop."""
+
+
+class RequestFailed(Exception):
+    """A request the engine refuses or cannot finish; carries the client-facing code."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+class Result:
+    """What a finished request reports in DONE."""
+
+    __slots__ = ("finish_reason", "usage", "timings", "embeddings")
+
+    def __init__(
+        self,
+        finish_reason: str,
+        usage: Usage,
+        timings: Timings | None = None,
+        embeddings: list[list[float]] | None = None,
+    ):
+        self.finish_reason = finish_reason
+        self.usage = usage
+        self.timings = timings
+        self.embeddings = embeddings
+
+
+def _formatter_from_handler(handler: Any) -> Any | None:
+    # llama-cpp-python registers named chat formats only as completion handlers
+    # wrapping a formatter; the formatter is what we need to run our own loop.
+    code = getattr(handler, "__code__", None)
+    if code is None or handler.__closure__ is None:
+        return None
+    for name, cell in zip(code.co_freevars, handler.__closure__):
+        if name == "chat_formatter":
+            return cell.cell_contents
+    return None
+
+
+class Engine:
+    """Owns one `llama_cpp.Llama`; every call holds the lock for its whole duration."""
+
+    def __init__(self, spec: ModelSpec):
+        import llama_cpp
+        from llama_cpp import llama_chat_format
+
+        self._llama_cpp = llama_cpp
+        self.spec = spec
+        cfg = spec.config
+        self.cfg = cfg
+        self.lock = threading.Lock()
+        kwargs: dict[str, Any] = {
+            "model_path": cfg.model_path,
+            "n_ctx": cfg.n_ctx,
+            "n_gpu_layers": cfg.n_gpu_layers,
+            "n_batch": cfg.n_batch,
+            "use_mmap": cfg.use_mmap,
+            "use_mlock": cfg.use_mlock,
+            "embedding": cfg.embedding,
+            "verbose": False,
+        }
+        if cfg.n_threads is not None:
+            kwargs["n_threads"] = cfg.n_threads
+            kwargs["n_threads_batch"] = cfg.n_threads
+        if cfg.seed is not None:
+            kwargs["seed"] = cfg.seed
+        if cfg.chat_format is not None:
+            try:
+                llama_chat_format.get_chat_completion_handler(cfg.chat_format)
+            except Exception:
+                raise ValueError(f"unknown chat_format {cfg.chat_format!r}") from None
+            kwargs["chat_format"] = cfg.chat_format
+        if cfg.mmproj_path is not None:
+            kwargs["chat_handler"] = llama_chat_format.Llava15ChatHandler(
+                clip_model_path=cfg.mmproj_path, verbose=False
+            )
+        self.llama = llama_cpp.Llama(**kwargs)
+        self.n_ctx = self.llama.n_ctx()
+        self._vocab = self.llama._model.vocab
+        self._formatter = self._make_formatter(llama_chat_format)
+
+    def _make_formatter(self, llama_chat_format: Any) -> Any | None:
+        """The chat formatter for our own token loop; None → llama-cpp-python's handler."""
+        if self.cfg.mmproj_path is not None:
+            return None  # images are embedded by the Llava handler itself
+        llama = self.llama
+        eos_id, bos_id = llama.token_eos(), llama.token_bos()
+        eos = llama._model.token_get_text(eos_id) if eos_id != -1 else ""
+        bos = llama._model.token_get_text(bos_id) if bos_id != -1 else ""
+        if self.cfg.chat_format_template is not None:
+            template = self.cfg.chat_format_template
+            if os.path.isfile(template):
+                with open(template, encoding="utf-8") as fh:
+                    template = fh.read()
+            return llama_chat_format.Jinja2ChatFormatter(
+                template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
+            )
+        name = llama.chat_format
+        if name in llama._chat_handlers:
+            # Built by Llama.__init__ from the GGUF's embedded template.
+            template = llama.metadata.get("tokenizer.chat_template")
+            if name == "chat_template.default" and template:
+                return llama_chat_format.Jinja2ChatFormatter(
+                    template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
+                )
+            return _formatter_from_handler(llama._chat_handlers[name])
+        return _formatter_from_handler(llama_chat_format.get_chat_completion_handler(name))
+
+    # -- public entry points --------------------------------------------------
+
+    def run(self, req: Request, emit: EmitFn, cancelled: threading.Event) -> Result:
+        """Serve one request under the lock; reset the state after any error or cancel."""
+        with self.lock:
+            try:
+                if req.kind == "embedding":
+                    return self._embed(req)
+                return self._generate(req, emit, cancelled)
+            except BaseException:
+                self.llama.reset()
+                raise
+            finally:
+                if self.cfg.reset_each_request:
+                    self.llama.reset()
+
+    # -- generation -----------------------------------------------------------
+
+    def _prompt_tokens(self, req: Request) -> tuple[list[int], list[str]]:
+        llama = self.llama
+        if req.kind == "completion":
+            text = req.prompt or ""
+            return llama.tokenize(text.encode("utf-8"), add_bos=True, special=False), []
+        if self._formatter is None:
+            raise RequestFailed(
+                "invalid_request",
+                f"model {self.spec.id!r} chats only through its multimodal handler",
+            )
+        try:
+            result = self._formatter(messages=req.messages or [])
+        except Exception as exc:  # a template's raise_exception, or a bad message shape
+            raise RequestFailed(
+                "invalid_request", f"chat template rejected the messages: {exc}", param="messages"
+            ) from None
+        stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
+        tokens = llama.tokenize(
+            result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
+        )
+        return tokens, [s for s in stops if s]
+
+    def _generate(self, req: Request, emit: EmitFn, cancelled: threading.Event) -> Result:
+        if req.kind == "chat" and self._formatter is None:
+            return self._generate_with_handler(req, emit, cancelled)
+        cfg, p, llama = self.cfg, req.params, self.llama
+        tokens, template_stops = self._prompt_tokens(req)
+        n_prompt = len(tokens)
+        room = self.n_ctx - n_prompt
+        if n_prompt == 0:
+            raise RequestFailed("invalid_request", "the prompt is empty", param="prompt")
+        if room < 1:
+            raise RequestFailed(
+                "context_length_exceeded",
+                f"the prompt is {n_prompt} tokens but model {self.spec.id!r} has a context of "
+                f"{self.n_ctx} tokens; shorten the prompt by at least {n_prompt - self.n_ctx + 1}",
+                param="messages" if req.kind == "chat" else "prompt",
+            )
+        default_max = 16 if req.kind == "completion" else room
+        max_tokens = min(p.max_tokens or cfg.max_tokens or default_max, room)
+        stops = template_stops + [s for s in (p.stop if p.stop is not None else cfg.stop_list())]
+        stops = [s for s in dict.fromkeys(stops) if s]
+        seed = p.seed if p.seed is not None else cfg.seed
+        llama.set_seed(seed if seed is not None else random.getrandbits(31))
+
+        logits_processor = None
+        if p.logit_bias:
+            logits_processor = self._logit_bias_processor(p.logit_bias)
+
+        cached = self._cached_prefix(tokens)
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pending = ""  # decoded text held back because it may start a stop sequence
+        unsent_tokens = 0
+        produced = 0
+        finish = "length"
+        gen = llama.generate(
+            tokens,
+            top_k=_pick(p.top_k, cfg.top_k),
+            top_p=_pick(p.top_p, cfg.top_p),
+            min_p=_pick(p.min_p, cfg.min_p),
+            temp=_pick(p.temperature, cfg.temperature),
+            repeat_penalty=_pick(p.repeat_penalty, cfg.repeat_penalty),
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            logits_processor=logits_processor,
+        )
+        try:
+            for token in gen:
+                if cancelled.is_set():
+                    raise Cancelled()
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                produced += 1
+                unsent_tokens += 1
+                pending += decoder.decode(llama.detokenize([token]))
+                cut = _find_stop(pending, stops)
+                if cut is not None:
+                    pending = pending[:cut]
+                    finish = "stop"
+                    break
+                safe = len(pending) - _held_back(pending, stops)
+                if safe > 0:
+                    emit(pending[:safe], unsent_tokens)
+                    pending, unsent_tokens = pending[safe:], 0
+                if produced >= max_tokens:
+                    break
+        finally:
+            gen.close()
+        if finish != "stop" or pending:
+            pending += decoder.decode(b"", final=True)
+        if pending or unsent_tokens:
+            emit(pending, unsent_tokens)
+        ended = time.perf_counter()
+        first = first_token_at or ended
+        return Result(
+            finish,
+            Usage(prompt_tokens=n_prompt, completion_tokens=produced),
+            Timings(
+                prompt_ms=(first - started) * 1000,
+                generate_ms=(ended - first) * 1000,
+                cached_tokens=cached,
+            ),
+        )
+
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        llama = self.llama
+        n = 0
+        for a, b in zip(llama._input_ids[: llama.n_tokens], tokens):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _logit_bias_processor(self, bias: dict[int, float]) -> Any:
+        import numpy as np
+        from llama_cpp import LogitsProcessorList
+
+        n_vocab = self.llama.n_vocab()
+        for token_id in bias:
+            if not 0 <= token_id < n_vocab:
+                raise RequestFailed(
+                    "invalid_request",
+                    f"logit_bias names token {token_id}, outside the vocabulary (0..{n_vocab - 1})",
+                    param="logit_bias",
+                )
+        ids = np.fromiter(bias.keys(), dtype=np.intc)
+        values = np.fromiter(bias.values(), dtype=np.single)
+
+        def apply(_input_ids: Any, scores: Any) -> Any:
+            scores[ids] += values
+            return scores
+
+        return LogitsProcessorList([apply])
+
+    def _generate_with_handler(
+        self, req: Request, emit: EmitFn, cancelled: threading.Event
+    ) -> Result:
+        """Chat through llama-cpp-python's own handler (multimodal models)."""
+        cfg, p = self.cfg, req.params
+        produced = 0
+
+        def stop_when_cancelled(_ids: Any, _logits: Any) -> bool:
+            nonlocal produced
+            produced += 1
+            return cancelled.is_set()
+
+        from llama_cpp import StoppingCriteriaList
+
+        stream = self.llama.create_chat_completion(
+            messages=req.messages or [],
+            stream=True,
+            max_tokens=p.max_tokens or cfg.max_tokens,
+            temperature=_pick(p.temperature, cfg.temperature),
+            top_p=_pick(p.top_p, cfg.top_p),
+            top_k=_pick(p.top_k, cfg.top_k),
+            min_p=_pick(p.min_p, cfg.min_p),
+            repeat_penalty=_pick(p.repeat_penalty, cfg.repeat_penalty),
+            stop=p.stop if p.stop is not None else cfg.stop_list(),
+            seed=p.seed if p.seed is not None else cfg.seed,
+            stopping_criteria=StoppingCriteriaList([stop_when_cancelled]),
+        )
+        finish = "stop"
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            text = choice["delta"].get("content") or ""
+            if text:
+                emit(text, 1)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+        if cancelled.is_set():
+            raise Cancelled()
+        return Result(finish, Usage(prompt_tokens=0, completion_tokens=produced))
+
+    # -- embeddings -----------------------------------------------------------
+
+    def _embed(self, req: Request) -> Result:
+        if not self.cfg.embedding:
+            raise RequestFailed(
+                "invalid_request",
+                f"model {self.spec.id!r} does not serve embeddings (set `embedding: true`)",
+                param="model",
+            )
+        inputs = req.inputs or []
+        vectors: list[list[float]] = []
+        n_tokens = 0
+        for text in inputs:
+            tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=True)
+            if len(tokens) > self.n_ctx:
+                raise RequestFailed(
+                    "context_length_exceeded",
+                    f"an input is {len(tokens)} tokens; model {self.spec.id!r} has a context "
+                    f"of {self.n_ctx} tokens",
+                    param="input",
+                )
+            n_tokens += len(tokens)
+            vec = self.llama.embed(text)
+            if vec and isinstance(vec[0], list):
+                # No pooling in the model: mean-pool the per-token vectors ourselves.
+                width = len(vec[0])
+                vec = [sum(row[i] for row in vec) / len(vec) for i in range(width)]
+            vectors.append([float(x) for x in vec])
+        return Result(
+            "stop", Usage(prompt_tokens=n_tokens, completion_tokens=0), embeddings=vectors
+        )
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    best: int | None = None
+    for stop in stops:
+        i = text.find(stop)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop sequence."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:n]):
+                keep = n
+                break
+    return keep
+

@@ -1,0 +1,287 @@
+"""Per-model bounded FIFO queues with deadlines; dispatch to instances with a free slot.
+
+The queue lives in the router, where deadlines, cancellation and metrics can see
+it. A worker announces its capacity in READY; the scheduler counts in-flight
+requests against it, so batching workers need no change here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llamapool import errors
+from llamapool.ipc import protocol as P
+from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle
+
+log = logging.getLogger("llamapool.scheduler")
+
+Event = P.Chunk | P.Done | errors.LlamapoolError
+
+
+@dataclass(eq=False)
+class Job:
+    """One client request from admission to its last event."""
+
+    id: str
+    model_id: str
+    request: P.Request
+    deadline: float
+    enqueued_at: float = field(default_factory=time.monotonic)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    attempts: int = 0
+    produced: bool = False
+    worker: WorkerHandle | None = None
+    dispatched_at: float | None = None
+    finished: bool = False
+    abandoned: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def queued(self) -> bool:
+        return self.worker is None and not self.finished
+
+
+@dataclass
+class ModelQueue:
+    max_queue: int
+    queue_timeout: float
+    jobs: deque[Job] = field(default_factory=deque)
+    service_time: float = 1.0  # moving average of a request's time on a worker, for Retry-After
+
+
+class Scheduler:
+    """Admission, queueing, dispatch and the bookkeeping of running requests."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        send: Callable[[WorkerHandle, Any], bool],
+        *,
+        max_requeues: int = 2,
+    ):
+        self.supervisor = supervisor
+        self.send = send
+        self.max_requeues = max_requeues
+        self.queues: dict[str, ModelQueue] = {}
+        self.running: dict[str, Job] = {}
+        self.dropped_replies = 0
+        self._ids = itertools.count(1)
+        self.accepting = True
+
+    def add_model(self, model_id: str, max_queue: int, queue_timeout: float) -> None:
+        self.queues[model_id] = ModelQueue(max_queue=max_queue, queue_timeout=queue_timeout)
+
+    # -- admission --------------------------------------------------------------
+
+    def submit(self, model_id: str, request: P.Request) -> Job:
+        """Queue a request or raise the error the client should see at once."""
+        if not self.accepting:
+            raise errors.ShuttingDown("the server is shutting down; retry on another instance")
+        runtime = self.supervisor.models[model_id]
+        if runtime.state is ModelState.FAILED:
+            raise errors.ModelFailed(
+                f"model {model_id!r} is failed: {runtime.reason}; fix it and reload the config"
+            )
+        mq = self.queues[model_id]
+        if len(mq.jobs) >= mq.max_queue:
+            raise errors.QueueFull(
+                f"queue for {model_id} is full ({len(mq.jobs)} waiting); "
+                f"retry after {self.retry_after(model_id):.0f} s or raise max_queue",
+                retry_after=self.retry_after(model_id),
+            )
+        self.supervisor.ensure_capacity(model_id)
+        loop = asyncio.get_running_loop()
+        job = Job(
+            id=f"r-{next(self._ids)}",
+            model_id=model_id,
+            request=request,
+            deadline=time.monotonic() + mq.queue_timeout,
+        )
+        request.request_id = job.id
+        mq.jobs.append(job)
+        job.timer = loop.call_later(mq.queue_timeout, self._expire, job)
+        self.dispatch(model_id)
+        return job
+
+    def retry_after(self, model_id: str) -> float:
+        mq = self.queues[model_id]
+        instances = max(1, len([w for w in self.supervisor.workers_of(model_id) if w.ready]))
+        return min(60.0, max(1.0, len(mq.jobs) * mq.service_time / instances))
+
+    def _expire(self, job: Job) -> None:
+        if not job.queued:
+            return
+        mq = self.queues[job.model_id]
+        try:
+            mq.jobs.remove(job)
+        except ValueError:
+            return
+        waited = time.monotonic() - job.enqueued_at
+        self._finish(
+            job,
+            errors.QueueTimeout(
+                f"request waited {waited:.1f} s in the queue for {job.model_id} "
+                f"(queue_timeout {mq.queue_timeout:g} s); retry later or add instances",
+                retry_after=self.retry_after(job.model_id),
+            ),
+        )
+
+    # -- dispatch ---------------------------------------------------------------
+
+    def dispatch(self, model_id: str) -> None:
+        mq = self.queues.get(model_id)
+        if mq is None:
+            return
+        while mq.jobs:
+            worker = self._pick_worker(model_id)
+            if worker is None:
+                return
+            job = mq.jobs.popleft()
+            if job.timer is not None:
+                job.timer.cancel()
+            job.worker = worker
+            job.dispatched_at = time.monotonic()
+            job.request.deadline = time.time() + max(0.0, job.deadline - time.monotonic())
+            worker.in_flight[job.id] = job
+            worker.last_used = job.dispatched_at
+            self.running[job.id] = job
+            self.supervisor.note_busy(worker)
+            if not self.send(worker, job.request):
+                # The send failed: the worker is gone. Its reaping requeues the job.
+                self.supervisor.kill(worker, "unreachable on its socket")
+                return
+
+    def _pick_worker(self, model_id: str) -> WorkerHandle | None:
+        candidates = [w for w in self.supervisor.workers_of(model_id) if w.free_slots > 0]
+        if not candidates:
+            return None
+        # Least recently used: spreads load and keeps every instance warm.
+        return min(candidates, key=lambda w: w.last_used)
+
+    # -- events from workers ----------------------------------------------------
+
+    def on_chunk(self, worker: WorkerHandle, msg: P.Chunk) -> None:
+        job = self._job_for(worker, msg.request_id)
+        if job is None:
+            return
+        job.produced = True
+        if not job.abandoned:
+            job.events.put_nowait(msg)
+
+    def on_done(self, worker: WorkerHandle, msg: P.Done) -> None:
+        job = self._job_for(worker, msg.request_id)
+        if job is None:
+            return
+        worker.served += 1
+        self._release_slot(worker, job)
+        if job.dispatched_at is not None:
+            mq = self.queues[job.model_id]
+            mq.service_time = 0.8 * mq.service_time + 0.2 * (time.monotonic() - job.dispatched_at)
+        self._finish(job, msg)
+        self.dispatch(worker.model_id)
+
+    def on_error(self, worker: WorkerHandle, msg: P.Error) -> None:
+        job = self._job_for(worker, msg.request_id)
+        if job is None:
+            return
+        self._release_slot(worker, job)
+        if msg.retryable and not job.abandoned and not job.produced:
+            self._requeue(job)
+        else:
+            self._finish(job, errors.error_from_code(msg.code, msg.message, param=msg.param))
+        self.dispatch(worker.model_id)
+
+    def _job_for(self, worker: WorkerHandle, request_id: str) -> Job | None:
+        job = worker.in_flight.get(request_id)
+        if job is None:
+            self.dropped_replies += 1
+            log.debug("dropped a reply for unknown request %s from %s", request_id, worker.id)
+        return job
+
+    def _release_slot(self, worker: WorkerHandle, job: Job) -> None:
+        worker.in_flight.pop(job.id, None)
+        self.running.pop(job.id, None)
+        job.worker = None
+        self.supervisor.note_busy(worker)
+
+    def _requeue(self, job: Job) -> None:
+        # At the head: it was admitted first. A fresh deadline, since the wait is ours.
+        mq = self.queues[job.model_id]
+        job.worker = None
+        job.dispatched_at = None
+        job.deadline = time.monotonic() + mq.queue_timeout
+        mq.jobs.appendleft(job)
+        job.timer = asyncio.get_running_loop().call_later(mq.queue_timeout, self._expire, job)
+
+    def _finish(self, job: Job, event: Event) -> None:
+        job.finished = True
+        if job.timer is not None:
+            job.timer.cancel()
+        if not job.abandoned:
+            job.events.put_nowait(event)
+
+    # -- failures ---------------------------------------------------------------
+
+    def on_worker_lost(self, worker: WorkerHandle, reason: str) -> None:
+        """Requeue what can be retried safely; fail what had already streamed output."""
+        for job in list(worker.in_flight.values()):
+            self._release_slot(worker, job)
+            if job.abandoned:
+                job.finished = True
+            elif not job.produced and job.attempts < self.max_requeues:
+                job.attempts += 1
+                log.warning(
+                    "requeued %s at the head of %s (attempt %d): %s",
+                    job.id,
+                    job.model_id,
+                    job.attempts + 1,
+                    reason,
+                )
+                self._requeue(job)
+            else:
+                self._finish(
+                    job,
+                    errors.WorkerCrashed(
+                        f"the worker serving this request died ({reason}); "
+                        "the pool restarted it — retry the request"
+                    ),
+                )
+        self.dispatch(worker.model_id)
+
+    def on_model_failed(self, model_id: str, reason: str) -> None:
+        mq = self.queues.get(model_id)
+        if mq is None:
+            return
+        while mq.jobs:
+            self._finish(
+                mq.jobs.popleft(),
+                errors.ModelFailed(f"model {model_id!r} is failed: {reason}"),
+            )
+
+    # -- client side ------------------------------------------------------------
+
+    def release(self, job: Job) -> None:
+        """The client is gone or done: drop a queued job, cancel a running one."""
+        if job.finished:
+            return
+        job.abandoned = True
+        if job.worker is None:
+            try:
+                self.queues[job.model_id].jobs.remove(job)
+            except ValueError:
+                pass
+            job.finished = True
+            if job.timer is not None:
+                job.timer.cancel()
+            return
+        self.send(job.worker, P.Cancel(request_id=job.id))
+
+    def queue_depth(self, model_id: str) -> int:
+        return len(self.queues[model_id].jobs)

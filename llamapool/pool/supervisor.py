@@ -1,0 +1,396 @@
+"""Spawns, watches and replaces worker processes (after gunicorn's arbiter).
+
+One periodic tick, in a fixed order: reap exited processes → expire silent ones →
+bring instance counts to target. Every state change is logged once with its reason
+and kept in a short per-worker history.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO
+
+import msgspec
+
+from llamapool.config import ModelSpec, PoolSettings
+from llamapool.pool.worker import EXIT_CANNOT_BOOT, EXIT_FATAL, EXIT_ORPHANED, SPEC_ENV
+
+log = logging.getLogger("llamapool.supervisor")
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "STARTING"
+    IDLE = "IDLE"
+    BUSY = "BUSY"
+    DRAINING = "DRAINING"
+    STOPPED = "STOPPED"
+    DEAD = "DEAD"
+
+
+class ModelState(str, enum.Enum):
+    STARTING = "STARTING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+LIVE = (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING)
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """The router's view of one worker process."""
+
+    id: str
+    model_id: str
+    proc: subprocess.Popen
+    cores: list[int]
+    n_threads: int
+    state: WorkerState = WorkerState.STARTING
+    started_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    capacity: int = 0
+    n_ctx: int = 0
+    in_flight: dict = field(default_factory=dict)  # request id → Job
+    served: int = 0
+    last_used: float = 0.0
+    stop_requested: bool = False
+    fatal_reason: str | None = None
+    cannot_boot: bool = False
+    history: deque = field(default_factory=lambda: deque(maxlen=20))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def identity(self) -> bytes:
+        return self.id.encode()
+
+    @property
+    def ready(self) -> bool:
+        return self.state in (WorkerState.IDLE, WorkerState.BUSY)
+
+    @property
+    def free_slots(self) -> int:
+        return self.capacity - len(self.in_flight) if self.ready else 0
+
+
+class FlapPolicy:
+    """More than `attempts` deaths within `window` seconds means the model is failing."""
+
+    def __init__(self, attempts: int, window: float, initial: float, cap: float):
+        self.attempts, self.window = attempts, window
+        self.initial, self.cap = initial, cap
+        self.deaths: deque[float] = deque()
+
+    def record(self, now: float) -> bool:
+        """Count a death; True when the model should be marked FAILED."""
+        self.deaths.append(now)
+        while self.deaths and now - self.deaths[0] > self.window:
+            self.deaths.popleft()
+        return len(self.deaths) > self.attempts
+
+    def backoff(self) -> float:
+        """Exponential delay before the next spawn: initial, doubling per recent death."""
+        if not self.deaths:
+            return 0.0
+        return min(self.cap, self.initial * 2 ** (len(self.deaths) - 1))
+
+    def clear(self) -> None:
+        self.deaths.clear()
+
+
+@dataclass(eq=False)
+class ModelRuntime:
+    """Per-model supervision state."""
+
+    spec: ModelSpec
+    target: int
+    flap: FlapPolicy
+    state: ModelState = ModelState.STARTING
+    reason: str | None = None
+    next_spawn_at: float = 0.0
+    restarts: int = 0
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return {
+        EXIT_CANNOT_BOOT: "exit 78 (cannot boot)",
+        EXIT_FATAL: "exit 70 (fatal error)",
+        EXIT_ORPHANED: "exit 79 (lost the router)",
+    }.get(code, f"exit {code}")
+
+
+class Supervisor:
+    """Owns the worker processes of every model."""
+
+    def __init__(
+        self,
+        settings: PoolSettings,
+        endpoint: str,
+        *,
+        on_worker_lost: Callable[[WorkerHandle, str], None],
+        on_worker_ready: Callable[[WorkerHandle], None],
+        on_model_failed: Callable[[str, str], None],
+        log_level: str = "INFO",
+        worker_log: IO | None = None,
+    ):
+        self.settings = settings
+        self.endpoint = endpoint
+        self.on_worker_lost = on_worker_lost
+        self.on_worker_ready = on_worker_ready
+        self.on_model_failed = on_model_failed
+        self.log_level = log_level
+        self.worker_log = worker_log
+        self.models: dict[str, ModelRuntime] = {}
+        self.workers: dict[str, WorkerHandle] = {}
+        self._ids = itertools.count(1)
+        self.cpus = sorted(os.sched_getaffinity(0))
+
+    # -- models -----------------------------------------------------------------
+
+    def add_model(self, spec: ModelSpec) -> ModelRuntime:
+        s = self.settings
+        runtime = ModelRuntime(
+            spec=spec,
+            target=spec.min_instances,
+            flap=FlapPolicy(s.restart_attempts, s.restart_window, s.backoff_initial, s.backoff_max),
+        )
+        self.models[spec.id] = runtime
+        return runtime
+
+    def fail_model(self, model_id: str, reason: str) -> None:
+        runtime = self.models[model_id]
+        if runtime.state is ModelState.FAILED:
+            return
+        runtime.state, runtime.reason = ModelState.FAILED, reason
+        log.error("model %s FAILED: %s", model_id, reason)
+        for w in self.workers_of(model_id):
+            self.kill(w, f"model {model_id} failed")
+        self.on_model_failed(model_id, reason)
+
+    def workers_of(self, model_id: str, states: tuple = LIVE) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.model_id == model_id and w.state in states]
+
+    def ensure_capacity(self, model_id: str) -> None:
+        """Start a model on demand: a request for a model with no target gets one instance."""
+        runtime = self.models[model_id]
+        if runtime.target < 1:
+            runtime.target = 1
+
+    # -- processes --------------------------------------------------------------
+
+    def _threads_for(self, spec: ModelSpec) -> int:
+        if spec.config.n_threads is not None:
+            return spec.config.n_threads
+        wanted = sum(max(1, m.target) for m in self.models.values() if m.state is not ModelState.FAILED)
+        return max(1, len(self.cpus) // max(1, wanted))
+
+    def _pick_cores(self, n: int) -> list[int]:
+        # Least-loaded cores first, so instances never share a core while cores are free.
+        load = dict.fromkeys(self.cpus, 0)
+        for w in self.workers.values():
+            if w.state in LIVE:
+                for c in w.cores:
+                    if c in load:
+                        load[c] += 1
+        ranked = sorted(self.cpus, key=lambda c: (load[c], c))
+        return sorted(ranked[: min(n, len(ranked))])
+
+    def spawn(self, model_id: str) -> WorkerHandle:
+        runtime = self.models[model_id]
+        spec = runtime.spec
+        n_threads = self._threads_for(spec)
+        cores = self._pick_cores(n_threads)
+        worker_spec = msgspec.structs.replace(
+            spec, config=msgspec.structs.replace(spec.config, n_threads=n_threads)
+        )
+        worker_id = f"{model_id}-{next(self._ids)}"
+        s = self.settings
+        env = dict(os.environ)
+        env[SPEC_ENV] = msgspec.json.encode(worker_spec).decode()
+        # llama.cpp reads OMP/OpenBLAS thread counts from the environment; keep them in step.
+        env["OMP_NUM_THREADS"] = str(n_threads)
+        cmd = [
+            sys.executable,
+            "-m",
+            "llamapool.pool.worker",
+            "--worker-id",
+            worker_id,
+            "--endpoint",
+            self.endpoint,
+            "--parent-pid",
+            str(os.getpid()),
+            "--cores",
+            ",".join(map(str, cores)),
+            "--heartbeat-interval",
+            str(s.heartbeat_interval),
+            "--heartbeat-liveness",
+            str(s.heartbeat_liveness),
+            "--log-level",
+            self.log_level,
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.worker_log,
+            stderr=self.worker_log,
+            start_new_session=True,  # its own process group: we kill the whole group
+        )
+        handle = WorkerHandle(
+            id=worker_id, model_id=model_id, proc=proc, cores=cores, n_threads=n_threads
+        )
+        self.workers[worker_id] = handle
+        self._transition(handle, WorkerState.STARTING, f"spawned pid {proc.pid} on cores {cores}")
+        return handle
+
+    def _transition(self, w: WorkerHandle, state: WorkerState, reason: str) -> None:
+        w.history.append((time.time(), state.value, reason))
+        if w.state is not state or state is WorkerState.STARTING:
+            # IDLE ⇄ BUSY happens per request; keep it out of the INFO log.
+            busy_flip = {w.state, state} == {WorkerState.IDLE, WorkerState.BUSY}
+            level = logging.WARNING if state is WorkerState.DEAD else logging.INFO
+            level = logging.DEBUG if busy_flip else level
+            log.log(level, "worker %s (%s) %s: %s", w.id, w.model_id, state.value, reason)
+        w.state = state
+
+    def mark_ready(self, w: WorkerHandle, capacity: int, n_ctx: int) -> None:
+        w.capacity, w.n_ctx = capacity, n_ctx
+        self._transition(w, WorkerState.IDLE, f"ready in {time.monotonic() - w.started_at:.2f} s")
+        runtime = self.models[w.model_id]
+        if runtime.state is ModelState.STARTING:
+            runtime.state = ModelState.READY
+        self.on_worker_ready(w)
+
+    def note_busy(self, w: WorkerHandle) -> None:
+        if w.state is WorkerState.IDLE and w.in_flight:
+            self._transition(w, WorkerState.BUSY, f"serving {next(iter(w.in_flight))}")
+        elif w.state is WorkerState.BUSY and not w.in_flight:
+            self._transition(w, WorkerState.IDLE, "request finished")
+
+    def note_fatal(self, w: WorkerHandle, reason: str, cannot_boot: bool) -> None:
+        w.fatal_reason, w.cannot_boot = reason, cannot_boot
+        log.error("worker %s (%s) FATAL: %s", w.id, w.model_id, reason)
+
+    def kill(self, w: WorkerHandle, reason: str) -> None:
+        """SIGKILL the worker's whole process group; the next reap records the death."""
+        if w.fatal_reason is None:
+            w.fatal_reason = reason
+        try:
+            os.killpg(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def request_stop(self, w: WorkerHandle, reason: str) -> None:
+        w.stop_requested = True
+        self._transition(w, WorkerState.DRAINING, reason)
+
+    # -- the tick ---------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.reap(now)
+        self.expire(now)
+        self.reconcile(now)
+
+    def reap(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            if w.state not in LIVE:
+                continue
+            code = w.proc.poll()
+            if code is None:
+                continue
+            self._on_exit(w, code, now)
+
+    def _on_exit(self, w: WorkerHandle, code: int, now: float) -> None:
+        was = w.state
+        if w.stop_requested:
+            self._transition(w, WorkerState.STOPPED, _describe_exit(code))
+            self.workers.pop(w.id, None)
+            self.on_worker_lost(w, f"worker {w.id} stopped")
+            return
+        detail = _describe_exit(code)
+        if w.fatal_reason:
+            detail = f"{detail}: {w.fatal_reason}"
+        reason = f"{detail} while {was.value}"
+        self._transition(w, WorkerState.DEAD, reason)
+        self.workers.pop(w.id, None)
+        self.on_worker_lost(w, reason)
+        runtime = self.models.get(w.model_id)
+        if runtime is None or runtime.state is ModelState.FAILED:
+            return
+        runtime.restarts += 1
+        if w.cannot_boot or code == EXIT_CANNOT_BOOT:
+            self.fail_model(w.model_id, w.fatal_reason or detail)
+            return
+        if runtime.flap.record(now):
+            self.fail_model(
+                w.model_id,
+                f"{len(runtime.flap.deaths)} worker deaths within "
+                f"{self.settings.restart_window:g} s; last: {reason}",
+            )
+            return
+        runtime.next_spawn_at = now + runtime.flap.backoff()
+        if not any(x.ready for x in self.workers_of(w.model_id)):
+            runtime.state = ModelState.STARTING
+
+    def expire(self, now: float) -> None:
+        s = self.settings
+        limit = s.heartbeat_interval * s.heartbeat_liveness
+        for w in list(self.workers.values()):
+            if w.state is WorkerState.STARTING and now - w.started_at > s.boot_timeout:
+                self.kill(w, f"did not boot within {s.boot_timeout:g} s")
+            elif w.state in (WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING):
+                if now - w.last_seen > limit:
+                    self.kill(w, f"missed heartbeats for {now - w.last_seen:.1f} s")
+
+    def reconcile(self, now: float) -> None:
+        for model_id, runtime in self.models.items():
+            if runtime.state is ModelState.FAILED:
+                continue
+            live = [w for w in self.workers_of(model_id) if not w.stop_requested]
+            if len(live) < runtime.target and now >= runtime.next_spawn_at:
+                self.spawn(model_id)
+
+    # -- shutdown ---------------------------------------------------------------
+
+    def live_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.state in LIVE]
+
+    def terminate_all(self, timeout: float) -> None:
+        """SIGTERM every process group, then SIGKILL whatever is left after `timeout`."""
+        workers = self.live_workers()
+        for w in workers:
+            w.stop_requested = True
+            try:
+                os.killpg(w.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for w in workers:
+            try:
+                w.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(w.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                w.proc.wait()
+            self._transition(w, WorkerState.STOPPED, "pool shut down")
+        self.workers.clear()

@@ -1,0 +1,296 @@
+"""Worker subprocess: one DEALER socket, one Llama, two threads.
+
+The main thread owns the socket (zmq sockets are not thread-safe): it sends READY,
+heartbeats, forwards the engine's events and watches for the router's death. The
+engine thread runs llama.cpp and hands its frames over an inproc PAIR socket, so
+heartbeats keep flowing during a long prompt evaluation.
+
+Run as `python -m llamapool.pool.worker` by the supervisor; the model spec comes
+as JSON in the LLAMAPOOL_WORKER_SPEC environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+
+import msgspec
+import zmq
+
+from llamapool.config import ModelSpec
+from llamapool.ipc import protocol as P
+from llamapool.ipc.sockets import dealer_socket
+
+log = logging.getLogger("llamapool.worker")
+
+# Exit statuses the supervisor tells apart.
+EXIT_OK = 0
+EXIT_FATAL = 70
+EXIT_CANNOT_BOOT = 78
+EXIT_ORPHANED = 79
+
+SPEC_ENV = "LLAMAPOOL_WORKER_SPEC"
+_EVENTS = "inproc://engine-events"
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: the kernel SIGKILLs us the moment the router dies,
+    # even after `kill -9` of the router. Heartbeat expiry is the fallback.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    return isinstance(exc, BrokenPipeError) or (
+        isinstance(exc, OSError) and exc.errno == errno.EPIPE
+    )
+
+
+class Worker:
+    """The I/O side of a worker: socket, heartbeats, request bookkeeping."""
+
+    def __init__(self, args: argparse.Namespace, spec: ModelSpec):
+        self.args = args
+        self.spec = spec
+        self.worker_id = args.worker_id
+        self.interval = args.heartbeat_interval
+        self.liveness = args.heartbeat_liveness
+        self.ctx = zmq.Context()
+        self.sock = dealer_socket(self.ctx, args.endpoint, self.worker_id)
+        self.events = self.ctx.socket(zmq.PAIR)
+        self.events.bind(_EVENTS)
+        self.jobs: queue.Queue[P.Request | None] = queue.Queue()
+        self.current: str | None = None
+        self.cancel_flag = threading.Event()
+        self.draining = False
+        self.seq = 0
+
+    def send(self, message: object) -> None:
+        self.sock.send_multipart(P.encode(message))
+
+    def boot(self) -> None:
+        """Load the model; on failure tell the router why and exit 'cannot boot'."""
+        from llamapool.pool.engine import Engine
+
+        try:
+            self.engine = Engine(self.spec)
+        except BaseException as exc:  # noqa: BLE001 - any loader failure is a boot failure
+            reason = f"cannot load {self.spec.config.model_path}: {exc}"
+            log.error("worker %s: %s", self.worker_id, reason)
+            self.send(P.Fatal(reason=reason, cannot_boot=True))
+            self.close()
+            os._exit(EXIT_CANNOT_BOOT)
+        self.engine_thread = threading.Thread(
+            target=self._engine_loop, name="engine", daemon=True
+        )
+        self.engine_thread.start()
+        self.send(
+            P.Ready(
+                worker_id=self.worker_id,
+                pid=os.getpid(),
+                model_id=self.spec.id,
+                n_ctx=self.engine.n_ctx,
+                capacity=1,
+            )
+        )
+
+    # -- engine thread ----------------------------------------------------------
+
+    def _engine_loop(self) -> None:
+        out = self.ctx.socket(zmq.PAIR)
+        out.connect(_EVENTS)
+        out.setsockopt(zmq.LINGER, 0)
+        try:
+            while True:
+                req = self.jobs.get()
+                if req is None:
+                    return
+                out.send_multipart(P.encode(self._serve(req, out)))
+        except BaseException as exc:  # noqa: BLE001 - the I/O thread reports it as FATAL
+            reason = f"engine thread died: {exc!r}"
+            if _is_broken_pipe(exc):
+                reason = f"broken pipe in generation: {exc!r}"
+            traceback.print_exc()
+            out.send_multipart(P.encode(P.Fatal(reason=reason)))
+        finally:
+            out.close()
+
+    def _serve(self, req: P.Request, out: zmq.Socket) -> object:
+        from llamapool.pool.engine import Cancelled, RequestFailed
+
+        rid = req.request_id
+
+        def emit(text: str, tokens: int) -> None:
+            out.send_multipart(P.encode(P.Chunk(request_id=rid, text=text, tokens=tokens)))
+
+        try:
+            result = self.engine.run(req, emit, self.cancel_flag)
+        except Cancelled:
+            return P.Error(request_id=rid, code="cancelled", message="request cancelled")
+        except RequestFailed as exc:
+            return P.Error(request_id=rid, code=exc.code, message=exc.message, param=exc.param)
+        except Exception as exc:
+            if _is_broken_pipe(exc):
+                raise
+            log.exception("worker %s: request %s failed", self.worker_id, rid)
+            return P.Error(
+                request_id=rid,
+                code="generation_failed",
+                message=f"generation failed in model {self.spec.id!r}: {exc}",
+            )
+        return P.Done(
+            request_id=rid,
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+            timings=result.timings,
+            embeddings=result.embeddings,
+        )
+
+    # -- I/O thread -------------------------------------------------------------
+
+    def run(self) -> int:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)
+        parent = self.args.parent_pid
+        router_seen = time.monotonic()
+        next_beat = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self.seq += 1
+                self.send(P.Heartbeat(seq=self.seq, busy_request=self.current))
+                next_beat = now + self.interval
+                if os.getppid() != parent:
+                    log.error("worker %s: router process is gone; exiting", self.worker_id)
+                    return EXIT_ORPHANED
+                if now - router_seen > self.interval * self.liveness:
+                    log.error(
+                        "worker %s: no message from the router for %.1f s; exiting",
+                        self.worker_id,
+                        now - router_seen,
+                    )
+                    return EXIT_ORPHANED
+            timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
+            for sock, _ in poller.poll(timeout_ms):
+                if sock is self.sock:
+                    router_seen = time.monotonic()
+                    code = self._drain_router()
+                else:
+                    code = self._forward_events()
+                if code is not None:
+                    return code
+
+    def _drain_router(self) -> int | None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            try:
+                msg = P.decode(frames)
+            except P.ProtocolError as exc:
+                log.error("worker %s: protocol error from router: %s", self.worker_id, exc)
+                continue
+            if isinstance(msg, P.Request):
+                if self.current is not None or self.draining:
+                    why = "draining" if self.draining else f"busy with {self.current}"
+                    self.send(
+                        P.Error(
+                            request_id=msg.request_id,
+                            code="worker_busy",
+                            message=f"worker {self.worker_id} is {why}",
+                            retryable=True,
+                        )
+                    )
+                    continue
+                self.current = msg.request_id
+                self.cancel_flag.clear()
+                self.jobs.put(msg)
+            elif isinstance(msg, P.Cancel):
+                if msg.request_id == self.current:
+                    self.cancel_flag.set()
+            elif isinstance(msg, P.Shutdown):
+                if not msg.drain or self.current is None:
+                    return EXIT_OK
+                self.draining = True
+            # RouterHeartbeat needs nothing beyond the liveness bookkeeping.
+
+    def _forward_events(self) -> int | None:
+        while True:
+            try:
+                frames = self.events.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            self.sock.send_multipart(frames)
+            kind = frames[1][0] if len(frames) == 3 and len(frames[1]) == 1 else None
+            if kind in (0x04, 0x05):  # DONE / ERROR end the current request
+                self.current = None
+                if self.draining:
+                    return EXIT_OK
+            elif kind == 0x06:  # FATAL from the engine thread
+                return EXIT_FATAL
+
+    def close(self) -> None:
+        """Close the sockets, giving queued frames (a FATAL, a last DONE) a moment to leave."""
+        self.sock.close(linger=1000)
+        self.events.close(linger=0)
+        # term() waits for the engine thread's socket too; never wait on it for long.
+        closer = threading.Thread(target=self.ctx.term, daemon=True)
+        closer.start()
+        closer.join(1.0)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llamapool-worker")
+    p.add_argument("--worker-id", required=True)
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--parent-pid", type=int, required=True)
+    p.add_argument("--cores", default="")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0)
+    p.add_argument("--heartbeat-liveness", type=int, default=5)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker[{args.worker_id}] %(message)s",
+        stream=sys.stderr,
+    )
+    _die_with_parent()
+    if os.getppid() != args.parent_pid:
+        return EXIT_ORPHANED
+    # SIGTERM from the supervisor: leave at once (the socket is not ours to drain here).
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))
+    if args.cores:
+        # Pin before llama.cpp starts its threads so they inherit the mask.
+        os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
+    spec = msgspec.json.decode(os.environ[SPEC_ENV].encode(), type=ModelSpec)
+    worker = Worker(args, spec)
+    worker.boot()
+    code = worker.run()
+    worker.close()
+    # os._exit: llama.cpp's destructors and a daemon engine thread mid-decode
+    # must not hold the exit up.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP layer: Starlette app, OpenAI endpoints, operations endpoints."""

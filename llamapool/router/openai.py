@@ -1,0 +1,265 @@
+"""OpenAI-compatible endpoints: chat and text completions (streamed or not), embeddings, models."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llamapool import errors
+from llamapool.ipc import protocol as P
+from llamapool.pool.broker import Broker
+from llamapool.pool.scheduler import Job
+from llamapool.router.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    message_dicts,
+    parse_body,
+)
+
+MAX_BODY_BYTES = 1 << 20
+_json = msgspec.json.Encoder()
+
+
+def broker_of(request: Request) -> Broker:
+    return request.app.state.broker
+
+
+def error_response(exc: errors.LlamapoolError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refusing more than `limit` bytes with a 413."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.RequestTooLarge(
+            f"request body is {int(declared)} bytes; the limit is {limit} bytes"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _usage(u: P.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + _json.encode(payload) + b"\n\n"
+
+
+class _Shape:
+    """How one endpoint renders deltas, final choices and whole responses."""
+
+    def __init__(self, kind: str, model: str):
+        self.kind, self.model = kind, model
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def _envelope(self, choices: list[dict[str, Any]], obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def delta(self, text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text is not None:
+                delta = {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return _sse(self._envelope([choice], self.chunk_object))
+
+    def usage_chunk(self, usage: P.Usage) -> bytes:
+        env = self._envelope([], self.chunk_object)
+        env["usage"] = _usage(usage)
+        return _sse(env)
+
+    def whole(self, text: str, done: P.Done) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": done.finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+        env = self._envelope([choice], self.object)
+        env["usage"] = _usage(done.usage)
+        return env
+
+
+async def _next_event(job: Job) -> Any:
+    return await job.events.get()
+
+
+async def _respond(
+    broker: Broker, job: Job, shape: _Shape, *, stream: bool, include_usage: bool
+) -> Response:
+    try:
+        first = await _next_event(job)
+    except BaseException:
+        broker.release(job)
+        raise
+    if isinstance(first, errors.LlamapoolError):
+        return error_response(first)
+    if not stream:
+        try:
+            parts: list[str] = []
+            event = first
+            while isinstance(event, P.Chunk):
+                parts.append(event.text)
+                event = await _next_event(job)
+        finally:
+            broker.release(job)
+        if isinstance(event, errors.LlamapoolError):
+            return error_response(event)
+        return Response(_json.encode(shape.whole("".join(parts), event)), media_type="application/json")
+    return StreamingResponse(
+        _stream(broker, job, shape, first, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream(
+    broker: Broker, job: Job, shape: _Shape, first: Any, include_usage: bool
+) -> AsyncIterator[bytes]:
+    try:
+        if shape.kind == "chat":
+            yield shape.delta(None, role=True)
+        event = first
+        while True:
+            if isinstance(event, P.Chunk):
+                if event.text:
+                    yield shape.delta(event.text)
+            elif isinstance(event, P.Done):
+                yield shape.delta(None if shape.kind == "chat" else "", finish=event.finish_reason)
+                if include_usage:
+                    yield shape.usage_chunk(event.usage)
+                break
+            else:
+                # Output already went out, so the status is 200: the error travels in-band.
+                yield _sse(event.body())
+                break
+            event = await _next_event(job)
+        yield b"data: [DONE]\n\n"
+    finally:
+        broker.release(job)
+
+
+async def chat_completions(request: Request) -> Response:
+    broker = broker_of(request)
+    body = parse_body(await read_body(request), ChatCompletionRequest)
+    spec = broker.check_model(body.model)
+    messages = message_dicts(body.messages, images=spec.config.mmproj_path is not None)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    job = broker.submit(
+        body.model,
+        P.Request(request_id="", kind="chat", messages=messages, params=body.sampling(max_tokens)),
+    )
+    shape = _Shape("chat", body.model)
+    return await _respond(broker, job, shape, stream=body.stream, include_usage=body.include_usage)
+
+
+async def completions(request: Request) -> Response:
+    broker = broker_of(request)
+    body = parse_body(await read_body(request), CompletionRequest)
+    broker.check_model(body.model)
+    job = broker.submit(
+        body.model,
+        P.Request(request_id="", kind="completion", prompt=body.prompt_text, params=body.sampling()),
+    )
+    shape = _Shape("completion", body.model)
+    return await _respond(broker, job, shape, stream=body.stream, include_usage=body.include_usage)
+
+
+def _encode_vector(vector: list[float], fmt: str) -> Any:
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+async def embeddings(request: Request) -> Response:
+    broker = broker_of(request)
+    body = parse_body(await read_body(request), EmbeddingRequest)
+    spec = broker.check_model(body.model)
+    if not spec.config.embedding:
+        raise errors.InvalidRequest(
+            f"model {body.model!r} does not serve embeddings (set `embedding: true` in its config)",
+            param="model",
+        )
+    job = broker.submit(body.model, P.Request(request_id="", kind="embedding", inputs=body.inputs))
+    try:
+        event = await _next_event(job)
+        while isinstance(event, P.Chunk):
+            event = await _next_event(job)
+    finally:
+        broker.release(job)
+    if isinstance(event, errors.LlamapoolError):
+        return error_response(event)
+    vectors = event.embeddings or []
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+        for i, v in enumerate(vectors)
+    ]
+    payload = {
+        "object": "list",
+        "data": data,
+        "model": body.model,
+        "usage": {"prompt_tokens": event.usage.prompt_tokens, "total_tokens": event.usage.prompt_tokens},
+    }
+    return Response(_json.encode(payload), media_type="application/json")
+
+
+async def list_models(request: Request) -> Response:
+    broker = broker_of(request)
+    _, detail = broker.ready()
+    data = [
+        {
+            "id": model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llamapool",
+            "status": info["state"].lower(),
+        }
+        for model_id, info in detail.items()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+]
