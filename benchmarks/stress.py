@@ -57,7 +57,9 @@ def check_invariant(
         violations.append(f"{counts['hung']} request(s) hung past the client timeout")
     if counts["unclear_error"]:
         kinds = errors_by_type(r for r in results if outcome(r) == "unclear_error")
-        violations.append(f"{counts['unclear_error']} request(s) failed without a clear error: {kinds}")
+        violations.append(
+            f"{counts['unclear_error']} request(s) failed without a clear error: {kinds}"
+        )
     if lost:
         violations.append(f"{lost} request(s) lost (sent {sent}, got {returned} results)")
     if sum(counts.values()) != returned or returned != sent:
@@ -142,7 +144,9 @@ def _summarize(
             1 for r in results if r.status == 503 and r.retry_after is None
         ),
         "e2e_s_by_outcome": {
-            name: distribution(r.e2e_s for r in group) for name, group in by_outcome.items() if group
+            name: distribution(r.e2e_s for r in group)
+            for name, group in by_outcome.items()
+            if group
         },
         "completion_tokens": sum(r.completion_tokens for r in by_outcome["ok"]),
         "requests_detail": [r.as_dict() for r in results],

@@ -113,7 +113,9 @@ async def _run_level(
     )
 
 
-def _level(targets: dict[str, dict[str, Any]], name: str, concurrency: int) -> dict[str, Any] | None:
+def _level(
+    targets: dict[str, dict[str, Any]], name: str, concurrency: int
+) -> dict[str, Any] | None:
     entry = targets.get(name)
     if not entry or entry.get("error"):
         return None
@@ -130,6 +132,15 @@ def _get(level: dict[str, Any] | None, metric: str, stat: str | None = None) -> 
     return value.get(stat) if stat and isinstance(value, dict) else value
 
 
+def _ratio_of(
+    level: dict[str, Any] | None,
+    baseline: dict[str, Any] | None,
+    metric: str,
+    stat: str | None = None,
+) -> float | None:
+    return ratio(_get(level, metric, stat), _get(baseline, metric, stat))
+
+
 def compare(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The reported (not asserted) targets: pool vs mutex per level, single stream vs direct."""
     candidate = "pool" if "pool" in targets else "url" if "url" in targets else None
@@ -143,9 +154,9 @@ def compare(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
         per_level.append(
             {
                 "concurrency": c,
-                "aggregate_tok_s_ratio": ratio(level["aggregate_tok_s"], _get(mutex, "aggregate_tok_s")),
-                "ttft_p50_ratio": ratio(_get(level, "ttft_s", "p50"), _get(mutex, "ttft_s", "p50")),
-                "e2e_p95_ratio": ratio(_get(level, "e2e_s", "p95"), _get(mutex, "e2e_s", "p95")),
+                "aggregate_tok_s_ratio": _ratio_of(level, mutex, "aggregate_tok_s"),
+                "ttft_p50_ratio": _ratio_of(level, mutex, "ttft_s", "p50"),
+                "e2e_p95_ratio": _ratio_of(level, mutex, "e2e_s", "p95"),
             }
         )
     single = _level(targets, candidate, 1)
@@ -158,7 +169,7 @@ def compare(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "single_stream": {
             "candidate_tok_s": _get(single, "stream_tok_s", "p50"),
             "direct_tok_s": _get(direct, "stream_tok_s", "p50"),
-            "ratio": ratio(_get(single, "stream_tok_s", "p50"), _get(direct, "stream_tok_s", "p50")),
+            "ratio": _ratio_of(single, direct, "stream_tok_s", "p50"),
         },
         "ttft_overhead_s": None if ttft_c is None or ttft_d is None else ttft_c - ttft_d,
         "aggregate_c8_ratio_vs_mutex": at8["aggregate_tok_s_ratio"] if at8 else None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -73,7 +74,8 @@ def create_app(model: MutexModel) -> Starlette:
             body = await request.json()
             params = ChatParams.from_body(body)
         except (ValueError, TypeError, AttributeError) as exc:
-            return _error(400, f"invalid request: {exc}", "invalid_request_error", "invalid_request")
+            message = f"invalid request: {exc}"
+            return _error(400, message, "invalid_request_error", "invalid_request")
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         name = body.get("model") or model.model_name
@@ -134,7 +136,8 @@ async def _events(
                 obj["id"], obj["model"] = chunk_id, name
                 yield _sse(obj)
             elif kind == "error":
-                yield _sse({"error": {"message": obj, "type": "server_error", "code": "internal_error"}})
+                error = {"message": obj, "type": "server_error", "code": "internal_error"}
+                yield _sse({"error": error})
             elif kind == "usage" and include_usage:
                 usage_chunk = {
                     "id": chunk_id,
@@ -153,7 +156,9 @@ async def _events(
         cancelled.set()
 
 
-async def _collect(queue: asyncio.Queue[tuple[str, Any]], cancelled: threading.Event, name: str) -> Response:
+async def _collect(
+    queue: asyncio.Queue[tuple[str, Any]], cancelled: threading.Event, name: str
+) -> Response:
     text: list[str] = []
     finish_reason = None
     usage = None
@@ -185,6 +190,18 @@ async def _collect(queue: asyncio.Queue[tuple[str, Any]], cancelled: threading.E
     )
 
 
+def _exit_with_parent() -> None:
+    """Exit when the process that started us is gone: a killed harness leaves no server."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load the model, then serve until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines.mutex_server")
@@ -203,7 +220,15 @@ def main(argv: list[str] | None = None) -> None:
         model_path=args.model, n_ctx=args.n_ctx, n_threads=args.n_threads, verbose=False
     )
     app = create_app(MutexModel(llm, args.model_name))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    _exit_with_parent()
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
 
 
 if __name__ == "__main__":

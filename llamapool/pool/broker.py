@@ -74,15 +74,17 @@ class Broker:
         self.scheduler.accepting = False
         self.supervisor.stopping = True
         grace = self.config.pool.grace if grace is None else grace
+        asked = []
         for w in self.supervisor.live_workers():
-            was_ready = w.ready
-            self.supervisor.request_stop(w, "pool shutting down")
-            if was_ready:
+            if w.ready:
+                asked.append(w)
                 self.send(w, P.Shutdown(drain=True))
+            self.supervisor.request_stop(w, "pool shutting down")
+        # Only workers that were told to drain get the grace; booting ones are terminated.
         deadline = time.monotonic() + grace
-        while self.supervisor.live_workers() and time.monotonic() < deadline:
+        while any(w.proc.poll() is None for w in asked) and time.monotonic() < deadline:
             await asyncio.sleep(TICK)
-            self.supervisor.reap(time.monotonic())
+        self.supervisor.reap(time.monotonic())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -200,7 +202,8 @@ class Broker:
         detail: dict[str, Any] = {}
         ok = True
         for model_id, runtime in self.supervisor.models.items():
-            up = sum(1 for w in self.supervisor.workers_of(model_id) if w.ready)
+            workers = self.supervisor.workers_of(model_id)
+            up = sum(1 for w in workers if w.ready)
             want = runtime.spec.min_instances
             model_ok = runtime.state is not ModelState.FAILED and up >= want
             ok = ok and model_ok
@@ -208,6 +211,8 @@ class Broker:
                 "state": runtime.state.value,
                 "instances_ready": up,
                 "min_instances": want,
+                "busy_instances": sum(1 for w in workers if w.in_flight),
+                "queue_depth": self.scheduler.queue_depth(model_id),
                 "reason": runtime.reason,
             }
         for model_id, reason in self.config.broken.items():

@@ -1,0 +1,99 @@
+"""Bounded queues and deadlines: a busy pool answers 503 at once, never hangs."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+from serverutil import model_entry
+
+EOG = {"0": -100, "2": -100, "4": -100}
+
+
+def _long_stream(url: str, model: str, client: httpx.Client):
+    """Open a long streamed chat and return once its first token has arrived.
+
+    The caller keeps the returned objects alive: dropping the line iterator closes
+    the connection, which the server (rightly) treats as a client disconnect.
+    """
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 1500,
+        "logit_bias": EOG,
+        "stream": True,
+    }
+    cm = client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120)
+    response = cm.__enter__()
+    assert response.status_code == 200
+    lines = response.iter_lines()
+    for line in lines:
+        if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+            break
+    return cm, lines
+
+
+def _post(url: str, model: str, max_tokens: int = 4) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
+        timeout=120,
+    )
+
+
+def test_full_queue_is_503_with_retry_after_and_queue_timeout(serve, smollm2_gguf):
+    server = serve(
+        [
+            model_entry("bounded", smollm2_gguf, max_queue=2),
+            model_entry("deadline", smollm2_gguf, queue_timeout=0.5),
+        ]
+    )
+    with httpx.Client() as client, cf.ThreadPoolExecutor(4) as pool:
+        # bounded: one running, two queued, the fourth is refused at once.
+        long_a = _long_stream(server.url, "bounded", client)
+        queued = [pool.submit(_post, server.url, "bounded") for _ in range(2)]
+        server.wait_for(
+            lambda: httpx.get(f"{server.url}/ready").json()["models"]["bounded"]["queue_depth"] == 2,
+            what="two queued requests",
+        )
+        t0 = time.monotonic()
+        refused = _post(server.url, "bounded")
+        assert time.monotonic() - t0 < 1.0
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "max_queue" in refused.json()["error"]["message"]
+
+        # deadline: one running, the next waits 0.5 s and gets queue_timeout.
+        long_b = _long_stream(server.url, "deadline", client)
+        t0 = time.monotonic()
+        timed_out = _post(server.url, "deadline")
+        waited = time.monotonic() - t0
+        assert timed_out.status_code == 503
+        assert timed_out.json()["error"]["code"] == "queue_timeout"
+        assert 0.4 < waited < 5.0
+        assert "Retry-After" in timed_out.headers
+
+        # Client disconnect cancels the running generation; the queued work then runs.
+        long_a[0].__exit__(None, None, None)
+        long_b[0].__exit__(None, None, None)
+        for fut in queued:
+            r = fut.result(timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] <= 4
+        after = _post(server.url, "deadline")
+        assert after.status_code == 200
+    assert "inconsistent sequence positions" not in server.log_text()
+
+
+def test_stream_error_before_output_is_a_plain_http_error(serve, tiny_gguf):
+    server = serve([model_entry("tiny", tiny_gguf)])
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x " * 3000}], "stream": True},
+    ) as r:
+        assert r.status_code == 400
+        assert json.loads(r.read())["error"]["code"] == "context_length_exceeded"
