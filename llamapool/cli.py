@@ -35,6 +35,15 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            super().handle_exit(sig, frame)
+            # A SIGTERM/SIGINT asks for a graceful stop: exit 0 when it is done
+            # instead of uvicorn re-raising the signal (exit -15).
+            captured = getattr(self, "_captured_signals", None)
+            if captured is not None:
+                captured.clear()
+
     from llamapool.router.app import create_app
 
     _setup_logging(args)
@@ -49,15 +58,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_dir:
         worker_log = open(Path(args.log_dir) / "workers.log", "ab", buffering=0)  # noqa: SIM115
     app = create_app(config, log_level=args.log_level.upper(), worker_log=worker_log)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_config=None,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=int(config.pool.grace) or None,
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(config.pool.grace) or None,
+        )
     )
-    return 0
+    server.run()
+    return 0 if server.started else 1
 
 
 def _check_config(args: argparse.Namespace) -> int:

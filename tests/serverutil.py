@@ -97,7 +97,10 @@ class Server:
     def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = predicate()
+            try:
+                value = predicate()
+            except httpx.TransportError:  # not listening yet
+                value = None
             if value:
                 return value
             time.sleep(0.05)

@@ -1,0 +1,100 @@
+"""A worker killed mid-work: queued requests still complete, the victim gets a clear error."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+
+import httpx
+import psutil
+from serverutil import model_entry
+
+EOG = {"0": -100, "2": -100, "4": -100}
+
+
+def _short(url: str, i: int) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": "m",
+            "messages": [{"role": "user", "content": f"question {i}"}],
+            "max_tokens": 8,
+            "logit_bias": EOG,
+        },
+        timeout=120,
+    )
+
+
+def _queue_depth(url: str) -> int:
+    return httpx.get(f"{url}/ready").json()["models"]["m"]["queue_depth"]
+
+
+def test_sigkill_mid_stream_with_queued_requests(serve, smollm2_gguf):
+    server = serve([model_entry("m", smollm2_gguf)])
+    (victim,) = server.workers()
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 1500,
+        "logit_bias": EOG,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r, \
+            cf.ThreadPoolExecutor(10) as pool:
+        assert r.status_code == 200
+        assert r.headers["x-llamapool-worker"].endswith(f"pid={victim.pid}")
+        lines = r.iter_lines()
+        for line in lines:
+            if '"content":"' in line and '"content":""' not in line:
+                break
+        queued = [pool.submit(_short, server.url, i) for i in range(10)]
+        server.wait_for(lambda: _queue_depth(server.url) == 10, what="10 queued requests")
+
+        os.kill(victim.pid, signal.SIGKILL)
+
+        rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert error["code"] == "worker_crashed"
+        assert "SIGKILL" in error["message"]
+        results = [f.result(timeout=120) for f in queued]
+
+    assert [res.status_code for res in results] == [200] * 10
+    assert all(res.json()["usage"]["completion_tokens"] == 8 for res in results)
+    served = {res.headers["x-llamapool-worker"] for res in results}
+    assert all(f"pid={victim.pid}" not in s for s in served)
+    assert not psutil.pid_exists(victim.pid) or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE
+    (replacement,) = server.workers()
+    assert replacement.pid != victim.pid
+    assert "DEAD: killed by SIGKILL while BUSY" in server.log_text()
+
+
+def test_sigkill_during_non_streamed_request_is_502(serve, smollm2_gguf):
+    server = serve([model_entry("m", smollm2_gguf)])
+    (victim,) = server.workers()
+    start_cpu = sum(victim.cpu_times()[:2])
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(
+            httpx.post,
+            f"{server.url}/v1/chat/completions",
+            json={
+                "model": "m",
+                "messages": [{"role": "user", "content": "Write a very long story."}],
+                "max_tokens": 1500,
+                "logit_bias": EOG,
+            },
+            timeout=120,
+        )
+        # Generating burns CPU: a second of it means tokens have already gone out.
+        server.wait_for(
+            lambda: sum(victim.cpu_times()[:2]) - start_cpu > 1.0, what="the worker to generate"
+        )
+        os.kill(victim.pid, signal.SIGKILL)
+        r = fut.result(timeout=60)
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "worker_crashed"
+    # The pool recovers: the next request is served by the replacement.
+    server.ready()
+    assert _short(server.url, 0).status_code == 200

@@ -1,0 +1,119 @@
+"""Supervision with real processes and real signals: boot failures, hangs, crash loops, shutdown."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+
+import httpx
+import psutil
+from serverutil import model_entry
+
+FAST_HEARTBEAT = {"heartbeat_interval": 0.2, "heartbeat_liveness": 5}
+
+
+def _chat(url: str, model: str, max_tokens: int = 4, **extra) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, **extra},
+        timeout=60,
+    )
+
+
+def _model_state(url: str, model: str) -> dict:
+    return httpx.get(f"{url}/ready").json()["models"][model]
+
+
+def test_missing_and_corrupt_models_fail_alone(serve, tiny_gguf, tmp_path):
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    server = serve(
+        [
+            model_entry("good", tiny_gguf),
+            model_entry("missing", tmp_path / "absent.gguf"),
+            model_entry("corrupt", corrupt),
+        ],
+        wait_ready=False,
+    )
+    server.wait_for(
+        lambda: _model_state(server.url, "corrupt")["state"] == "FAILED", what="corrupt model FAILED"
+    )
+    assert _chat(server.url, "good").status_code == 200
+    for model, needle in (("missing", "file not found"), ("corrupt", "cannot load")):
+        r = _chat(server.url, model)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "model_failed"
+        assert needle in r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/ready").status_code == 503
+    # Cannot boot means no respawn loop: exactly one attempt was logged.
+    assert server.log_text().count("(corrupt) STARTING") == 1
+
+
+def test_sigstop_hang_is_detected_and_replaced(serve, tiny_gguf):
+    server = serve([model_entry("m", tiny_gguf)], pool=FAST_HEARTBEAT)
+    (victim,) = server.workers()
+    os.kill(victim.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    replacement = server.wait_for(
+        lambda: [w for w in server.workers() if w.pid != victim.pid],
+        timeout=10,
+        what="a replacement worker",
+    )
+    server.ready()
+    elapsed = time.monotonic() - t0
+    # interval × liveness + 1 s, plus the replacement's boot.
+    assert elapsed < 0.2 * 5 + 1 + 2, elapsed
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
+    assert replacement
+    assert "missed heartbeats" in server.log_text()
+    assert _chat(server.url, "m").status_code == 200
+
+
+def test_crash_loop_marks_the_model_failed(serve, tiny_gguf):
+    server = serve(
+        [model_entry("m", tiny_gguf)],
+        pool={"restart_attempts": 2, "restart_window": 60, "backoff_initial": 0.05},
+    )
+    killed: set[int] = set()
+    for _ in range(3):
+        (w,) = server.wait_for(
+            lambda: [x for x in server.workers() if x.pid not in killed], what="a worker"
+        )
+        server.ready()
+        killed.add(w.pid)
+        os.kill(w.pid, signal.SIGKILL)
+    server.wait_for(lambda: _model_state(server.url, "m")["state"] == "FAILED", what="FAILED")
+    r = _chat(server.url, "m")
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["code"] == "model_failed"
+    assert "3 worker deaths" in err["message"]
+    assert server.workers() == []
+
+
+def test_router_sigkill_leaves_no_worker_behind(serve, tiny_gguf):
+    server = serve([model_entry("m", tiny_gguf, min_instances=2)])
+    workers = server.workers()
+    assert len(workers) == 2
+    server.proc.kill()
+    server.proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=5 * 1 + 1)
+    assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
+
+
+def test_router_sigterm_lets_running_requests_finish(serve, smollm2_gguf):
+    server = serve([model_entry("m", smollm2_gguf)])
+    (worker,) = server.workers()
+    start_cpu = sum(worker.cpu_times()[:2])
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(_chat, server.url, "m", 200, logit_bias={"0": -100, "2": -100, "4": -100})
+        server.wait_for(lambda: sum(worker.cpu_times()[:2]) - start_cpu > 0.3, what="generation")
+        server.proc.send_signal(signal.SIGTERM)
+        r = fut.result(timeout=60)
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] == 200
+    assert server.proc.wait(30) == 0
+    gone, alive = psutil.wait_procs([worker], timeout=5)
+    assert not alive

