@@ -83,7 +83,9 @@ class Server:
         last: Any = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_text()}")
+                raise AssertionError(
+                    f"server exited with {self.proc.returncode}:\n{self.log_text()}"
+                )
             try:
                 r = httpx.get(f"{self.url}/ready", timeout=2)
                 last = r.json()

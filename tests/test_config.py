@@ -128,13 +128,19 @@ def test_min_above_max_instances(tiny_gguf):
 
 def test_chat_format_and_template_are_exclusive(tiny_gguf):
     config = parse_config(
-        {"models": [_model(tiny_gguf, config={"chat_format": "chatml", "chat_format_template": "x"})]}
+        {
+            "models": [
+                _model(tiny_gguf, config={"chat_format": "chatml", "chat_format_template": "x"})
+            ]
+        }
     )
     assert "not both" in config.broken["m"]
 
 
 def test_disabled_model_is_skipped(tiny_gguf):
-    config = parse_config({"models": [_model(tiny_gguf, id="a"), _model(tiny_gguf, id="b", enabled=False)]})
+    config = parse_config(
+        {"models": [_model(tiny_gguf, id="a"), _model(tiny_gguf, id="b", enabled=False)]}
+    )
     assert list(config.models) == ["a"]
 
 
@@ -158,7 +164,13 @@ def test_the_shipped_default_config_is_valid(smollm2_gguf):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(1024, 1024), ("12GiB", 12 * 1024**3), ("512MB", 512 * 10**6), ("2G", 2 * 1024**3), ("50%", 500)],
+    [
+        (1024, 1024),
+        ("12GiB", 12 * 1024**3),
+        ("512MB", 512 * 10**6),
+        ("2G", 2 * 1024**3),
+        ("50%", 500),
+    ],
 )
 def test_parse_bytes(value, expected):
     assert parse_bytes(value, total=1000) == expected
@@ -171,7 +183,11 @@ def test_parse_bytes_rejects_garbage():
 
 def test_check_config_cli(tmp_path, tiny_gguf):
     good = _write(tmp_path, {"models": [_model(tiny_gguf)]})
-    r = subprocess.run([sys.executable, "-m", "llamapool", "check-config", "--config", good], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "llamapool", "check-config", "--config", good],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "ok: m" in r.stdout
     (tmp_path / "bad.yaml").write_text("models: [")
     r = subprocess.run(

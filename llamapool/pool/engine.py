@@ -63,7 +63,7 @@ def _formatter_from_handler(handler: Any) -> Any | None:
     code = getattr(handler, "__code__", None)
     if code is None or handler.__closure__ is None:
         return None
-    for name, cell in zip(code.co_freevars, handler.__closure__):
+    for name, cell in zip(code.co_freevars, handler.__closure__, strict=True):
         if name == "chat_formatter":
             return cell.cell_contents
     return None
@@ -268,7 +268,7 @@ class Engine:
     def _cached_prefix(self, tokens: list[int]) -> int:
         llama = self.llama
         n = 0
-        for a, b in zip(llama._input_ids[: llama.n_tokens], tokens):
+        for a, b in zip(llama._input_ids[: llama.n_tokens], tokens, strict=False):
             if a != b:
                 break
             n += 1
@@ -389,4 +389,3 @@ def _held_back(text: str, stops: list[str]) -> int:
                 keep = n
                 break
     return keep
-

@@ -199,7 +199,9 @@ class Supervisor:
     def _threads_for(self, spec: ModelSpec) -> int:
         if spec.config.n_threads is not None:
             return spec.config.n_threads
-        wanted = sum(max(1, m.target) for m in self.models.values() if m.state is not ModelState.FAILED)
+        wanted = sum(
+            max(1, m.target) for m in self.models.values() if m.state is not ModelState.FAILED
+        )
         return max(1, len(self.cpus) // max(1, wanted))
 
     def _pick_cores(self, n: int) -> list[int]:

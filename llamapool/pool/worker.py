@@ -92,9 +92,7 @@ class Worker:
             self.send(P.Fatal(reason=reason, cannot_boot=True))
             self.close()
             os._exit(EXIT_CANNOT_BOOT)
-        self.engine_thread = threading.Thread(
-            target=self._engine_loop, name="engine", daemon=True
-        )
+        self.engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
         self.engine_thread.start()
         self.send(
             P.Ready(

@@ -114,7 +114,12 @@ class _Shape:
                 "finish_reason": done.finish_reason,
             }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": done.finish_reason,
+            }
         env = self._envelope([choice], self.object)
         env["usage"] = _usage(done.usage)
         return env
@@ -204,7 +209,9 @@ async def completions(request: Request) -> Response:
     broker.check_model(body.model)
     job = broker.submit(
         body.model,
-        P.Request(request_id="", kind="completion", prompt=body.prompt_text, params=body.sampling()),
+        P.Request(
+            request_id="", kind="completion", prompt=body.prompt_text, params=body.sampling()
+        ),
     )
     shape = _Shape("completion", body.model)
     return await _respond(broker, job, shape, stream=body.stream, include_usage=body.include_usage)
@@ -243,7 +250,10 @@ async def embeddings(request: Request) -> Response:
         "object": "list",
         "data": data,
         "model": body.model,
-        "usage": {"prompt_tokens": event.usage.prompt_tokens, "total_tokens": event.usage.prompt_tokens},
+        "usage": {
+            "prompt_tokens": event.usage.prompt_tokens,
+            "total_tokens": event.usage.prompt_tokens,
+        },
     }
     return Response(_json.encode(payload), media_type="application/json")
 

@@ -38,7 +38,11 @@ def _long_stream(url: str, model: str, client: httpx.Client):
 def _post(url: str, model: str, max_tokens: int = 4) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens,
+        },
         timeout=120,
     )
 
@@ -55,7 +59,9 @@ def test_full_queue_is_503_with_retry_after_and_queue_timeout(serve, smollm2_ggu
         long_a = _long_stream(server.url, "bounded", client)
         queued = [pool.submit(_post, server.url, "bounded") for _ in range(2)]
         server.wait_for(
-            lambda: httpx.get(f"{server.url}/ready").json()["models"]["bounded"]["queue_depth"] == 2,
+            lambda: (
+                httpx.get(f"{server.url}/ready").json()["models"]["bounded"]["queue_depth"] == 2
+            ),
             what="two queued requests",
         )
         t0 = time.monotonic()
@@ -93,7 +99,11 @@ def test_stream_error_before_output_is_a_plain_http_error(serve, tiny_gguf):
     with httpx.stream(
         "POST",
         f"{server.url}/v1/chat/completions",
-        json={"model": "tiny", "messages": [{"role": "user", "content": "x " * 3000}], "stream": True},
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x " * 3000}],
+            "stream": True,
+        },
     ) as r:
         assert r.status_code == 400
         assert json.loads(r.read())["error"]["code"] == "context_length_exceeded"

@@ -50,7 +50,9 @@ def test_chat_stream_with_usage(client):
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == ["length"]
     assert chunks[-1].usage.completion_tokens == 20
     assert chunks[-1].choices == []
@@ -160,16 +162,29 @@ def test_negative_max_tokens_is_400(client):
         (b'{"model": "tiny", "messages": [], "max_tokens": 1}', "messages"),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "bogus": 1}', "bogus"),
         (b'{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}', "role"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}', "temperature"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+            "temperature",
+        ),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}', "`n`"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}', "logit_bias"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999": 1}}', "vocabulary"),
-        (b'[1, 2]', "Expected `object`"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"logit_bias": {"a": 1}}',
+            "logit_bias",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"logit_bias": {"99999": 1}}',
+            "vocabulary",
+        ),
+        (b"[1, 2]", "Expected `object`"),
     ],
 )
 def test_bad_bodies_are_clear_400s(server, body, needle):
     r = httpx.post(
-        f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        f"{server.url}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
     )
     assert r.status_code == 400, r.text
     err = r.json()["error"]

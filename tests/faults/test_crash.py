@@ -41,8 +41,10 @@ def test_sigkill_mid_stream_with_queued_requests(serve, smollm2_gguf):
         "logit_bias": EOG,
         "stream": True,
     }
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r, \
-            cf.ThreadPoolExecutor(10) as pool:
+    with (
+        httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r,
+        cf.ThreadPoolExecutor(10) as pool,
+    ):
         assert r.status_code == 200
         assert r.headers["x-llamapool-worker"].endswith(f"pid={victim.pid}")
         lines = r.iter_lines()
@@ -56,7 +58,7 @@ def test_sigkill_mid_stream_with_queued_requests(serve, smollm2_gguf):
 
         rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
-        error = json.loads(rest[-2][len("data: "):])["error"]
+        error = json.loads(rest[-2][len("data: ") :])["error"]
         assert error["code"] == "worker_crashed"
         assert "SIGKILL" in error["message"]
         results = [f.result(timeout=120) for f in queued]
@@ -65,7 +67,10 @@ def test_sigkill_mid_stream_with_queued_requests(serve, smollm2_gguf):
     assert all(res.json()["usage"]["completion_tokens"] == 8 for res in results)
     served = {res.headers["x-llamapool-worker"] for res in results}
     assert all(f"pid={victim.pid}" not in s for s in served)
-    assert not psutil.pid_exists(victim.pid) or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE
+    assert (
+        not psutil.pid_exists(victim.pid)
+        or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE
+    )
     (replacement,) = server.workers()
     assert replacement.pid != victim.pid
     assert "DEAD: killed by SIGKILL while BUSY" in server.log_text()

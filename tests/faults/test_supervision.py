@@ -17,7 +17,12 @@ FAST_HEARTBEAT = {"heartbeat_interval": 0.2, "heartbeat_liveness": 5}
 def _chat(url: str, model: str, max_tokens: int = 4, **extra) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, **extra},
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens,
+            **extra,
+        },
         timeout=60,
     )
 
@@ -38,7 +43,8 @@ def test_missing_and_corrupt_models_fail_alone(serve, tiny_gguf, tmp_path):
         wait_ready=False,
     )
     server.wait_for(
-        lambda: _model_state(server.url, "corrupt")["state"] == "FAILED", what="corrupt model FAILED"
+        lambda: _model_state(server.url, "corrupt")["state"] == "FAILED",
+        what="corrupt model FAILED",
     )
     assert _chat(server.url, "good").status_code == 200
     for model, needle in (("missing", "file not found"), ("corrupt", "cannot load")):

@@ -1,0 +1,50 @@
+"""Real behaviour with the embedded SmolLM2: its chat template is applied, answers make sense."""
+
+from __future__ import annotations
+
+import llama_cpp
+import openai
+import pytest
+from conftest import running_server
+from serverutil import model_entry
+
+QUESTION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf, tmp_path_factory):
+    with running_server(
+        tmp_path_factory.mktemp("smol"),
+        [model_entry("smollm2", smollm2_gguf, config={"n_ctx": 4096})],
+    ) as srv:
+        yield srv
+
+
+def test_greedy_answer_names_paris(smol):
+    with openai.OpenAI(base_url=f"{smol.url}/v1", api_key="x", max_retries=0) as client:
+        r = client.chat.completions.create(
+            model="smollm2", messages=QUESTION, temperature=0, max_tokens=30
+        )
+        assert "Paris" in r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"  # the model ends its turn by itself
+        streamed = client.chat.completions.create(
+            model="smollm2", messages=QUESTION, temperature=0, max_tokens=30, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == r.choices[0].message.content
+
+
+def test_chat_template_from_the_gguf_is_applied(smol, smollm2_gguf):
+    vocab = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
+    rendered = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    expected = len(vocab.tokenize(rendered.encode(), add_bos=False, special=True))
+    with openai.OpenAI(base_url=f"{smol.url}/v1", api_key="x", max_retries=0) as client:
+        r = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=1)
+    assert r.usage.prompt_tokens == expected

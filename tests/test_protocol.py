@@ -1,0 +1,65 @@
+"""The wire protocol: typed round trips and loud failures on anything malformed."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from llamapool.ipc import protocol as P
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        P.Ready(worker_id="m-1", pid=42, model_id="m", n_ctx=2048, capacity=1),
+        P.Heartbeat(seq=3, busy_request="r-1"),
+        P.Chunk(request_id="r-1", text="héllo", tokens=2),
+        P.Done(
+            request_id="r-1",
+            finish_reason="length",
+            usage=P.Usage(prompt_tokens=3, completion_tokens=4),
+            timings=P.Timings(prompt_ms=1.5, generate_ms=20.0, cached_tokens=2),
+        ),
+        P.Done(
+            request_id="r-2", finish_reason="stop", usage=P.Usage(1, 0), embeddings=[[0.5, -1.0]]
+        ),
+        P.Error(
+            request_id="r-1", code="context_length_exceeded", message="too long", param="prompt"
+        ),
+        P.Fatal(reason="boom", cannot_boot=True),
+        P.Request(
+            request_id="r-9",
+            kind="chat",
+            messages=[{"role": "user", "content": "hi"}],
+            params=P.SamplingParams(max_tokens=5, stop=["\n"], logit_bias={2: -100.0}),
+        ),
+        P.Cancel(request_id="r-9"),
+        P.RouterHeartbeat(seq=1),
+        P.Shutdown(drain=False),
+    ],
+)
+def test_round_trip(message):
+    frames = P.encode(message)
+    assert frames[0] == P.VERSION and len(frames[1]) == 1
+    assert P.decode(frames) == message
+
+
+def test_usage_total():
+    assert P.Usage(prompt_tokens=3, completion_tokens=4).total_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("frames", "needle"),
+    [
+        ([b"LP0", b"\x01", b"\x80"], "version"),
+        ([b"LP1", b"\x7f", b"\x80"], "type"),
+        ([b"LP1", b"\x01\x02", b"\x80"], "type"),
+        ([b"LP1", b"\x01"], "3 frames"),
+        ([b"LP1", b"\x01", b"\xc1garbage"], "Ready"),
+        # A well-formed body of the wrong shape is rejected by the typed decoder.
+        ([b"LP1", b"\x03", msgspec.msgpack.encode({"request_id": 1})], "Chunk"),
+    ],
+)
+def test_malformed_frames_raise(frames, needle):
+    with pytest.raises(P.ProtocolError, match=needle):
+        P.decode(frames)
