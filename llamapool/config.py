@@ -92,6 +92,7 @@ class PoolSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grace: NonNegativeFloat = 30.0
     memory_budget: str | int = "80%"
     max_worker_memory: str | int | None = None
+    memory_check_interval: PositiveFloat = 2.0
 
 
 class _TopLevel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -190,6 +191,13 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
         top = msgspec.convert(data, _TopLevel, strict=True)
     except msgspec.ValidationError as exc:
         raise ConfigError(_humanize(exc, f"{where}: ")) from None
+    for key in ("memory_budget", "max_worker_memory"):
+        value = getattr(top.pool, key)
+        try:
+            if value is not None and parse_bytes(value, total=1 << 40) <= 0:
+                raise ValueError(f"{value!r} must be more than 0 bytes")
+        except ValueError as exc:
+            raise ConfigError(f"{where}: pool.{key}: {exc}") from None
     base_dir = path.parent if path else None
     models: dict[str, ModelSpec] = {}
     broken: dict[str, str] = {}

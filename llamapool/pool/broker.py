@@ -41,6 +41,7 @@ class Broker:
             on_worker_lost=self._on_worker_lost,
             on_worker_ready=self._on_worker_ready,
             on_model_failed=self._on_model_failed,
+            on_drain=lambda w: self.send(w, P.Shutdown(drain=True)),
             log_level=log_level,
             worker_log=worker_log,
         )
@@ -103,7 +104,7 @@ class Broker:
                     self._next_hb = now + interval
                     self._hb_seq += 1
                     for w in self.supervisor.live_workers():
-                        if w.ready:
+                        if w.state is not WorkerState.STARTING:
                             self.send(w, P.RouterHeartbeat(seq=self._hb_seq))
             except Exception:
                 log.exception("supervisor tick failed")
@@ -115,8 +116,9 @@ class Broker:
         """Send to one worker; False when ZeroMQ says it is unreachable."""
         fut = self.sock.send_multipart([worker.identity, *P.encode(message)])
         if fut.done() and fut.exception() is not None:
-            exc = fut.exception()
-            log.warning("send to worker %s failed: %s", worker.id, exc)
+            # Expected for a worker that is exiting and not yet reaped.
+            level = logging.DEBUG if worker.stop_requested else logging.WARNING
+            log.log(level, "send to worker %s failed: %s", worker.id, fut.exception())
             return False
         return True
 
@@ -213,7 +215,7 @@ class Broker:
                 "min_instances": want,
                 "busy_instances": sum(1 for w in workers if w.in_flight),
                 "queue_depth": self.scheduler.queue_depth(model_id),
-                "reason": runtime.reason,
+                "reason": runtime.reason or runtime.memory_blocked,
             }
         for model_id, reason in self.config.broken.items():
             ok = False

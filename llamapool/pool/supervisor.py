@@ -21,8 +21,21 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import msgspec
+import psutil
 
+from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
+from llamapool.pool.memory import (
+    Candidate,
+    Footprint,
+    OverLimit,
+    Sample,
+    budget_bytes,
+    choose_evictions,
+    estimate,
+    fmt_bytes,
+    sample,
+)
 from llamapool.pool.worker import EXIT_CANNOT_BOOT, EXIT_FATAL, EXIT_ORPHANED, SPEC_ENV
 
 log = logging.getLogger("llamapool.supervisor")
@@ -67,6 +80,7 @@ class WorkerHandle:
     fatal_reason: str | None = None
     cannot_boot: bool = False
     history: deque = field(default_factory=lambda: deque(maxlen=20))
+    memory: Sample | None = None
 
     @property
     def pid(self) -> int:
@@ -121,6 +135,10 @@ class ModelRuntime:
     reason: str | None = None
     next_spawn_at: float = 0.0
     restarts: int = 0
+    footprint: Footprint | None = None
+    memory_blocked: str | None = None  # why the next instance does not fit, if it does not
+    evicting: set = field(default_factory=set)  # worker ids draining to make room for us
+    evictions: int = 0  # instances of this model evicted for others
 
 
 def _describe_exit(code: int) -> str:
@@ -147,6 +165,7 @@ class Supervisor:
         on_worker_lost: Callable[[WorkerHandle, str], None],
         on_worker_ready: Callable[[WorkerHandle], None],
         on_model_failed: Callable[[str, str], None],
+        on_drain: Callable[[WorkerHandle], None] = lambda w: None,
         log_level: str = "INFO",
         worker_log: IO | None = None,
     ):
@@ -155,12 +174,18 @@ class Supervisor:
         self.on_worker_lost = on_worker_lost
         self.on_worker_ready = on_worker_ready
         self.on_model_failed = on_model_failed
+        self.on_drain = on_drain
         self.log_level = log_level
         self.worker_log = worker_log
         self.models: dict[str, ModelRuntime] = {}
         self.workers: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
         self.cpus = sorted(os.sched_getaffinity(0))
+        self.budget = budget_bytes(settings.memory_budget)
+        limit = settings.max_worker_memory
+        self.over_limit = OverLimit(budget_bytes(limit) if limit is not None else None)
+        self.router_memory: Sample | None = sample(os.getpid())
+        self._next_memory_check = 0.0
         self.stopping = False  # set at shutdown: nothing is respawned any more
 
     # -- models -----------------------------------------------------------------
@@ -172,6 +197,10 @@ class Supervisor:
             target=spec.min_instances,
             flap=FlapPolicy(s.restart_attempts, s.restart_window, s.backoff_initial, s.backoff_max),
         )
+        try:
+            runtime.footprint = estimate(spec)
+        except OSError as exc:
+            log.warning("cannot estimate the memory of %s: %s", spec.id, exc)
         self.models[spec.id] = runtime
         return runtime
 
@@ -189,10 +218,13 @@ class Supervisor:
         return [w for w in self.workers.values() if w.model_id == model_id and w.state in states]
 
     def ensure_capacity(self, model_id: str) -> None:
-        """Start a model on demand: a request for a model with no target gets one instance."""
+        """Start a model on demand; raise InsufficientMemory if no instance can ever fit now."""
         runtime = self.models[model_id]
         if runtime.target < 1:
             runtime.target = 1
+            self._reconcile_model(model_id, runtime, time.monotonic())
+        if runtime.memory_blocked and not self.workers_of(model_id):
+            raise errors.InsufficientMemory(runtime.memory_blocked, retry_after=5)
 
     # -- processes --------------------------------------------------------------
 
@@ -275,6 +307,7 @@ class Supervisor:
 
     def mark_ready(self, w: WorkerHandle, capacity: int, n_ctx: int) -> None:
         w.capacity, w.n_ctx = capacity, n_ctx
+        w.memory = sample(w.pid)  # loaded now: the budget sees real numbers at once
         self._transition(w, WorkerState.IDLE, f"ready in {time.monotonic() - w.started_at:.2f} s")
         runtime = self.models[w.model_id]
         if runtime.state is ModelState.STARTING:
@@ -310,6 +343,7 @@ class Supervisor:
         now = time.monotonic() if now is None else now
         self.reap(now)
         self.expire(now)
+        self.check_memory(now)
         self.reconcile(now)
 
     def reap(self, now: float) -> None:
@@ -367,11 +401,125 @@ class Supervisor:
         if self.stopping:
             return
         for model_id, runtime in self.models.items():
-            if runtime.state is ModelState.FAILED:
-                continue
-            live = [w for w in self.workers_of(model_id) if not w.stop_requested]
-            if len(live) < runtime.target and now >= runtime.next_spawn_at:
+            self._reconcile_model(model_id, runtime, now)
+
+    def _reconcile_model(self, model_id: str, runtime: ModelRuntime, now: float) -> None:
+        if runtime.state is ModelState.FAILED or self.stopping:
+            return
+        live = [w for w in self.workers_of(model_id) if not w.stop_requested]
+        if len(live) < runtime.target and now >= runtime.next_spawn_at:
+            if self.make_room(model_id):
                 self.spawn(model_id)
+
+    # -- memory -----------------------------------------------------------------
+
+    def memory_used(self) -> int:
+        """The pool's use: the router plus every live worker (its estimate until measured)."""
+        used = self.router_memory.charge if self.router_memory else 0
+        counted: dict[str, int] = {}
+        for w in self.workers.values():
+            if w.state not in LIVE:
+                continue
+            runtime = self.models.get(w.model_id)
+            if w.memory is not None and w.state is not WorkerState.STARTING:
+                used += w.memory.charge
+            elif runtime is not None and runtime.footprint is not None:
+                used += runtime.footprint.cost(counted.get(w.model_id, 0))
+            counted[w.model_id] = counted.get(w.model_id, 0) + 1
+        return used
+
+    def make_room(self, model_id: str) -> bool:
+        """True if one more instance fits; else evict idle instances of others, or say why not."""
+        runtime = self.models[model_id]
+        if runtime.footprint is None:
+            return True
+        if any(wid in self.workers for wid in runtime.evicting):
+            return False  # evictions for us are still draining
+        runtime.evicting.clear()
+        needed = runtime.footprint.cost(len(self.workers_of(model_id)))
+        free = min(self.budget - self.memory_used(), psutil.virtual_memory().available)
+        if needed <= free:
+            runtime.memory_blocked = None
+            return True
+        victims = choose_evictions(self._eviction_candidates(model_id), needed - free)
+        if victims is None:
+            reason = (
+                f"model {model_id!r} needs ~{fmt_bytes(needed)} for another instance but only "
+                f"{fmt_bytes(max(0, free))} of the {fmt_bytes(self.budget)} memory budget is free, "
+                "and no idle instance of another model can be evicted; raise pool.memory_budget "
+                "or unload a model"
+            )
+            if reason != runtime.memory_blocked:
+                log.error("%s", reason)
+            runtime.memory_blocked = reason
+            return False
+        for victim in victims:
+            w = self.workers[victim.worker_id]
+            other = self.models[w.model_id]
+            other.target = max(other.spec.min_instances, len(self.workers_of(w.model_id)) - 1)
+            other.evictions += 1
+            runtime.evicting.add(w.id)
+            self.drain(w, f"evicted (idle, least recently used) to make room for {model_id}")
+        return False
+
+    def _eviction_candidates(self, model_id: str) -> list[Candidate]:
+        # Never a busy instance, never below a model's min_instances.
+        spare = {
+            mid: sum(1 for w in self.workers_of(mid) if not w.stop_requested)
+            - rt.spec.min_instances
+            for mid, rt in self.models.items()
+        }
+        idle = sorted(
+            (
+                w
+                for w in self.workers.values()
+                if w.model_id != model_id
+                and w.state is WorkerState.IDLE
+                and not w.in_flight
+                and not w.stop_requested
+            ),
+            key=lambda w: w.last_used,
+        )
+        out = []
+        for w in idle:
+            if spare.get(w.model_id, 0) > 0:
+                spare[w.model_id] -= 1
+                charge = w.memory.charge if w.memory else self._estimate_of(w)
+                out.append(Candidate(w.id, w.model_id, charge, w.last_used))
+        return out
+
+    def _estimate_of(self, w: WorkerHandle) -> int:
+        fp = self.models[w.model_id].footprint
+        return fp.per_instance if fp else 0
+
+    def check_memory(self, now: float) -> None:
+        """Sample every live worker; drain and restart one that stays above its limit."""
+        if now < self._next_memory_check:
+            return
+        self._next_memory_check = now + self.settings.memory_check_interval
+        self.router_memory = sample(os.getpid())
+        for w in list(self.workers.values()):
+            if w.state not in LIVE or w.state is WorkerState.STARTING:
+                continue
+            w.memory = sample(w.pid)
+            if w.memory is None or w.stop_requested:
+                continue
+            if self.over_limit.observe(w.id, w.memory.charge):
+                self.over_limit.forget(w.id)
+                self.models[w.model_id].restarts += 1
+                limit = fmt_bytes(self.over_limit.limit or 0)
+                self.drain(
+                    w,
+                    f"restart: memory {fmt_bytes(w.memory.charge)} above max_worker_memory "
+                    f"{limit} for {self.over_limit.readings} readings in a row",
+                )
+
+    def drain(self, w: WorkerHandle, reason: str) -> None:
+        """Stop a worker politely: it finishes its request, then exits; reconcile replaces it."""
+        if w.stop_requested:
+            return
+        self.request_stop(w, reason)
+        self.on_drain(w)
 
     # -- shutdown ---------------------------------------------------------------
 

@@ -1,0 +1,68 @@
+"""Memory budgets with real workers: eviction of idle models, refusals, per-worker limits."""
+
+from __future__ import annotations
+
+import httpx
+from serverutil import model_entry
+
+from llamapool.config import parse_config
+from llamapool.pool.memory import MiB, estimate
+
+
+def _chat(url: str, model: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=60,
+    )
+
+
+def _entry(model_id, path, **kw):
+    return model_entry(model_id, path, min_instances=0, config={"n_ctx": 8192}, **kw)
+
+
+def test_second_model_evicts_the_idle_first(serve, smollm2_gguf):
+    models = [_entry("a", smollm2_gguf), _entry("b", smollm2_gguf)]
+    cost = estimate(parse_config({"models": models}).models["a"]).cost(0)
+    # Room for one instance and a half, plus the router: B only fits once A is gone.
+    budget = int(cost * 1.5) + 100 * MiB
+    server = serve(models, pool={"memory_budget": budget})
+    assert server.workers() == []  # min_instances 0: nothing runs until asked
+
+    r = _chat(server.url, "a")
+    assert r.status_code == 200
+    (worker_a,) = server.workers()
+    r = _chat(server.url, "b")
+    assert r.status_code == 200, r.text
+    assert "b-" in r.headers["x-llamapool-worker"]
+    workers = server.workers()
+    assert [w.pid for w in workers] != [worker_a.pid] and len(workers) == 1
+    log = server.log_text()
+    assert "evicted (idle, least recently used) to make room for b" in log
+    ready = httpx.get(f"{server.url}/ready").json()["models"]
+    assert ready["a"]["instances_ready"] == 0 and ready["b"]["instances_ready"] == 1
+
+
+def test_budget_too_small_for_any_model_is_503(serve, smollm2_gguf):
+    server = serve([_entry("a", smollm2_gguf)], pool={"memory_budget": "64MiB"})
+    r = _chat(server.url, "a")
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["code"] == "insufficient_memory"
+    assert "MiB" in err["message"] and "memory_budget" in err["message"]
+    assert r.headers["retry-after"]
+    assert server.workers() == []
+
+
+def test_worker_over_its_limit_is_restarted(serve, tiny_gguf):
+    server = serve(
+        [model_entry("m", tiny_gguf)],
+        pool={"max_worker_memory": "8MiB", "memory_check_interval": 0.1},
+    )
+    (first,) = server.workers()
+    server.wait_for(
+        lambda: [w for w in server.workers() if w.pid != first.pid], what="a replacement worker"
+    )
+    assert "above max_worker_memory 8 MiB for 3 readings in a row" in server.log_text()
+    server.ready()
+    assert _chat(server.url, "m").status_code == 200

@@ -1,0 +1,100 @@
+"""Memory estimates from GGUF headers, PSS sampling, and the eviction / limit policies."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from tinymodel import N_CTX_TRAIN, N_EMBD
+
+from llamapool.config import ConfigError, parse_config
+from llamapool.pool.memory import (
+    MiB,
+    Candidate,
+    GGUFError,
+    OverLimit,
+    choose_evictions,
+    estimate,
+    read_gguf_scalars,
+    sample,
+)
+
+
+def _spec(path, **config):
+    return parse_config(
+        {"models": [{"id": "m", "config": {"model_path": str(path), **config}}]}
+    ).models["m"]
+
+
+def test_reads_the_header_of_the_tiny_model(tiny_gguf):
+    meta = read_gguf_scalars(str(tiny_gguf))
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.embedding_length"] == N_EMBD
+    assert meta["llama.context_length"] == N_CTX_TRAIN
+    assert "tokenizer.ggml.tokens" not in meta  # arrays are skipped
+
+
+def test_smollm2_estimate_matches_its_shape(smollm2_gguf):
+    fp = estimate(_spec(smollm2_gguf, n_ctx=4096))
+    # 30 layers, 3 KV heads of 64 dims, f16 K and V.
+    assert fp.kv_cache == 4096 * 30 * 3 * (64 + 64) * 2
+    assert fp.weights == os.path.getsize(smollm2_gguf)
+    assert fp.cost(0) == fp.weights + fp.per_instance
+    assert fp.cost(1) == fp.per_instance  # mmap'ed weights are shared
+
+
+def test_without_mmap_every_instance_pays_for_the_weights(smollm2_gguf):
+    fp = estimate(_spec(smollm2_gguf, n_ctx=512, use_mmap=False))
+    assert fp.cost(0) == fp.cost(3) == fp.per_instance > fp.weights
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"nope" * 10)
+    with pytest.raises(GGUFError, match="magic"):
+        read_gguf_scalars(str(bad))
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(GGUFError, match="truncated"):
+        read_gguf_scalars(str(truncated))
+
+
+def test_sample_of_this_process():
+    s = sample(os.getpid())
+    assert s.rss > 10 * MiB
+    assert s.pss is not None and 0 < s.pss <= s.rss
+    assert s.charge == s.pss
+    assert sample(2**22 + 12345) is None
+
+
+def test_evictions_pick_least_recently_used_until_enough():
+    cands = [
+        Candidate("a", "m1", 100, last_used=5.0),
+        Candidate("b", "m2", 100, last_used=1.0),
+        Candidate("c", "m3", 100, last_used=3.0),
+    ]
+    assert [c.worker_id for c in choose_evictions(cands, 150)] == ["b", "c"]
+    assert [c.worker_id for c in choose_evictions(cands, 1)] == ["b"]
+    assert choose_evictions(cands, 301) is None
+    assert choose_evictions([], 0) == []
+
+
+def test_over_limit_needs_consecutive_readings():
+    ol = OverLimit(limit=100, readings=3)
+    assert not ol.observe("w", 150)
+    assert not ol.observe("w", 150)
+    assert not ol.observe("w", 50)  # a good reading resets the count
+    assert not ol.observe("w", 150)
+    assert not ol.observe("w", 150)
+    assert ol.observe("w", 150)
+    assert not OverLimit(limit=None).observe("w", 10**12)
+
+
+def test_bad_budget_is_a_config_error(tiny_gguf):
+    with pytest.raises(ConfigError, match="pool.memory_budget"):
+        parse_config(
+            {
+                "pool": {"memory_budget": "lots"},
+                "models": [{"id": "m", "config": {"model_path": str(tiny_gguf)}}],
+            }
+        )
