@@ -9,9 +9,9 @@ from tinymodel import N_CTX_TRAIN, N_EMBD
 
 from llamapool.config import ConfigError, parse_config
 from llamapool.pool.memory import (
-    MiB,
     Candidate,
     GGUFError,
+    MiB,
     OverLimit,
     choose_evictions,
     estimate,
