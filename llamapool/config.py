@@ -89,6 +89,8 @@ class PoolSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     restart_attempts: PositiveInt = 5
     restart_window: PositiveFloat = 60.0
     max_requeues: NonNegativeInt = 2
+    # A FAILED model is tried again after this many seconds (null: only on reload).
+    failed_retry_after: PositiveFloat | None = 300.0
     grace: NonNegativeFloat = 30.0
     memory_budget: str | int = "80%"
     max_worker_memory: str | int | None = None

@@ -130,6 +130,7 @@ def start_server(
     tag: str,
     wait_ready: bool = True,
     args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Server:
     """Write a models.yaml and start `python -m llamapool serve` on it."""
     config: dict[str, Any] = {"models": models}
@@ -141,7 +142,7 @@ def start_server(
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env[TAG_ENV] = tag
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "wb") as log:

@@ -171,6 +171,10 @@ def test_metrics_route_serves_the_text_format():
         ("killed by SIGKILL: protocol error: Chunk before READY while STARTING", "protocol"),
         ("killed by SIGKILL: unreachable on its socket while BUSY", "socket"),
         ("killed by SIGKILL: memory 3.1 GiB above max_worker_memory 2 GiB", "memory"),
+        (
+            "restart: memory 2.1 GiB above max_worker_memory 2.0 GiB for 3 readings in a row",
+            "memory",
+        ),
         ("exit 79 (lost the router) while IDLE", "orphaned"),
         ("something nobody foresaw", "other"),
         ("memory", "memory"),

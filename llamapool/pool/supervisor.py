@@ -133,6 +133,7 @@ class ModelRuntime:
     flap: FlapPolicy
     state: ModelState = ModelState.STARTING
     reason: str | None = None
+    failed_at: float = 0.0
     next_spawn_at: float = 0.0
     restarts: int = 0
     footprint: Footprint | None = None
@@ -209,6 +210,7 @@ class Supervisor:
         if runtime.state is ModelState.FAILED:
             return
         runtime.state, runtime.reason = ModelState.FAILED, reason
+        runtime.failed_at = time.monotonic()
         log.error("model %s FAILED: %s", model_id, reason)
         for w in self.workers_of(model_id):
             self.kill(w, f"model {model_id} failed")
@@ -404,6 +406,11 @@ class Supervisor:
             self._reconcile_model(model_id, runtime, now)
 
     def _reconcile_model(self, model_id: str, runtime: ModelRuntime, now: float) -> None:
+        retry = self.settings.failed_retry_after
+        if runtime.state is ModelState.FAILED and retry and now - runtime.failed_at >= retry:
+            log.info("model %s: retrying after %g s FAILED (%s)", model_id, retry, runtime.reason)
+            runtime.state, runtime.reason = ModelState.STARTING, None
+            runtime.flap.clear()
         if runtime.state is ModelState.FAILED or self.stopping:
             return
         live = [w for w in self.workers_of(model_id) if not w.stop_requested]

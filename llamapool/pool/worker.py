@@ -39,6 +39,9 @@ EXIT_CANNOT_BOOT = 78
 EXIT_ORPHANED = 79
 
 SPEC_ENV = "LLAMAPOOL_WORKER_SPEC"
+# Test-only fault injection (see FaultInjector); never set in production.
+FAULT_ENV = "LLAMAPOOL_TEST_FAULT"
+FAULT_FILE_ENV = "LLAMAPOOL_TEST_FAULT_FILE"
 _EVENTS = "inproc://engine-events"
 
 
@@ -56,6 +59,48 @@ def _is_broken_pipe(exc: BaseException) -> bool:
     return isinstance(exc, BrokenPipeError) or (
         isinstance(exc, OSError) and exc.errno == errno.EPIPE
     )
+
+
+class FaultInjector:
+    """Test-only faults at exact points of a request, counted across respawns in a file.
+
+    LLAMAPOOL_TEST_FAULT="<kind>:<times>" with kind one of `crash_before_output`
+    (the process dies as a request starts), `broken_pipe` (EPIPE from the token
+    sink after the first chunk) or `segfault` (SIGSEGV after the first chunk).
+    """
+
+    def __init__(self) -> None:
+        spec = os.environ.get(FAULT_ENV, "")
+        kind, _, times = spec.partition(":")
+        self.kind = kind or None
+        self.times = int(times or 1)
+        self.file = os.environ.get(FAULT_FILE_ENV)
+
+    def fire(self, point: str) -> bool:
+        """True (and counted) if the configured fault should happen at `point` now."""
+        wanted = {
+            "crash_before_output": "start",
+            "broken_pipe": "chunk",
+            "segfault": "chunk",
+        }.get(self.kind or "")
+        if wanted != point or not self.file:
+            return False
+        with open(self.file, "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() >= self.times:
+                return False
+            fh.write(b"x")
+        return True
+
+    def at_start(self) -> None:
+        if self.fire("start"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def at_chunk(self) -> None:
+        if self.kind == "broken_pipe" and self.fire("chunk"):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe (injected)")
+        if self.kind == "segfault" and self.fire("chunk"):
+            ctypes.string_at(0)
 
 
 class Worker:
@@ -76,6 +121,7 @@ class Worker:
         self.cancel_flag = threading.Event()
         self.draining = False
         self.seq = 0
+        self.faults = FaultInjector()
 
     def send(self, message: object) -> None:
         self.sock.send_multipart(P.encode(message))
@@ -129,9 +175,12 @@ class Worker:
         from llamapool.pool.engine import Cancelled, RequestFailed
 
         rid = req.request_id
+        faults = self.faults
+        faults.at_start()
 
         def emit(text: str, tokens: int) -> None:
             out.send_multipart(P.encode(P.Chunk(request_id=rid, text=text, tokens=tokens)))
+            faults.at_chunk()
 
         try:
             result = self.engine.run(req, emit, self.cancel_flag)

@@ -99,6 +99,22 @@ def test_crash_loop_marks_the_model_failed(serve, tiny_gguf):
     assert server.workers() == []
 
 
+def test_failed_model_is_retried_after_the_configured_time(serve, tiny_gguf):
+    server = serve(
+        [model_entry("m", tiny_gguf)],
+        pool={"restart_attempts": 1, "backoff_initial": 0.05, "failed_retry_after": 1.0},
+    )
+    for _ in range(2):
+        (w,) = server.wait_for(server.workers, what="a worker")
+        server.ready()
+        os.kill(w.pid, signal.SIGKILL)
+        server.wait_for(lambda w=w: w.pid not in {x.pid for x in server.workers()}, what="reap")
+    server.wait_for(lambda: _model_state(server.url, "m")["state"] == "FAILED", what="FAILED")
+    server.ready(timeout=10)
+    assert _chat(server.url, "m").status_code == 200
+    assert "retrying after 1 s FAILED" in server.log_text()
+
+
 def test_router_sigkill_leaves_no_worker_behind(serve, tiny_gguf):
     server = serve([model_entry("m", tiny_gguf, min_instances=2)])
     workers = server.workers()

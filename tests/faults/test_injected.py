@@ -1,0 +1,94 @@
+"""Faults injected at exact points of a request (test-only hook in the worker), real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import httpx
+import pytest
+from serverutil import model_entry
+
+FAST = {"backoff_initial": 0.05, "heartbeat_interval": 0.5}
+
+
+def _faulty(serve, tiny_gguf, tmp_path, fault: str, **pool):
+    return serve(
+        [model_entry("m", tiny_gguf)],
+        pool={**FAST, **pool},
+        env={"LLAMAPOOL_TEST_FAULT": fault, "LLAMAPOOL_TEST_FAULT_FILE": str(tmp_path / "fault")},
+    )
+
+
+def _chat(url: str, **extra) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8,
+            **extra,
+        },
+        timeout=60,
+    )
+
+
+def _stream_events(url: str) -> list[str]:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json={
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 64,
+            "stream": True,
+        },
+        timeout=60,
+    ) as r:
+        assert r.status_code == 200
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_death_before_output_is_retried_transparently(serve, tiny_gguf, tmp_path):
+    server = _faulty(serve, tiny_gguf, tmp_path, "crash_before_output:2")
+    r = _chat(server.url)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 8
+    log = server.log_text()
+    assert log.count("requeued r-1 at the head") == 2
+
+
+def test_death_before_output_gives_up_after_two_requeues(serve, tiny_gguf, tmp_path):
+    server = _faulty(serve, tiny_gguf, tmp_path, "crash_before_output:3")
+    r = _chat(server.url)
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "worker_crashed"
+    server.ready()
+    assert _chat(server.url).status_code == 200  # the fault is spent; the pool is healthy
+
+
+@pytest.mark.parametrize(
+    ("fault", "needle"), [("broken_pipe:1", "broken pipe"), ("segfault:1", "SIGSEGV")]
+)
+def test_mid_stream_fault_ends_the_stream_cleanly(serve, tiny_gguf, tmp_path, fault, needle):
+    server = _faulty(serve, tiny_gguf, tmp_path, fault)
+    (first,) = server.workers()
+    events = _stream_events(server.url)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "worker_crashed"
+    assert needle in error["message"]
+    server.wait_for(lambda: [w for w in server.workers() if w.pid != first.pid], what="respawn")
+    server.ready()
+    assert _chat(server.url).status_code == 200
+
+
+def test_sigabrt_is_a_crash_like_any_other(serve, tiny_gguf):
+    server = serve([model_entry("m", tiny_gguf)], pool=FAST)
+    (first,) = server.workers()
+    os.kill(first.pid, signal.SIGABRT)
+    server.wait_for(lambda: [w for w in server.workers() if w.pid != first.pid], what="respawn")
+    server.ready()
+    assert _chat(server.url).status_code == 200
+    assert "DEAD: killed by SIGABRT while IDLE" in server.log_text()
