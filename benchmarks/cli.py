@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import pathlib
 import shutil
 import tempfile
@@ -271,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         timespec="seconds"
     )
     report["duration_s"] = time.perf_counter() - t0
+    # Other work on the machine skews every number: a high load here says to rerun.
+    report["machine"]["load_average_end"] = list(os.getloadavg())
 
     if not stressing:
         report["comparisons"] = compare(report["targets"])

@@ -41,7 +41,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_physical": psutil.cpu_count(logical=False),
         "cpu_usable": usable_cores(),
         "memory_total_bytes": psutil.virtual_memory().total,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "llama_cpp_system_info": _llama_system_info(),
     }
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from llamapool.admin_client import add_admin_commands
 from llamapool.config import ConfigError, load_config
 
 LEVELS = ["debug", "info", "warning", "error", "critical"]
@@ -45,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
                 captured.clear()
 
     from llamapool.router.app import create_app
+    from llamapool.router.auth import DEFAULT_STATE_DIR, load_admin_token
 
     _setup_logging(args)
     try:
@@ -54,10 +56,24 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     for model_id, reason in config.broken.items():
         print(f"llamapool: model {model_id!r} will not be served: {reason}", file=sys.stderr)
+    try:
+        admin_token, token_path = load_admin_token(
+            config.admin.token_file,
+            state_dir=config.admin.state_dir or DEFAULT_STATE_DIR,
+        )
+    except ConfigError as exc:
+        print(f"llamapool: {exc}", file=sys.stderr)
+        return 2
+    if token_path is not None:
+        logging.getLogger("llamapool").warning(
+            "admin token generated and written to %s (mode 0600)", token_path
+        )
     worker_log = None
     if args.log_dir:
         worker_log = open(Path(args.log_dir) / "workers.log", "ab", buffering=0)  # noqa: SIM115
-    app = create_app(config, log_level=args.log_level.upper(), worker_log=worker_log)
+    app = create_app(
+        config, admin_token=admin_token, log_level=args.log_level.upper(), worker_log=worker_log
+    )
     server = _Server(
         uvicorn.Config(
             app,
@@ -107,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a models.yaml and exit")
     check.add_argument("--config", default="models.yaml")
     check.set_defaults(func=_check_config)
+
+    add_admin_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmark the pool against baselines")
     try:

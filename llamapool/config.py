@@ -97,9 +97,26 @@ class PoolSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     memory_check_interval: PositiveFloat = 2.0
 
 
+class AdminSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The top-level `admin:` block."""
+
+    # Read the admin token from this file; else LLAMAPOOL_ADMIN_TOKEN; else generate one.
+    token_file: str | None = None
+    # Where a generated token is written (0600); default ~/.local/state/llamapool.
+    state_dir: str | None = None
+
+
+class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The top-level `server:` block: limits of the HTTP layer."""
+
+    max_body_bytes: PositiveInt = 1 << 20
+
+
 class _TopLevel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     models: list[Any]
     pool: PoolSettings = msgspec.field(default_factory=PoolSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     api_keys: list[str] | None = None
 
 
@@ -112,6 +129,8 @@ class Config:
     broken: dict[str, str] = field(default_factory=dict)
     api_keys: list[str] | None = None
     path: Path | None = None
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
 
 def resolve_model_path(value: str, base_dir: Path | None = None) -> Path:
@@ -217,7 +236,15 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
             models[spec.id] = spec
     if not models and not broken:
         raise ConfigError(f"{where}: `models:` lists no enabled model")
-    return Config(pool=top.pool, models=models, broken=broken, api_keys=top.api_keys, path=path)
+    return Config(
+        pool=top.pool,
+        models=models,
+        broken=broken,
+        api_keys=top.api_keys,
+        path=path,
+        admin=top.admin,
+        server=top.server,
+    )
 
 
 def load_config(path: str | Path, *, check_files: bool = True) -> Config:

@@ -86,6 +86,10 @@ class InsufficientMemory(LlamapoolError):
     status, code, type = 503, "insufficient_memory", "server_error"
 
 
+class ModelUnloaded(LlamapoolError):
+    status, code, type = 503, "model_unloaded", "server_error"
+
+
 class ShuttingDown(LlamapoolError):
     status, code, type = 503, "shutting_down", "server_error"
 
@@ -106,6 +110,7 @@ _BY_CODE: dict[str, type[LlamapoolError]] = {
         QueueTimeout,
         ModelFailed,
         InsufficientMemory,
+        ModelUnloaded,
         ShuttingDown,
     )
 }

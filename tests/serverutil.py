@@ -19,6 +19,8 @@ import yaml
 # Every process a test server starts inherits this variable, so a test can find
 # leftovers even after they were re-parented away from the test process.
 TAG_ENV = "LLAMAPOOL_TEST_TAG"
+ADMIN_TOKEN = "test-admin-token"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def free_port() -> int:
@@ -144,6 +146,7 @@ def start_server(
     log_path = tmp_path / f"server-{port}.log"
     env = {**os.environ, **(env or {})}
     env[TAG_ENV] = tag
+    env.setdefault("LLAMAPOOL_ADMIN_TOKEN", ADMIN_TOKEN)
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

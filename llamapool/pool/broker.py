@@ -15,9 +15,10 @@ import zmq
 import zmq.asyncio
 
 from llamapool import errors
-from llamapool.config import Config, ModelSpec
+from llamapool.config import Config, ConfigError, ModelSpec, load_config
 from llamapool.ipc import protocol as P
 from llamapool.ipc.sockets import broker_endpoint, make_ipc_dir, remove_ipc_dir, router_socket
+from llamapool.pool.events import PoolObserver
 from llamapool.pool.scheduler import Job, Scheduler
 from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle, WorkerState
 
@@ -29,7 +30,14 @@ TICK = 0.1
 class Broker:
     """Everything the HTTP layer needs from the pool: submit, release, status."""
 
-    def __init__(self, config: Config, *, log_level: str = "INFO", worker_log: IO | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        log_level: str = "INFO",
+        worker_log: IO | None = None,
+        observer: PoolObserver | None = None,
+    ):
         self.config = config
         self.ipc_dir = make_ipc_dir()
         self.endpoint = broker_endpoint(self.ipc_dir)
@@ -42,11 +50,12 @@ class Broker:
             on_worker_ready=self._on_worker_ready,
             on_model_failed=self._on_model_failed,
             on_drain=lambda w: self.send(w, P.Shutdown(drain=True)),
+            observer=observer,
             log_level=log_level,
             worker_log=worker_log,
         )
         self.scheduler = Scheduler(
-            self.supervisor, self.send, max_requeues=config.pool.max_requeues
+            self.supervisor, self.send, max_requeues=config.pool.max_requeues, observer=observer
         )
         self.protocol_errors = 0
         self._tasks: list[asyncio.Task] = []
@@ -143,6 +152,8 @@ class Broker:
             self._protocol_violation(worker, str(exc))
             return
         if isinstance(msg, P.Ready):
+            if worker.stop_requested:
+                return  # drained while booting; it is being stopped
             if worker.state is not WorkerState.STARTING or msg.worker_id != worker.id:
                 self._protocol_violation(worker, "READY out of order")
                 return
@@ -221,3 +232,166 @@ class Broker:
             ok = False
             detail[model_id] = {"state": ModelState.FAILED.value, "reason": reason}
         return ok, detail
+
+    # -- operations (admin API, signals and CLI use the same functions) ---------
+
+    def _runtime(self, model_id: str):
+        runtime = self.supervisor.models.get(model_id)
+        if runtime is None:
+            self.check_model(model_id)  # raises the right error
+        return runtime
+
+    def scale(self, model_id: str, instances: int) -> dict[str, Any]:
+        self._runtime(model_id)
+        self.supervisor.scale(model_id, instances)
+        return self.model_status(model_id)
+
+    def load(self, model_id: str) -> dict[str, Any]:
+        self._runtime(model_id)
+        self.supervisor.load(model_id)
+        return self.model_status(model_id)
+
+    async def unload(self, model_id: str, *, force: bool = False) -> dict[str, Any]:
+        """Stop a model's instances; without `force`, wait for running requests to finish."""
+        self._runtime(model_id)
+        workers = self.supervisor.unload(model_id, force)
+        self.scheduler.fail_queued(
+            model_id, errors.ModelUnloaded(f"model {model_id!r} was unloaded by an operator")
+        )
+        deadline = time.monotonic() + self.config.pool.grace + 5
+        while any(w.proc.poll() is None for w in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(TICK)
+        self.supervisor.reap(time.monotonic())
+        return self.model_status(model_id)
+
+    def restart_worker(self, worker_id: str) -> dict[str, Any]:
+        w = self.supervisor.restart_worker(worker_id)
+        return self.worker_status(w)
+
+    def reload(self, path: str | None = None) -> dict[str, Any]:
+        """Re-read models.yaml: keep unchanged models, replace changed ones, drain removed ones.
+
+        A file with any error is rejected whole and changes nothing.
+        """
+        source = path or (str(self.config.path) if self.config.path else None)
+        if source is None:
+            raise errors.InvalidRequest("this server was not started from a config file")
+        try:
+            new = load_config(source)
+        except ConfigError as exc:
+            raise errors.InvalidRequest(f"reload rejected, nothing changed: {exc}") from None
+        if new.broken:
+            problems = "; ".join(new.broken.values())
+            raise errors.InvalidRequest(f"reload rejected, nothing changed: {problems}")
+        old = {mid: rt.spec for mid, rt in self.supervisor.models.items()}
+        result: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        for model_id, spec in new.models.items():
+            if model_id not in old:
+                self._add_model(spec)
+                result["added"].append(model_id)
+            elif old[model_id] != spec:
+                self.supervisor.replace_spec(spec)
+                mq = self.scheduler.queues[model_id]
+                mq.max_queue, mq.queue_timeout = spec.max_queue, spec.queue_timeout
+                result["changed"].append(model_id)
+            else:
+                result["unchanged"].append(model_id)
+        for model_id in old:
+            if model_id not in new.models:
+                self.supervisor.remove_model(model_id)
+                self.scheduler.fail_queued(
+                    model_id, errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
+                )
+                del self.scheduler.queues[model_id]
+                result["removed"].append(model_id)
+        warnings = []
+        if new.pool != self.config.pool:
+            warnings.append("the pool: block changed; it takes effect at the next restart")
+        new.pool = self.config.pool
+        self.config = new
+        log.info("config reloaded: %s", result)
+        return {**result, "warnings": warnings}
+
+    # -- status -------------------------------------------------------------------
+
+    def worker_status(self, w: WorkerHandle) -> dict[str, Any]:
+        at, state, reason = w.history[-1] if w.history else (None, w.state.value, "")
+        return {
+            "id": w.id,
+            "model": w.model_id,
+            "pid": w.pid,
+            "state": w.state.value,
+            "cores": w.cores,
+            "n_threads": w.n_threads,
+            "rss": w.memory.rss if w.memory else None,
+            "pss": w.memory.pss if w.memory else None,
+            "uptime_s": round(time.monotonic() - w.started_at, 3),
+            "served": w.served,
+            "in_flight": list(w.in_flight),
+            "last_transition": {"state": state, "reason": reason, "at": at},
+            "history": [{"at": a, "state": st, "reason": r} for a, st, r in w.history],
+        }
+
+    def model_status(self, model_id: str) -> dict[str, Any]:
+        runtime = self.supervisor.models[model_id]
+        workers = self.supervisor.workers_of(model_id)
+        queue = self.scheduler.queues[model_id].jobs
+        fp = runtime.footprint
+        return {
+            "id": model_id,
+            "state": "UNLOADED" if runtime.unloaded else runtime.state.value,
+            "instances": {
+                "wanted": runtime.target,
+                "live": len([w for w in workers if not w.stop_requested]),
+                "ready": len([w for w in workers if w.ready]),
+                "min": runtime.spec.min_instances,
+                "max": runtime.spec.instance_limit,
+            },
+            "queue_depth": len(queue),
+            "oldest_wait_s": round(time.monotonic() - queue[0].enqueued_at, 3) if queue else 0.0,
+            "last_error": runtime.reason or runtime.memory_blocked,
+            "restarts": runtime.restarts,
+            "evictions": runtime.evictions,
+            "estimate": {"weights": fp.weights, "per_instance": fp.per_instance} if fp else None,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The whole pool, for GET /admin/pool."""
+        sup = self.supervisor
+        models = [self.model_status(m) for m in sup.models]
+        models += [
+            {"id": m, "state": "FAILED", "last_error": reason}
+            for m, reason in self.config.broken.items()
+        ]
+        return {
+            "models": models,
+            "workers": [self.worker_status(w) for w in sup.live_workers()],
+            "memory": {
+                "budget": sup.budget,
+                "used": sup.memory_used(),
+                "router": sup.router_memory.charge if sup.router_memory else None,
+            },
+        }
+
+    def metrics_snapshot(self) -> list[dict[str, Any]]:
+        """Gauges for /metrics: per model its queue and state, per worker its state and memory."""
+        out = []
+        for model_id, runtime in self.supervisor.models.items():
+            workers = [
+                {
+                    "worker": w.id,
+                    "state": w.state.value,
+                    "rss": w.memory.rss if w.memory else None,
+                    "pss": w.memory.pss if w.memory else None,
+                }
+                for w in self.supervisor.workers_of(model_id)
+            ]
+            out.append(
+                {
+                    "model": model_id,
+                    "queue_depth": self.scheduler.queue_depth(model_id),
+                    "state": runtime.state.value,
+                    "workers": workers,
+                }
+            )
+        return out

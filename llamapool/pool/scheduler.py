@@ -18,6 +18,7 @@ from typing import Any
 
 from llamapool import errors
 from llamapool.ipc import protocol as P
+from llamapool.pool.events import PoolObserver
 from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle
 
 log = logging.getLogger("llamapool.scheduler")
@@ -43,6 +44,7 @@ class Job:
     abandoned: bool = False
     timer: asyncio.TimerHandle | None = None
     served_by: str | None = None  # "worker-id pid" of the last worker it was sent to
+    first_output_at: float | None = None
 
     @property
     def queued(self) -> bool:
@@ -66,9 +68,11 @@ class Scheduler:
         send: Callable[[WorkerHandle, Any], bool],
         *,
         max_requeues: int = 2,
+        observer: PoolObserver | None = None,
     ):
         self.supervisor = supervisor
         self.send = send
+        self.observer = observer or PoolObserver()
         self.max_requeues = max_requeues
         self.queues: dict[str, ModelQueue] = {}
         self.running: dict[str, Job] = {}
@@ -83,9 +87,20 @@ class Scheduler:
 
     def submit(self, model_id: str, request: P.Request) -> Job:
         """Queue a request or raise the error the client should see at once."""
+        try:
+            return self._admit(model_id, request)
+        except errors.LlamapoolError as exc:
+            self.observer.rejected(model_id, exc.code)
+            raise
+
+    def _admit(self, model_id: str, request: P.Request) -> Job:
         if not self.accepting:
             raise errors.ShuttingDown("the server is shutting down; retry on another instance")
         runtime = self.supervisor.models[model_id]
+        if runtime.unloaded:
+            raise errors.ModelUnloaded(
+                f"model {model_id!r} is unloaded; load it with POST /admin/models/{model_id}/load"
+            )
         if runtime.state is ModelState.FAILED:
             raise errors.ModelFailed(
                 f"model {model_id!r} is failed: {runtime.reason}; fix it and reload the config"
@@ -125,6 +140,7 @@ class Scheduler:
         except ValueError:
             return
         waited = time.monotonic() - job.enqueued_at
+        self.observer.rejected(job.model_id, "queue_timeout")
         self._finish(
             job,
             errors.QueueTimeout(
@@ -150,6 +166,7 @@ class Scheduler:
             job.worker = worker
             job.served_by = f"{worker.id} pid={worker.pid}"
             job.dispatched_at = time.monotonic()
+            self.observer.queue_wait(model_id, job.dispatched_at - job.enqueued_at)
             job.request.deadline = time.time() + max(0.0, job.deadline - time.monotonic())
             worker.in_flight[job.id] = job
             worker.last_used = job.dispatched_at
@@ -173,7 +190,10 @@ class Scheduler:
         job = self._job_for(worker, msg.request_id)
         if job is None:
             return
-        job.produced = True
+        if not job.produced:
+            job.produced = True
+            job.first_output_at = time.monotonic()
+            self.observer.time_to_first_token(job.model_id, job.first_output_at - job.enqueued_at)
         if not job.abandoned:
             job.events.put_nowait(msg)
 
@@ -183,6 +203,12 @@ class Scheduler:
             return
         worker.served += 1
         self._release_slot(worker, job)
+        tokens = msg.usage.completion_tokens
+        self.observer.tokens_generated(job.model_id, tokens)
+        if job.first_output_at is not None and tokens > 1:
+            self.observer.generation_finished(
+                job.model_id, tokens, time.monotonic() - job.first_output_at
+            )
         if job.dispatched_at is not None:
             mq = self.queues[job.model_id]
             mq.service_time = 0.8 * mq.service_time + 0.2 * (time.monotonic() - job.dispatched_at)
@@ -258,14 +284,15 @@ class Scheduler:
         self.dispatch(worker.model_id)
 
     def on_model_failed(self, model_id: str, reason: str) -> None:
+        self.fail_queued(model_id, errors.ModelFailed(f"model {model_id!r} is failed: {reason}"))
+
+    def fail_queued(self, model_id: str, error: errors.LlamapoolError) -> None:
+        """Finish every queued request of a model with `error` (the model cannot serve them)."""
         mq = self.queues.get(model_id)
         if mq is None:
             return
         while mq.jobs:
-            self._finish(
-                mq.jobs.popleft(),
-                errors.ModelFailed(f"model {model_id!r} is failed: {reason}"),
-            )
+            self._finish(mq.jobs.popleft(), error)
 
     # -- client side ------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import psutil
 
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
+from llamapool.pool.events import PoolObserver
 from llamapool.pool.memory import (
     Candidate,
     Footprint,
@@ -140,6 +141,7 @@ class ModelRuntime:
     memory_blocked: str | None = None  # why the next instance does not fit, if it does not
     evicting: set = field(default_factory=set)  # worker ids draining to make room for us
     evictions: int = 0  # instances of this model evicted for others
+    unloaded: bool = False  # by the admin API: refuse requests until loaded again
 
 
 def _describe_exit(code: int) -> str:
@@ -167,6 +169,7 @@ class Supervisor:
         on_worker_ready: Callable[[WorkerHandle], None],
         on_model_failed: Callable[[str, str], None],
         on_drain: Callable[[WorkerHandle], None] = lambda w: None,
+        observer: PoolObserver | None = None,
         log_level: str = "INFO",
         worker_log: IO | None = None,
     ):
@@ -176,9 +179,11 @@ class Supervisor:
         self.on_worker_ready = on_worker_ready
         self.on_model_failed = on_model_failed
         self.on_drain = on_drain
+        self.observer = observer or PoolObserver()
         self.log_level = log_level
         self.worker_log = worker_log
         self.models: dict[str, ModelRuntime] = {}
+        self.removed: dict[str, ModelRuntime] = {}  # removed by reload, workers still draining
         self.workers: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
         self.cpus = sorted(os.sched_getaffinity(0))
@@ -311,8 +316,8 @@ class Supervisor:
         w.capacity, w.n_ctx = capacity, n_ctx
         w.memory = sample(w.pid)  # loaded now: the budget sees real numbers at once
         self._transition(w, WorkerState.IDLE, f"ready in {time.monotonic() - w.started_at:.2f} s")
-        runtime = self.models[w.model_id]
-        if runtime.state is ModelState.STARTING:
+        runtime = self.models.get(w.model_id)
+        if runtime is not None and runtime.state is ModelState.STARTING:
             runtime.state = ModelState.READY
         self.on_worker_ready(w)
 
@@ -375,6 +380,7 @@ class Supervisor:
         if runtime is None or runtime.state is ModelState.FAILED:
             return
         runtime.restarts += 1
+        self.observer.worker_restarted(w.model_id, reason)
         if w.cannot_boot or code == EXIT_CANNOT_BOOT:
             self.fail_model(w.model_id, w.fatal_reason or detail)
             return
@@ -404,6 +410,8 @@ class Supervisor:
             return
         for model_id, runtime in self.models.items():
             self._reconcile_model(model_id, runtime, now)
+        for model_id in [m for m in self.removed if not self.workers_of(m)]:
+            del self.removed[model_id]
 
     def _reconcile_model(self, model_id: str, runtime: ModelRuntime, now: float) -> None:
         retry = self.settings.failed_retry_after
@@ -465,6 +473,7 @@ class Supervisor:
             other = self.models[w.model_id]
             other.target = max(other.spec.min_instances, len(self.workers_of(w.model_id)) - 1)
             other.evictions += 1
+            self.observer.evicted(w.model_id)
             runtime.evicting.add(w.id)
             self.drain(w, f"evicted (idle, least recently used) to make room for {model_id}")
         return False
@@ -496,8 +505,8 @@ class Supervisor:
         return out
 
     def _estimate_of(self, w: WorkerHandle) -> int:
-        fp = self.models[w.model_id].footprint
-        return fp.per_instance if fp else 0
+        runtime = self.models.get(w.model_id) or self.removed.get(w.model_id)
+        return runtime.footprint.per_instance if runtime and runtime.footprint else 0
 
     def check_memory(self, now: float) -> None:
         """Sample every live worker; drain and restart one that stays above its limit."""
@@ -513,8 +522,10 @@ class Supervisor:
                 continue
             if self.over_limit.observe(w.id, w.memory.charge):
                 self.over_limit.forget(w.id)
-                self.models[w.model_id].restarts += 1
+                if w.model_id in self.models:
+                    self.models[w.model_id].restarts += 1
                 limit = fmt_bytes(self.over_limit.limit or 0)
+                self.observer.worker_restarted(w.model_id, "memory")
                 self.drain(
                     w,
                     f"restart: memory {fmt_bytes(w.memory.charge)} above max_worker_memory "
@@ -525,8 +536,95 @@ class Supervisor:
         """Stop a worker politely: it finishes its request, then exits; reconcile replaces it."""
         if w.stop_requested:
             return
+        booting = w.state is WorkerState.STARTING
         self.request_stop(w, reason)
-        self.on_drain(w)
+        if booting:
+            self.kill(w, reason)  # nothing to finish yet
+        else:
+            self.on_drain(w)
+
+    # -- commands (admin API) --------------------------------------------------
+
+    def scale(self, model_id: str, instances: int) -> None:
+        """Set a model's instance count; down drains idle instances first, never cuts work."""
+        runtime = self.models[model_id]
+        spec = runtime.spec
+        if instances < spec.min_instances or instances > spec.instance_limit:
+            raise errors.InvalidRequest(
+                f"model {model_id!r} allows {spec.min_instances}..{spec.instance_limit} instances "
+                f"(min_instances..max_instances); got {instances}",
+                param="instances",
+            )
+        live = [w for w in self.workers_of(model_id) if not w.stop_requested]
+        if instances > len(live) and runtime.footprint is not None:
+            needed = sum(
+                runtime.footprint.cost(len(live) + i) for i in range(instances - len(live))
+            )
+            free = self.budget - self.memory_used()
+            if needed > free:
+                raise errors.InsufficientMemory(
+                    f"scaling {model_id} to {instances} needs ~{fmt_bytes(needed)} more but only "
+                    f"{fmt_bytes(max(0, free))} of the {fmt_bytes(self.budget)} budget is free",
+                    retry_after=5,
+                )
+        runtime.target = instances
+        extra = len(live) - instances
+        # Idle ones first (least recently used), then busy ones, which finish before exiting.
+        for w in sorted(live, key=lambda w: (bool(w.in_flight), w.last_used))[: max(0, extra)]:
+            self.drain(w, f"scaled {model_id} down to {instances}")
+        self._reconcile_model(model_id, runtime, time.monotonic())
+
+    def restart_worker(self, worker_id: str) -> WorkerHandle:
+        """Drain a worker; reconcile starts its replacement."""
+        w = self.workers.get(worker_id)
+        if w is None or w.state not in LIVE:
+            raise errors.NotFound(f"no live worker {worker_id!r}")
+        self.observer.worker_restarted(w.model_id, "admin")
+        self.drain(w, "restart requested by admin")
+        return w
+
+    def unload(self, model_id: str, force: bool) -> list[WorkerHandle]:
+        """Stop every instance of a model: drain them, or kill them with `force`."""
+        runtime = self.models[model_id]
+        runtime.target = 0
+        runtime.unloaded = True
+        workers = self.workers_of(model_id)
+        for w in workers:
+            if force:
+                w.stop_requested = True
+                self.kill(w, "unloaded by admin (force)")
+            else:
+                self.drain(w, "unloaded by admin")
+        return workers
+
+    def load(self, model_id: str) -> None:
+        """(Re)start a model: clears FAILED and starts its min_instances (at least one)."""
+        runtime = self.models[model_id]
+        runtime.state, runtime.reason = ModelState.STARTING, None
+        runtime.memory_blocked = None
+        runtime.unloaded = False
+        runtime.flap.clear()
+        runtime.next_spawn_at = 0.0
+        runtime.target = max(runtime.spec.min_instances, 1)
+        self._reconcile_model(model_id, runtime, time.monotonic())
+
+    def replace_spec(self, spec: ModelSpec) -> None:
+        """A changed model: drain the old instances, start new ones from the new spec."""
+        runtime = self.models[spec.id]
+        for w in self.workers_of(spec.id):
+            self.drain(w, "config changed (reload)")
+        runtime.spec = spec
+        runtime.footprint = estimate(spec)
+        self.load(spec.id)
+        runtime.target = spec.min_instances
+
+    def remove_model(self, model_id: str) -> None:
+        """Drain a model's instances; its runtime goes once they are all gone."""
+        for w in self.workers_of(model_id):
+            self.drain(w, "removed from the config (reload)")
+        runtime = self.models.pop(model_id)
+        runtime.target = 0
+        self.removed[model_id] = runtime
 
     # -- shutdown ---------------------------------------------------------------
 

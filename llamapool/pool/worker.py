@@ -70,6 +70,9 @@ class FaultInjector:
     """
 
     def __init__(self) -> None:
+        # Set by the I/O thread when a CHUNK has left for the router: a crash injected
+        # "after output" must not beat that output out of the process.
+        self.chunk_forwarded = threading.Event()
         spec = os.environ.get(FAULT_ENV, "")
         kind, _, times = spec.partition(":")
         self.kind = kind or None
@@ -100,6 +103,7 @@ class FaultInjector:
         if self.kind == "broken_pipe" and self.fire("chunk"):
             raise BrokenPipeError(errno.EPIPE, "Broken pipe (injected)")
         if self.kind == "segfault" and self.fire("chunk"):
+            self.chunk_forwarded.wait(5.0)
             ctypes.string_at(0)
 
 
@@ -283,7 +287,9 @@ class Worker:
                 return None
             self.sock.send_multipart(frames)
             kind = frames[1][0] if len(frames) == 3 and len(frames[1]) == 1 else None
-            if kind in (0x04, 0x05):  # DONE / ERROR end the current request
+            if kind == 0x03 and self.faults.kind:
+                self.faults.chunk_forwarded.set()
+            elif kind in (0x04, 0x05):  # DONE / ERROR end the current request
                 self.current = None
                 if self.draining:
                     return EXIT_OK

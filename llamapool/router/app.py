@@ -16,7 +16,9 @@ from starlette.routing import Route
 from llamapool import errors
 from llamapool.config import Config
 from llamapool.pool.broker import Broker
-from llamapool.router import openai
+from llamapool.router import admin, openai
+from llamapool.router.auth import BearerAuth
+from llamapool.router.metrics import Metrics, metrics_route
 
 log = logging.getLogger("llamapool.router")
 
@@ -61,14 +63,20 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    config: Config, *, log_level: str = "INFO", worker_log: IO | None = None
-) -> Starlette:
-    """The router app; the pool starts with the app's lifespan and stops with it."""
+    config: Config,
+    *,
+    admin_token: str,
+    log_level: str = "INFO",
+    worker_log: IO | None = None,
+) -> BearerAuth:
+    """The router app behind bearer auth; the pool starts and stops with its lifespan."""
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        broker = Broker(config, log_level=log_level, worker_log=worker_log)
+        broker = Broker(config, log_level=log_level, worker_log=worker_log, observer=metrics)
         app.state.broker = broker
+        metrics.set_pool_source(broker.metrics_snapshot)
         await broker.start()
         try:
             yield
@@ -78,9 +86,11 @@ def create_app(
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        metrics_route(metrics),
         *openai.routes,
+        *admin.routes,
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -89,3 +99,8 @@ def create_app(
             Exception: _unexpected,
         },
     )
+    app.state.metrics = metrics
+    app.state.max_body_bytes = config.server.max_body_bytes
+    auth = BearerAuth(app, admin_token=admin_token, api_keys=config.api_keys)
+    app.state.auth = auth  # reload updates its API keys
+    return auth

@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from llamapool.pool.events import PoolObserver
+
 log = logging.getLogger("llamapool.metrics")
 
 MODEL_STATES = ("STARTING", "READY", "FAILED")
@@ -137,7 +139,7 @@ def _states(known: tuple[str, ...], current: str) -> tuple[str, ...]:
     return known if current in known else (*known, current)
 
 
-class Metrics:
+class Metrics(PoolObserver):
     """The router's metrics; call the event methods as things happen, scrape `registry`."""
 
     def __init__(self) -> None:

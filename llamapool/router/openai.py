@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import functools
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llamapool import errors
+from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.pool.broker import Broker
 from llamapool.pool.scheduler import Job
@@ -37,11 +39,45 @@ def broker_of(request: Request) -> Broker:
 
 
 def error_response(exc: errors.LlamapoolError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+    response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+    response.error_code = exc.code  # type: ignore[attr-defined]  # for the request counter
+    return response
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refusing more than `limit` bytes with a 413."""
+def _counted(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
+    """Count every response of an endpoint by model and status in the metrics."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        metrics = getattr(request.app.state, "metrics", None)
+        try:
+            response = await handler(request)
+        except errors.LlamapoolError as exc:
+            if metrics is not None:
+                metrics.request_finished(_model_label(request), exc.status, exc.code)
+            raise
+        if metrics is not None:
+            code = getattr(response, "error_code", None)
+            metrics.request_finished(_model_label(request), response.status_code, code)
+        return response
+
+    return wrapper
+
+
+def _checked_model(request: Request, model: str) -> ModelSpec:
+    spec = broker_of(request).check_model(model)
+    request.state.model = model
+    return spec
+
+
+def _model_label(request: Request) -> str:
+    # Only configured ids become label values, so clients cannot grow the label set.
+    return getattr(request.state, "model", "") or "unknown"
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing more than the configured limit with a 413."""
+    limit = getattr(request.app.state, "max_body_bytes", MAX_BODY_BYTES)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.RequestTooLarge(
@@ -192,7 +228,7 @@ async def _stream(
 async def chat_completions(request: Request) -> Response:
     broker = broker_of(request)
     body = parse_body(await read_body(request), ChatCompletionRequest)
-    spec = broker.check_model(body.model)
+    spec = _checked_model(request, body.model)
     messages = message_dicts(body.messages, images=spec.config.mmproj_path is not None)
     max_tokens = body.max_completion_tokens or body.max_tokens
     job = broker.submit(
@@ -206,7 +242,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     broker = broker_of(request)
     body = parse_body(await read_body(request), CompletionRequest)
-    broker.check_model(body.model)
+    _checked_model(request, body.model)
     job = broker.submit(
         body.model,
         P.Request(
@@ -226,7 +262,7 @@ def _encode_vector(vector: list[float], fmt: str) -> Any:
 async def embeddings(request: Request) -> Response:
     broker = broker_of(request)
     body = parse_body(await read_body(request), EmbeddingRequest)
-    spec = broker.check_model(body.model)
+    spec = _checked_model(request, body.model)
     if not spec.config.embedding:
         raise errors.InvalidRequest(
             f"model {body.model!r} does not serve embeddings (set `embedding: true` in its config)",
@@ -275,8 +311,8 @@ async def list_models(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/completions", completions, methods=["POST"]),
-    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/chat/completions", _counted(chat_completions), methods=["POST"]),
+    Route("/v1/completions", _counted(completions), methods=["POST"]),
+    Route("/v1/embeddings", _counted(embeddings), methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
 ]

@@ -1,0 +1,66 @@
+"""/admin: inspect the pool, scale models, load/unload, restart workers, reload the config.
+
+Bearer-token protected by `BearerAuth`; every route calls one broker operation, the
+same functions the CLI wrappers reach over HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from llamapool.pool.broker import Broker
+from llamapool.router.openai import read_body
+from llamapool.router.schemas import parse_body
+
+
+class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
+    instances: Annotated[int, msgspec.Meta(ge=0)]
+
+
+def _broker(request: Request) -> Broker:
+    return request.app.state.broker
+
+
+async def pool(request: Request) -> Response:
+    return JSONResponse(_broker(request).status())
+
+
+async def scale(request: Request) -> Response:
+    body = parse_body(await read_body(request), ScaleRequest)
+    return JSONResponse(_broker(request).scale(request.path_params["model"], body.instances))
+
+
+async def load(request: Request) -> Response:
+    return JSONResponse(_broker(request).load(request.path_params["model"]))
+
+
+async def unload(request: Request) -> Response:
+    force = request.query_params.get("force", "false").lower() in ("1", "true", "yes")
+    return JSONResponse(await _broker(request).unload(request.path_params["model"], force=force))
+
+
+async def restart_worker(request: Request) -> Response:
+    return JSONResponse(_broker(request).restart_worker(request.path_params["worker"]))
+
+
+async def reload(request: Request) -> Response:
+    result = _broker(request).reload()
+    auth = getattr(request.app.state, "auth", None)
+    if auth is not None:
+        auth.api_keys = tuple(k for k in _broker(request).config.api_keys or () if k)
+    return JSONResponse(result)
+
+
+routes = [
+    Route("/admin/pool", pool, methods=["GET"]),
+    Route("/admin/models/{model:path}/scale", scale, methods=["POST"]),
+    Route("/admin/models/{model:path}/load", load, methods=["POST"]),
+    Route("/admin/models/{model:path}/unload", unload, methods=["POST"]),
+    Route("/admin/workers/{worker:path}/restart", restart_worker, methods=["POST"]),
+    Route("/admin/reload", reload, methods=["POST"]),
+]
