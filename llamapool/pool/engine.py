@@ -9,6 +9,7 @@ state is reset, because a half-evaluated batch leaves the cache out of step with
 from __future__ import annotations
 
 import codecs
+import ctypes
 import logging
 import os
 import random
@@ -107,9 +108,28 @@ class Engine:
                 clip_model_path=cfg.mmproj_path, verbose=False
             )
         self.llama = llama_cpp.Llama(**kwargs)
+        self._install_abort(llama_cpp)
         self.n_ctx = self.llama.n_ctx()
         self._vocab = self.llama._model.vocab
         self._formatter = self._make_formatter(llama_chat_format)
+
+    def _install_abort(self, llama_cpp: Any) -> None:
+        # llama.cpp polls `bool cb(void *data)` between graph nodes and stops the decode
+        # when it returns true. libc's strlen over a one-byte flag string is exactly that,
+        # in C: no Python callback (and no GIL) on the hot path, so it can stay installed.
+        self._abort_flag = ctypes.create_string_buffer(2)
+        libc = ctypes.CDLL(None)
+        self._abort_cb = ctypes.cast(libc.strlen, llama_cpp.ggml_abort_callback)
+        llama_cpp.llama_set_abort_callback(
+            self.llama.ctx, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p)
+        )
+
+    def abort(self) -> None:
+        """Stop the running decode (prompt evaluation included) at the next graph node.
+
+        Called from the worker's I/O thread; `run` clears it when the next request starts.
+        """
+        self._abort_flag[0] = b"\x01"
 
     def _make_formatter(self, llama_chat_format: Any) -> Any | None:
         """The chat formatter for our own token loop; None → llama-cpp-python's handler."""
@@ -143,10 +163,17 @@ class Engine:
     def run(self, req: Request, emit: EmitFn, cancelled: threading.Event) -> Result:
         """Serve one request under the lock; reset the state after any error or cancel."""
         with self.lock:
+            # A CANCEL may have arrived while this request waited for the lock.
+            self._abort_flag[0] = b"\x01" if cancelled.is_set() else b"\x00"
             try:
                 if req.kind == "embedding":
                     return self._embed(req)
                 return self._generate(req, emit, cancelled)
+            except RuntimeError:
+                self.llama.reset()
+                if cancelled.is_set():  # llama_decode returned "aborted"
+                    raise Cancelled() from None
+                raise
             except BaseException:
                 self.llama.reset()
                 raise

@@ -273,6 +273,7 @@ class Worker:
             elif isinstance(msg, P.Cancel):
                 if msg.request_id == self.current:
                     self.cancel_flag.set()
+                    self.engine.abort()
             elif isinstance(msg, P.Shutdown):
                 if not msg.drain or self.current is None:
                     return EXIT_OK

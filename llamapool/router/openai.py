@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import struct
@@ -161,30 +162,50 @@ class _Shape:
         return env
 
 
-async def _next_event(job: Job) -> Any:
-    return await job.events.get()
+# Put in a job's event queue when the client hangs up before its answer is complete.
+CLIENT_GONE = object()
+# nginx's "client closed request": nobody reads it, but the request counter does.
+CLIENT_CLOSED = 499
+
+
+async def _release_on_disconnect(request: Request, broker: Broker, job: Job) -> None:
+    """Watch the connection; when the client leaves, drop or cancel its job at once."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            broker.release(job)
+            job.events.put_nowait(CLIENT_GONE)
+            return
 
 
 async def _respond(
-    broker: Broker, job: Job, shape: _Shape, *, stream: bool, include_usage: bool
+    request: Request, broker: Broker, job: Job, shape: _Shape, *, stream: bool, include_usage: bool
 ) -> Response:
+    watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
+    streaming = False
     try:
-        first = await _next_event(job)
-    except BaseException:
-        broker.release(job)
-        raise
-    if isinstance(first, errors.LlamapoolError):
-        return error_response(first)
-    headers = {WORKER_HEADER: job.served_by or ""}
-    if not stream:
-        try:
-            parts: list[str] = []
-            event = first
-            while isinstance(event, P.Chunk):
-                parts.append(event.text)
-                event = await _next_event(job)
-        finally:
-            broker.release(job)
+        first = await job.events.get()
+        if first is CLIENT_GONE:
+            return Response(status_code=CLIENT_CLOSED)
+        if isinstance(first, errors.LlamapoolError):
+            return error_response(first)
+        headers = {WORKER_HEADER: job.served_by or ""}
+        if stream:
+            # From here StreamingResponse watches for the disconnect itself.
+            watcher.cancel()
+            streaming = True
+            return StreamingResponse(
+                _stream(broker, job, shape, first, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+            )
+        parts: list[str] = []
+        event = first
+        while isinstance(event, P.Chunk):
+            parts.append(event.text)
+            event = await job.events.get()
+        if event is CLIENT_GONE:
+            return Response(status_code=CLIENT_CLOSED)
         if isinstance(event, errors.LlamapoolError):
             return error_response(event)
         return Response(
@@ -192,11 +213,10 @@ async def _respond(
             media_type="application/json",
             headers=headers,
         )
-    return StreamingResponse(
-        _stream(broker, job, shape, first, include_usage),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
-    )
+    finally:
+        watcher.cancel()
+        if not streaming:
+            broker.release(job)
 
 
 async def _stream(
@@ -219,7 +239,7 @@ async def _stream(
                 # Output already went out, so the status is 200: the error travels in-band.
                 yield _sse(event.body())
                 break
-            event = await _next_event(job)
+            event = await job.events.get()
         yield b"data: [DONE]\n\n"
     finally:
         broker.release(job)
@@ -236,7 +256,9 @@ async def chat_completions(request: Request) -> Response:
         P.Request(request_id="", kind="chat", messages=messages, params=body.sampling(max_tokens)),
     )
     shape = _Shape("chat", body.model)
-    return await _respond(broker, job, shape, stream=body.stream, include_usage=body.include_usage)
+    return await _respond(
+        request, broker, job, shape, stream=body.stream, include_usage=body.include_usage
+    )
 
 
 async def completions(request: Request) -> Response:
@@ -250,7 +272,9 @@ async def completions(request: Request) -> Response:
         ),
     )
     shape = _Shape("completion", body.model)
-    return await _respond(broker, job, shape, stream=body.stream, include_usage=body.include_usage)
+    return await _respond(
+        request, broker, job, shape, stream=body.stream, include_usage=body.include_usage
+    )
 
 
 def _encode_vector(vector: list[float], fmt: str) -> Any:
@@ -269,12 +293,16 @@ async def embeddings(request: Request) -> Response:
             param="model",
         )
     job = broker.submit(body.model, P.Request(request_id="", kind="embedding", inputs=body.inputs))
+    watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
     try:
-        event = await _next_event(job)
+        event = await job.events.get()
         while isinstance(event, P.Chunk):
-            event = await _next_event(job)
+            event = await job.events.get()
     finally:
+        watcher.cancel()
         broker.release(job)
+    if event is CLIENT_GONE:
+        return Response(status_code=CLIENT_CLOSED)
     if isinstance(event, errors.LlamapoolError):
         return error_response(event)
     vectors = event.embeddings or []
