@@ -115,7 +115,7 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
         "TTFT and end-to-end latency as p50 / p95 / p99",
     )
     for column in ("target", "conc", "ok/n", "tok/s", "tok/s/stream", "TTFT ms", "E2E s",
-                   "queue ms p50", "errors"):  # fmt: skip
+                   "queue ms mean", "errors"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("target", "errors") else "right")
     for name, entry in report["targets"].items():
         if entry.get("error"):
@@ -132,7 +132,7 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
                 _num(level["stream_tok_s"]["p50"]),
                 " / ".join(_ms(ttft[q]) for q in ("p50", "p95", "p99")),
                 " / ".join(_s(e2e[q]) for q in ("p50", "p95", "p99")),
-                _ms(queue.get("p50")),
+                _ms(queue.get("mean")),
                 _errors(level["errors_by_type"]),
             )
         table.add_section()

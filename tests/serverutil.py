@@ -23,6 +23,44 @@ ADMIN_TOKEN = "test-admin-token"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
+# SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>, <reponame>): with these
+# biased away, a request generates exactly max_tokens.
+SMOLLM2_EOG = {"0": -100, "2": -100, "4": -100}
+
+
+def chat_body(model: str = "m", content: str = "hi", max_tokens: int = 4, **extra: Any) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
+
+
+def chat(url: str, model: str = "m", max_tokens: int = 4, content: str = "hi", **extra: Any):
+    """POST a non-streamed chat completion; `headers=` goes to httpx, the rest to the body."""
+    headers = extra.pop("headers", None)
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json=chat_body(model, content, max_tokens, **extra),
+        headers=headers,
+        timeout=120,
+    )
+
+
+def is_content_line(line: str) -> bool:
+    """An SSE line carrying generated text (not the role chunk's empty content)."""
+    return '"content":"' in line and '"content":""' not in line
+
+
+def skip_to_first_token(lines) -> None:
+    """Consume SSE lines up to and including the first one with generated text."""
+    for line in lines:
+        if is_content_line(line):
+            return
+    raise AssertionError("the stream ended before any token")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,6 +135,19 @@ class Server:
                 last = exc
             time.sleep(0.05)
         raise AssertionError(f"server not ready after {timeout} s ({last}):\n{self.log_text()}")
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(
+            method, f"{self.url}{path}", headers=ADMIN_HEADERS, timeout=60, **kwargs
+        )
+
+    def pool(self) -> dict[str, Any]:
+        """GET /admin/pool."""
+        return self.admin("GET", "/admin/pool").json()
+
+    def model_ready(self, model: str) -> dict[str, Any]:
+        """This model's entry in GET /ready (state, instances, queue depth...)."""
+        return httpx.get(f"{self.url}/ready", timeout=10).json()["models"][model]
 
     def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout

@@ -9,26 +9,7 @@ import sys
 import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from serverutil import ADMIN_HEADERS, ADMIN_TOKEN, model_entry
-
-EOG = {"0": -100, "2": -100, "4": -100}
-
-
-def _admin(server, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{server.url}{path}", headers=ADMIN_HEADERS, timeout=60, **kw)
-
-
-def _chat(url: str, model: str = "m", max_tokens: int = 4, **kw) -> httpx.Response:
-    return httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": max_tokens,
-        },
-        timeout=60,
-        **kw,
-    )
+from serverutil import ADMIN_TOKEN, SMOLLM2_EOG, chat, model_entry
 
 
 def _metric(server, name: str, **labels) -> float:
@@ -49,13 +30,13 @@ def test_admin_needs_the_token(serve, tiny_gguf):
     assert "missing Authorization" in r.json()["error"]["message"]
     r = httpx.get(f"{server.url}/admin/pool", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and ADMIN_TOKEN not in r.text
-    assert _admin(server, "GET", "/admin/pool").status_code == 200
+    assert server.admin("GET", "/admin/pool").status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200  # open
 
 
 def test_pool_view_scale_and_restart(serve, tiny_gguf):
     server = serve([model_entry("m", tiny_gguf, min_instances=1, max_instances=3)])
-    pool = _admin(server, "GET", "/admin/pool").json()
+    pool = server.pool()
     (model,) = pool["models"]
     assert model["id"] == "m" and model["state"] == "READY"
     assert model["instances"] == {"wanted": 1, "live": 1, "ready": 1, "min": 1, "max": 3}
@@ -64,42 +45,41 @@ def test_pool_view_scale_and_restart(serve, tiny_gguf):
     assert worker["cores"] and worker["rss"] > 0 and worker["last_transition"]["reason"]
     assert pool["memory"]["budget"] > pool["memory"]["used"] > 0
 
-    r = _admin(server, "POST", "/admin/models/m/scale", json={"instances": 3})
+    r = server.admin("POST", "/admin/models/m/scale", json={"instances": 3})
     assert r.status_code == 200, r.text
     server.wait_for(lambda: len(server.workers()) == 3, what="3 workers")
     server.wait_for(
-        lambda: _admin(server, "GET", "/admin/pool").json()["models"][0]["instances"]["ready"] == 3,
+        lambda: server.pool()["models"][0]["instances"]["ready"] == 3,
         what="3 ready",
     )
     for bad in (0, 4):
-        r = _admin(server, "POST", "/admin/models/m/scale", json={"instances": bad})
+        r = server.admin("POST", "/admin/models/m/scale", json={"instances": bad})
         assert r.status_code == 400 and "1..3" in r.json()["error"]["message"]
-    r = _admin(server, "POST", "/admin/models/m/scale", json={"instances": "two"})
+    r = server.admin("POST", "/admin/models/m/scale", json={"instances": "two"})
     assert r.status_code == 400
-    assert (
-        _admin(server, "POST", "/admin/models/zz/scale", json={"instances": 1}).status_code == 404
-    )
+    assert server.admin("POST", "/admin/models/zz/scale", json={"instances": 1}).status_code == 404
 
-    r = _admin(server, "POST", "/admin/models/m/scale", json={"instances": 1})
+    r = server.admin("POST", "/admin/models/m/scale", json={"instances": 1})
     assert r.status_code == 200
-    server.wait_for(lambda: len(server.workers()) == 1, what="scale down to 1")
+    server.wait_for(lambda: len(server.pool()["workers"]) == 1, what="scale down to 1")
+    assert len(server.workers()) == 1
 
-    (w,) = _admin(server, "GET", "/admin/pool").json()["workers"]
-    r = _admin(server, "POST", f"/admin/workers/{w['id']}/restart")
+    (w,) = server.pool()["workers"]
+    r = server.admin("POST", f"/admin/workers/{w['id']}/restart")
     assert r.status_code == 200
     server.wait_for(
         lambda: [x for x in server.workers() if x.pid != w["pid"]], what="restarted worker"
     )
     server.ready()
-    assert _chat(server.url).status_code == 200
-    assert _admin(server, "POST", "/admin/workers/nope/restart").status_code == 404
+    assert chat(server.url).status_code == 200
+    assert server.admin("POST", "/admin/workers/nope/restart").status_code == 404
 
 
 def test_scale_down_never_cuts_a_running_request(serve, smollm2_gguf):
     server = serve([model_entry("m", smollm2_gguf, min_instances=1, max_instances=2)])
-    assert _admin(server, "POST", "/admin/models/m/scale", json={"instances": 2}).status_code == 200
+    assert server.admin("POST", "/admin/models/m/scale", json={"instances": 2}).status_code == 200
     server.wait_for(
-        lambda: _admin(server, "GET", "/admin/pool").json()["models"][0]["instances"]["ready"] == 2,
+        lambda: server.pool()["models"][0]["instances"]["ready"] == 2,
         what="2 ready",
     )
     with cf.ThreadPoolExecutor(2) as pool:
@@ -111,21 +91,18 @@ def test_scale_down_never_cuts_a_running_request(serve, smollm2_gguf):
                     "model": "m",
                     "messages": [{"role": "user", "content": "story"}],
                     "max_tokens": 120,
-                    "logit_bias": EOG,
+                    "logit_bias": SMOLLM2_EOG,
                 },
                 timeout=60,
             )
             for _ in range(2)
         ]
         server.wait_for(
-            lambda: all(
-                w["state"] == "BUSY" for w in _admin(server, "GET", "/admin/pool").json()["workers"]
-            ),
+            lambda: all(w["state"] == "BUSY" for w in server.pool()["workers"]),
             what="both busy",
         )
         assert (
-            _admin(server, "POST", "/admin/models/m/scale", json={"instances": 1}).status_code
-            == 200
+            server.admin("POST", "/admin/models/m/scale", json={"instances": 1}).status_code == 200
         )
         results = [f.result() for f in futs]
     assert [r.status_code for r in results] == [200, 200]
@@ -135,17 +112,17 @@ def test_scale_down_never_cuts_a_running_request(serve, smollm2_gguf):
 
 def test_unload_and_load(serve, tiny_gguf):
     server = serve([model_entry("m", tiny_gguf), model_entry("other", tiny_gguf)])
-    r = _admin(server, "POST", "/admin/models/m/unload")
+    r = server.admin("POST", "/admin/models/m/unload")
     assert r.status_code == 200 and r.json()["state"] == "UNLOADED"
     assert r.json()["instances"]["live"] == 0
-    r = _chat(server.url)
+    r = chat(server.url)
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_unloaded"
-    assert _chat(server.url, "other").status_code == 200
-    r = _admin(server, "POST", "/admin/models/m/load")
+    assert chat(server.url, "other").status_code == 200
+    r = server.admin("POST", "/admin/models/m/load")
     assert r.status_code == 200
     server.ready()
-    assert _chat(server.url).status_code == 200
-    r = _admin(server, "POST", "/admin/models/m/unload?force=true")
+    assert chat(server.url).status_code == 200
+    r = server.admin("POST", "/admin/models/m/unload?force=true")
     assert r.status_code == 200 and r.json()["instances"]["live"] == 0
 
 
@@ -157,12 +134,12 @@ def test_reload_keeps_unchanged_replaces_changed_drains_removed(serve, tiny_gguf
             model_entry("drop", tiny_gguf),
         ]
     )
-    before = {w["model"]: w["pid"] for w in _admin(server, "GET", "/admin/pool").json()["workers"]}
+    before = {w["model"]: w["pid"] for w in server.pool()["workers"]}
     config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
     data = yaml.safe_load(config_path.read_text())
 
     config_path.write_text("models: [")  # broken: rejected, nothing changes
-    r = _admin(server, "POST", "/admin/reload")
+    r = server.admin("POST", "/admin/reload")
     assert r.status_code == 400 and "nothing changed" in r.json()["error"]["message"]
 
     models = {m["id"]: m for m in data["models"]}
@@ -171,7 +148,7 @@ def test_reload_keeps_unchanged_replaces_changed_drains_removed(serve, tiny_gguf
     models["new"] = model_entry("new", tiny_gguf)
     data["models"] = list(models.values())
     config_path.write_text(yaml.safe_dump(data))
-    r = _admin(server, "POST", "/admin/reload")
+    r = server.admin("POST", "/admin/reload")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["unchanged"] == ["keep"] and body["changed"] == ["change"]
@@ -179,25 +156,22 @@ def test_reload_keeps_unchanged_replaces_changed_drains_removed(serve, tiny_gguf
 
     server.ready()
     server.wait_for(
-        lambda: (
-            {w["model"] for w in _admin(server, "GET", "/admin/pool").json()["workers"]}
-            == {"keep", "change", "new"}
-        ),
+        lambda: {w["model"] for w in server.pool()["workers"]} == {"keep", "change", "new"},
         what="the reloaded pool",
     )
-    after = {w["model"]: w["pid"] for w in _admin(server, "GET", "/admin/pool").json()["workers"]}
+    after = {w["model"]: w["pid"] for w in server.pool()["workers"]}
     assert after["keep"] == before["keep"]
     assert after["change"] != before["change"]
-    assert _chat(server.url, "drop").status_code == 404
+    assert chat(server.url, "drop").status_code == 404
     for m in ("keep", "change", "new"):
-        assert _chat(server.url, m).status_code == 200
+        assert chat(server.url, m).status_code == 200
 
 
 def test_metrics_move_as_requests_are_served(serve, tiny_gguf):
     server = serve([model_entry("m", tiny_gguf, max_queue=1)])
     assert _metric(server, "llamapool_requests_total", model="m") == 0
     for _ in range(3):
-        assert _chat(server.url, max_tokens=5).status_code == 200
+        assert chat(server.url, max_tokens=5).status_code == 200
     assert _metric(server, "llamapool_requests_total", model="m", status="200") == 3
     assert _metric(server, "llamapool_generated_tokens_total", model="m") == 15
     assert _metric(server, "llamapool_time_to_first_token_seconds_count", model="m") == 3
@@ -205,14 +179,14 @@ def test_metrics_move_as_requests_are_served(serve, tiny_gguf):
     assert _metric(server, "llamapool_worker_state", model="m", state="IDLE") == 1
     assert _metric(server, "llamapool_worker_memory_bytes", model="m", kind="rss") > 0
     assert _metric(server, "llamapool_queue_depth", model="m") == 0
-    assert _chat(server.url, "nope").status_code == 404
+    assert chat(server.url, "nope").status_code == 404
     assert _metric(server, "llamapool_requests_total", model="unknown", status="404") == 1
 
 
 def test_api_keys_protect_v1(serve, tiny_gguf):
     server = serve([model_entry("m", tiny_gguf)], extra={"api_keys": ["k-123"]})
-    assert _chat(server.url).status_code == 401
-    assert _chat(server.url, headers={"Authorization": "Bearer k-123"}).status_code == 200
+    assert chat(server.url).status_code == 401
+    assert chat(server.url, headers={"Authorization": "Bearer k-123"}).status_code == 200
     assert httpx.get(f"{server.url}/ready").status_code == 200
 
 

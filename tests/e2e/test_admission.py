@@ -7,9 +7,7 @@ import json
 import time
 
 import httpx
-from serverutil import model_entry
-
-EOG = {"0": -100, "2": -100, "4": -100}
+from serverutil import SMOLLM2_EOG, chat, chat_body, model_entry, skip_to_first_token
 
 
 def _long_stream(url: str, model: str, client: httpx.Client):
@@ -18,33 +16,13 @@ def _long_stream(url: str, model: str, client: httpx.Client):
     The caller keeps the returned objects alive: dropping the line iterator closes
     the connection, which the server (rightly) treats as a client disconnect.
     """
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 1500,
-        "logit_bias": EOG,
-        "stream": True,
-    }
+    body = chat_body(model, "Write a very long story.", 1500, logit_bias=SMOLLM2_EOG, stream=True)
     cm = client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120)
     response = cm.__enter__()
     assert response.status_code == 200
     lines = response.iter_lines()
-    for line in lines:
-        if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
-            break
+    skip_to_first_token(lines)
     return cm, lines
-
-
-def _post(url: str, model: str, max_tokens: int = 4) -> httpx.Response:
-    return httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": max_tokens,
-        },
-        timeout=120,
-    )
 
 
 def test_full_queue_is_503_with_retry_after_and_queue_timeout(serve, smollm2_gguf):
@@ -57,7 +35,7 @@ def test_full_queue_is_503_with_retry_after_and_queue_timeout(serve, smollm2_ggu
     with httpx.Client() as client, cf.ThreadPoolExecutor(4) as pool:
         # bounded: one running, two queued, the fourth is refused at once.
         long_a = _long_stream(server.url, "bounded", client)
-        queued = [pool.submit(_post, server.url, "bounded") for _ in range(2)]
+        queued = [pool.submit(chat, server.url, "bounded") for _ in range(2)]
         server.wait_for(
             lambda: (
                 httpx.get(f"{server.url}/ready").json()["models"]["bounded"]["queue_depth"] == 2
@@ -65,7 +43,7 @@ def test_full_queue_is_503_with_retry_after_and_queue_timeout(serve, smollm2_ggu
             what="two queued requests",
         )
         t0 = time.monotonic()
-        refused = _post(server.url, "bounded")
+        refused = chat(server.url, "bounded")
         assert time.monotonic() - t0 < 1.0
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "queue_full"
@@ -75,7 +53,7 @@ def test_full_queue_is_503_with_retry_after_and_queue_timeout(serve, smollm2_ggu
         # deadline: one running, the next waits 0.5 s and gets queue_timeout.
         long_b = _long_stream(server.url, "deadline", client)
         t0 = time.monotonic()
-        timed_out = _post(server.url, "deadline")
+        timed_out = chat(server.url, "deadline")
         waited = time.monotonic() - t0
         assert timed_out.status_code == 503
         assert timed_out.json()["error"]["code"] == "queue_timeout"
@@ -89,7 +67,7 @@ def test_full_queue_is_503_with_retry_after_and_queue_timeout(serve, smollm2_ggu
             r = fut.result(timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] <= 4
-        after = _post(server.url, "deadline")
+        after = chat(server.url, "deadline")
         assert after.status_code == 200
     assert "inconsistent sequence positions" not in server.log_text()
 

@@ -7,13 +7,11 @@ import socket
 import time
 
 import httpx
-from serverutil import ADMIN_HEADERS, model_entry
-
-EOG = {"0": -100, "2": -100, "4": -100}
+from serverutil import SMOLLM2_EOG, chat, chat_body, model_entry, skip_to_first_token
 
 
 def _workers(server) -> list[dict]:
-    return httpx.get(f"{server.url}/admin/pool", headers=ADMIN_HEADERS).json()["workers"]
+    return server.pool()["workers"]
 
 
 def _idle_within(server, seconds: float) -> float:
@@ -50,25 +48,13 @@ def _busy_cpu(server, worker_pid: int, seconds: float) -> None:
 
 def test_stream_disconnect_frees_the_worker_at_once(serve, smollm2_gguf):
     server = serve([model_entry("m", smollm2_gguf, config={"n_ctx": 4096})])
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Write a long story."}],
-        "max_tokens": 2000,
-        "logit_bias": EOG,
-        "stream": True,
-    }
+    body = chat_body("m", "Write a long story.", 2000, logit_bias=SMOLLM2_EOG, stream=True)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if '"content":"' in line and '"content":""' not in line:
-                break
+        skip_to_first_token(r.iter_lines())
     # The connection is closed: the router sends CANCEL, the worker stops at the next token.
     assert _idle_within(server, 0.5) < 0.5
     t0 = time.monotonic()
-    r = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-        timeout=60,
-    )
+    r = chat(server.url)
     assert r.status_code == 200 and time.monotonic() - t0 < 2.0
     assert "inconsistent sequence positions" not in server.log_text()
 
@@ -76,15 +62,7 @@ def test_stream_disconnect_frees_the_worker_at_once(serve, smollm2_gguf):
 def test_non_streamed_disconnect_cancels_generation(serve, smollm2_gguf):
     server = serve([model_entry("m", smollm2_gguf)])
     (worker,) = server.workers()
-    sock = _raw_post(
-        server,
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": "story"}],
-            "max_tokens": 1500,
-            "logit_bias": EOG,
-        },
-    )
+    sock = _raw_post(server, chat_body("m", "story", 1500, logit_bias=SMOLLM2_EOG))
     _busy_cpu(server, worker.pid, 0.3)
     sock.close()
     assert _idle_within(server, 0.5) < 0.5
@@ -94,39 +72,24 @@ def test_disconnect_during_a_long_prompt_aborts_the_evaluation(serve, smollm2_gg
     server = serve([model_entry("m", smollm2_gguf, config={"n_ctx": 8192, "n_batch": 512})])
     (worker,) = server.workers()
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 700  # ~7000 tokens
-    sock = _raw_post(
-        server,
-        {"model": "m", "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 1},
-    )
+    sock = _raw_post(server, chat_body("m", long_prompt, 1))
     _busy_cpu(server, worker.pid, 0.3)  # well inside the prompt evaluation
     sock.close()
     assert _idle_within(server, 0.5) < 0.5
-    r = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-        timeout=60,
-    )
+    r = chat(server.url)
     assert r.status_code == 200
     assert "inconsistent sequence positions" not in server.log_text()
 
 
 def test_disconnect_while_queued_never_reaches_a_worker(serve, smollm2_gguf):
     server = serve([model_entry("m", smollm2_gguf)])
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "story"}],
-        "max_tokens": 1500,
-        "logit_bias": EOG,
-        "stream": True,
-    }
+    body = chat_body("m", "story", 1500, logit_bias=SMOLLM2_EOG, stream=True)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         next(lines)
         served_before = _workers(server)[0]["served"]
-        queued = _raw_post(
-            server, {"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 4}
-        )
-        depth = lambda: httpx.get(f"{server.url}/ready").json()["models"]["m"]["queue_depth"]  # noqa: E731
+        queued = _raw_post(server, chat_body("m", "q", 4))
+        depth = lambda: server.model_ready("m")["queue_depth"]  # noqa: E731
         server.wait_for(lambda: depth() == 1, what="one queued")
         queued.close()
         server.wait_for(lambda: depth() == 0, what="the queue to empty")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import openai
-from serverutil import model_entry
-
-SMOLLM2_EOG = {"0": -100, "2": -100, "4": -100}  # <|endoftext|>, <|im_end|>, <reponame>
+from serverutil import SMOLLM2_EOG, model_entry
 
 
 async def _stream_chat(client: openai.AsyncOpenAI, i: int, max_tokens: int) -> tuple[str, int, str]:

@@ -9,38 +9,13 @@ import signal
 
 import httpx
 import psutil
-from serverutil import model_entry
-
-EOG = {"0": -100, "2": -100, "4": -100}
-
-
-def _short(url: str, i: int) -> httpx.Response:
-    return httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": "m",
-            "messages": [{"role": "user", "content": f"question {i}"}],
-            "max_tokens": 8,
-            "logit_bias": EOG,
-        },
-        timeout=120,
-    )
-
-
-def _queue_depth(url: str) -> int:
-    return httpx.get(f"{url}/ready").json()["models"]["m"]["queue_depth"]
+from serverutil import SMOLLM2_EOG, chat, chat_body, model_entry, skip_to_first_token
 
 
 def test_sigkill_mid_stream_with_queued_requests(serve, smollm2_gguf):
     server = serve([model_entry("m", smollm2_gguf)])
     (victim,) = server.workers()
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 1500,
-        "logit_bias": EOG,
-        "stream": True,
-    }
+    body = chat_body("m", "Write a very long story.", 1500, logit_bias=SMOLLM2_EOG, stream=True)
     with (
         httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r,
         cf.ThreadPoolExecutor(10) as pool,
@@ -48,11 +23,14 @@ def test_sigkill_mid_stream_with_queued_requests(serve, smollm2_gguf):
         assert r.status_code == 200
         assert r.headers["x-llamapool-worker"].endswith(f"pid={victim.pid}")
         lines = r.iter_lines()
-        for line in lines:
-            if '"content":"' in line and '"content":""' not in line:
-                break
-        queued = [pool.submit(_short, server.url, i) for i in range(10)]
-        server.wait_for(lambda: _queue_depth(server.url) == 10, what="10 queued requests")
+        skip_to_first_token(lines)
+        queued = [
+            pool.submit(chat, server.url, "m", 8, f"question {i}", logit_bias=SMOLLM2_EOG)
+            for i in range(10)
+        ]
+        server.wait_for(
+            lambda: server.model_ready("m")["queue_depth"] == 10, what="10 queued requests"
+        )
 
         os.kill(victim.pid, signal.SIGKILL)
 
@@ -81,17 +59,7 @@ def test_sigkill_during_non_streamed_request_is_502(serve, smollm2_gguf):
     (victim,) = server.workers()
     start_cpu = sum(victim.cpu_times()[:2])
     with cf.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(
-            httpx.post,
-            f"{server.url}/v1/chat/completions",
-            json={
-                "model": "m",
-                "messages": [{"role": "user", "content": "Write a very long story."}],
-                "max_tokens": 1500,
-                "logit_bias": EOG,
-            },
-            timeout=120,
-        )
+        fut = pool.submit(chat, server.url, "m", 1500, "Write a story.", logit_bias=SMOLLM2_EOG)
         # Generating burns CPU: a second of it means tokens have already gone out.
         server.wait_for(
             lambda: sum(victim.cpu_times()[:2]) - start_cpu > 1.0, what="the worker to generate"
@@ -102,4 +70,4 @@ def test_sigkill_during_non_streamed_request_is_502(serve, smollm2_gguf):
     assert r.json()["error"]["code"] == "worker_crashed"
     # The pool recovers: the next request is served by the replacement.
     server.ready()
-    assert _short(server.url, 0).status_code == 200
+    assert chat(server.url).status_code == 200

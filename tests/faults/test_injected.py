@@ -8,7 +8,7 @@ import signal
 
 import httpx
 import pytest
-from serverutil import model_entry
+from serverutil import chat, model_entry
 
 FAST = {"backoff_initial": 0.05, "heartbeat_interval": 0.5}
 
@@ -18,19 +18,6 @@ def _faulty(serve, tiny_gguf, tmp_path, fault: str, **pool):
         [model_entry("m", tiny_gguf)],
         pool={**FAST, **pool},
         env={"LLAMAPOOL_TEST_FAULT": fault, "LLAMAPOOL_TEST_FAULT_FILE": str(tmp_path / "fault")},
-    )
-
-
-def _chat(url: str, **extra) -> httpx.Response:
-    return httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": "m",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 8,
-            **extra,
-        },
-        timeout=60,
     )
 
 
@@ -52,7 +39,7 @@ def _stream_events(url: str) -> list[str]:
 
 def test_death_before_output_is_retried_transparently(serve, tiny_gguf, tmp_path):
     server = _faulty(serve, tiny_gguf, tmp_path, "crash_before_output:2")
-    r = _chat(server.url)
+    r = chat(server.url, max_tokens=8)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 8
     log = server.log_text()
@@ -61,11 +48,13 @@ def test_death_before_output_is_retried_transparently(serve, tiny_gguf, tmp_path
 
 def test_death_before_output_gives_up_after_two_requeues(serve, tiny_gguf, tmp_path):
     server = _faulty(serve, tiny_gguf, tmp_path, "crash_before_output:3")
-    r = _chat(server.url)
+    r = chat(server.url, max_tokens=8)
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "worker_crashed"
     server.ready()
-    assert _chat(server.url).status_code == 200  # the fault is spent; the pool is healthy
+    assert (
+        chat(server.url, max_tokens=8).status_code == 200
+    )  # the fault is spent; the pool is healthy
 
 
 @pytest.mark.parametrize(
@@ -81,7 +70,7 @@ def test_mid_stream_fault_ends_the_stream_cleanly(serve, tiny_gguf, tmp_path, fa
     assert needle in error["message"]
     server.wait_for(lambda: [w for w in server.workers() if w.pid != first.pid], what="respawn")
     server.ready()
-    assert _chat(server.url).status_code == 200
+    assert chat(server.url, max_tokens=8).status_code == 200
 
 
 def test_sigabrt_is_a_crash_like_any_other(serve, tiny_gguf):
@@ -90,5 +79,5 @@ def test_sigabrt_is_a_crash_like_any_other(serve, tiny_gguf):
     os.kill(first.pid, signal.SIGABRT)
     server.wait_for(lambda: [w for w in server.workers() if w.pid != first.pid], what="respawn")
     server.ready()
-    assert _chat(server.url).status_code == 200
+    assert chat(server.url, max_tokens=8).status_code == 200
     assert "DEAD: killed by SIGABRT while IDLE" in server.log_text()

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import httpx
-from serverutil import model_entry
+from serverutil import chat, model_entry
 
 from llamapool.config import parse_config
 from llamapool.pool.memory import MiB, estimate
-
-
-def _chat(url: str, model: str) -> httpx.Response:
-    return httpx.post(
-        f"{url}/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-        timeout=60,
-    )
 
 
 def _entry(model_id, path, **kw):
@@ -29,23 +20,23 @@ def test_second_model_evicts_the_idle_first(serve, smollm2_gguf):
     server = serve(models, pool={"memory_budget": budget})
     assert server.workers() == []  # min_instances 0: nothing runs until asked
 
-    r = _chat(server.url, "a")
+    r = chat(server.url, "a")
     assert r.status_code == 200
     (worker_a,) = server.workers()
-    r = _chat(server.url, "b")
+    r = chat(server.url, "b")
     assert r.status_code == 200, r.text
     assert "b-" in r.headers["x-llamapool-worker"]
     workers = server.workers()
     assert [w.pid for w in workers] != [worker_a.pid] and len(workers) == 1
     log = server.log_text()
     assert "evicted (idle, least recently used) to make room for b" in log
-    ready = httpx.get(f"{server.url}/ready").json()["models"]
-    assert ready["a"]["instances_ready"] == 0 and ready["b"]["instances_ready"] == 1
+    assert server.model_ready("a")["instances_ready"] == 0
+    assert server.model_ready("b")["instances_ready"] == 1
 
 
 def test_budget_too_small_for_any_model_is_503(serve, smollm2_gguf):
     server = serve([_entry("a", smollm2_gguf)], pool={"memory_budget": "64MiB"})
-    r = _chat(server.url, "a")
+    r = chat(server.url, "a")
     assert r.status_code == 503
     err = r.json()["error"]
     assert err["code"] == "insufficient_memory"
@@ -65,4 +56,4 @@ def test_worker_over_its_limit_is_restarted(serve, tiny_gguf):
     )
     assert "above max_worker_memory 8 MiB for 3 readings in a row" in server.log_text()
     server.ready()
-    assert _chat(server.url, "m").status_code == 200
+    assert chat(server.url, "m").status_code == 200

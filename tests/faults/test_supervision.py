@@ -9,26 +9,9 @@ import time
 
 import httpx
 import psutil
-from serverutil import model_entry
+from serverutil import SMOLLM2_EOG, chat, model_entry
 
 FAST_HEARTBEAT = {"heartbeat_interval": 0.2, "heartbeat_liveness": 5}
-
-
-def _chat(url: str, model: str, max_tokens: int = 4, **extra) -> httpx.Response:
-    return httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": max_tokens,
-            **extra,
-        },
-        timeout=60,
-    )
-
-
-def _model_state(url: str, model: str) -> dict:
-    return httpx.get(f"{url}/ready").json()["models"][model]
 
 
 def test_missing_and_corrupt_models_fail_alone(serve, tiny_gguf, tmp_path):
@@ -43,12 +26,12 @@ def test_missing_and_corrupt_models_fail_alone(serve, tiny_gguf, tmp_path):
         wait_ready=False,
     )
     server.wait_for(
-        lambda: _model_state(server.url, "corrupt")["state"] == "FAILED",
+        lambda: server.model_ready("corrupt")["state"] == "FAILED",
         what="corrupt model FAILED",
     )
-    assert _chat(server.url, "good").status_code == 200
+    assert chat(server.url, "good").status_code == 200
     for model, needle in (("missing", "file not found"), ("corrupt", "cannot load")):
-        r = _chat(server.url, model)
+        r = chat(server.url, model)
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "model_failed"
         assert needle in r.json()["error"]["message"]
@@ -74,7 +57,7 @@ def test_sigstop_hang_is_detected_and_replaced(serve, tiny_gguf):
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
     assert replacement
     assert "missed heartbeats" in server.log_text()
-    assert _chat(server.url, "m").status_code == 200
+    assert chat(server.url, "m").status_code == 200
 
 
 def test_crash_loop_marks_the_model_failed(serve, tiny_gguf):
@@ -90,8 +73,8 @@ def test_crash_loop_marks_the_model_failed(serve, tiny_gguf):
         server.ready()
         killed.add(w.pid)
         os.kill(w.pid, signal.SIGKILL)
-    server.wait_for(lambda: _model_state(server.url, "m")["state"] == "FAILED", what="FAILED")
-    r = _chat(server.url, "m")
+    server.wait_for(lambda: server.model_ready("m")["state"] == "FAILED", what="FAILED")
+    r = chat(server.url, "m")
     assert r.status_code == 503
     err = r.json()["error"]
     assert err["code"] == "model_failed"
@@ -109,9 +92,9 @@ def test_failed_model_is_retried_after_the_configured_time(serve, tiny_gguf):
         server.ready()
         os.kill(w.pid, signal.SIGKILL)
         server.wait_for(lambda w=w: w.pid not in {x.pid for x in server.workers()}, what="reap")
-    server.wait_for(lambda: _model_state(server.url, "m")["state"] == "FAILED", what="FAILED")
+    server.wait_for(lambda: server.model_ready("m")["state"] == "FAILED", what="FAILED")
     server.ready(timeout=10)
-    assert _chat(server.url, "m").status_code == 200
+    assert chat(server.url, "m").status_code == 200
     assert "retrying after 1 s FAILED" in server.log_text()
 
 
@@ -130,7 +113,7 @@ def test_router_sigterm_lets_running_requests_finish(serve, smollm2_gguf):
     (worker,) = server.workers()
     start_cpu = sum(worker.cpu_times()[:2])
     with cf.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(_chat, server.url, "m", 200, logit_bias={"0": -100, "2": -100, "4": -100})
+        fut = pool.submit(chat, server.url, "m", 200, logit_bias=SMOLLM2_EOG)
         server.wait_for(lambda: sum(worker.cpu_times()[:2]) - start_cpu > 0.3, what="generation")
         server.proc.send_signal(signal.SIGTERM)
         r = fut.result(timeout=60)
