@@ -28,7 +28,7 @@ def test_backoff_doubles_and_caps():
     for t in range(6):
         flap.record(float(t))
         delays.append(flap.backoff())
-    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
 
 
 def _supervisor(tiny_gguf, *instances: int) -> Supervisor:

@@ -327,10 +327,15 @@ class Broker:
             "pss": w.memory.pss if w.memory else None,
             "uptime_s": round(time.monotonic() - w.started_at, 3),
             "served": w.served,
+            "restarts": self._restarts_of(w.model_id),
             "in_flight": list(w.in_flight),
             "last_transition": {"state": state, "reason": reason, "at": at},
             "history": [{"at": a, "state": st, "reason": r} for a, st, r in w.history],
         }
+
+    def _restarts_of(self, model_id: str) -> int:
+        runtime = self.supervisor.models.get(model_id) or self.supervisor.removed.get(model_id)
+        return runtime.restarts if runtime else 0
 
     def model_status(self, model_id: str) -> dict[str, Any]:
         runtime = self.supervisor.models[model_id]

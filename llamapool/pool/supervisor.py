@@ -116,10 +116,10 @@ class FlapPolicy:
         return len(self.deaths) > self.attempts
 
     def backoff(self) -> float:
-        """Exponential delay before the next spawn: initial, doubling per recent death."""
-        if not self.deaths:
-            return 0.0
-        return min(self.cap, self.initial * 2 ** (len(self.deaths) - 1))
+        """Delay before the next spawn: none after a lone death, then initial, doubling."""
+        if len(self.deaths) < 2:
+            return 0.0  # one crash is an accident; respawn at once, as gunicorn does
+        return min(self.cap, self.initial * 2 ** (len(self.deaths) - 2))
 
     def clear(self) -> None:
         self.deaths.clear()
