@@ -21,6 +21,7 @@ class ProtocolError(Exception):
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache
 
     @property
     def total_tokens(self) -> int:

@@ -284,7 +284,7 @@ class Engine:
         first = first_token_at or ended
         return Result(
             finish,
-            Usage(prompt_tokens=n_prompt, completion_tokens=produced),
+            Usage(prompt_tokens=n_prompt, completion_tokens=produced, cached_tokens=cached),
             Timings(
                 prompt_ms=(first - started) * 1000,
                 generate_ms=(ended - first) * 1000,

@@ -45,6 +45,7 @@ class Job:
     timer: asyncio.TimerHandle | None = None
     served_by: str | None = None  # "worker-id pid" of the last worker it was sent to
     first_output_at: float | None = None
+    prefix_key: str = ""  # the request's text in prompt order, for prompt-cache affinity
 
     @property
     def queued(self) -> bool:
@@ -121,6 +122,7 @@ class Scheduler:
             deadline=time.monotonic() + mq.queue_timeout,
         )
         request.request_id = job.id
+        job.prefix_key = prefix_key(request)
         mq.jobs.append(job)
         job.timer = loop.call_later(mq.queue_timeout, self._expire, job)
         self.dispatch(model_id)
@@ -157,7 +159,7 @@ class Scheduler:
         if mq is None:
             return
         while mq.jobs:
-            worker = self._pick_worker(model_id)
+            worker = self._pick_worker(model_id, mq.jobs[0].prefix_key)
             if worker is None:
                 return
             job = mq.jobs.popleft()
@@ -170,6 +172,7 @@ class Scheduler:
             job.request.deadline = time.time() + max(0.0, job.deadline - time.monotonic())
             worker.in_flight[job.id] = job
             worker.last_used = job.dispatched_at
+            worker.last_prefix = job.prefix_key
             self.running[job.id] = job
             self.supervisor.note_busy(worker)
             if not self.send(worker, job.request):
@@ -177,12 +180,14 @@ class Scheduler:
                 self.supervisor.kill(worker, "unreachable on its socket")
                 return
 
-    def _pick_worker(self, model_id: str) -> WorkerHandle | None:
+    def _pick_worker(self, model_id: str, key: str) -> WorkerHandle | None:
         candidates = [w for w in self.supervisor.workers_of(model_id) if w.free_slots > 0]
         if not candidates:
             return None
-        # Least recently used: spreads load and keeps every instance warm.
-        return min(candidates, key=lambda w: w.last_used)
+        # Prompt-cache affinity: the instance whose last prompt shares the longest prefix
+        # with this one keeps that prefix in its KV cache (a chat's next turn). Ties, and
+        # requests that share nothing, go to the least recently used instance.
+        return min(candidates, key=lambda w: (-common_prefix_len(w.last_prefix, key), w.last_used))
 
     # -- events from workers ----------------------------------------------------
 
@@ -314,3 +319,22 @@ class Scheduler:
 
     def queue_depth(self, model_id: str) -> int:
         return len(self.queues[model_id].jobs)
+
+
+def prefix_key(request: P.Request) -> str:
+    """The request's text in the order the model sees it (roles and contents, or the prompt)."""
+    if request.messages is not None:
+        return "".join(f"{m.get('role')}\x1f{m.get('content')}\x1e" for m in request.messages)
+    return request.prompt or ""
+
+
+def common_prefix_len(a: str, b: str) -> int:
+    """Length of the common prefix, by bisection over C-speed slice comparisons."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

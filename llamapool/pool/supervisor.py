@@ -77,6 +77,7 @@ class WorkerHandle:
     in_flight: dict = field(default_factory=dict)  # request id → Job
     served: int = 0
     last_used: float = 0.0
+    last_prefix: str = ""  # prefix key of the last request it served (its KV cache holds it)
     stop_requested: bool = False
     fatal_reason: str | None = None
     cannot_boot: bool = False

@@ -93,11 +93,12 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _usage(u: P.Usage) -> dict[str, int]:
+def _usage(u: P.Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     }
 
 
