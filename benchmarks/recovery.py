@@ -163,14 +163,14 @@ def measure(model: Path, rounds: int) -> dict[str, list[float]]:
                         if '"content":"' in line and '"content":""' not in line:
                             break
                 t0 = time.monotonic()
-                pool.wait(lambda: pool.pool()["workers"][0]["state"] == "IDLE", 30)
+                pool.wait(lambda p=pool: p.pool()["workers"][0]["state"] == "IDLE", 30)
                 out["cancel"].append(time.monotonic() - t0)
                 # Router SIGKILL: seconds until no worker process is left.
                 procs = [psutil.Process(p) for p in pool.pids()]
                 t0 = time.monotonic()
                 pool.proc.kill()
                 pool.proc.wait()
-                pool.wait(lambda: not any(_alive(p) for p in procs), 30)
+                pool.wait(lambda ps=procs: not any(_alive(p) for p in ps), 30)
                 out["router_kill"].append(time.monotonic() - t0)
             finally:
                 pool.close()

@@ -49,9 +49,7 @@ def summarize_level(
     tokens = sum(r.completion_tokens for r in ok)
     per_stream = [r.completion_tokens / r.e2e_s for r in ok if r.e2e_s]
     decode = [
-        (r.completion_tokens - 1) / r.decode_s
-        for r in ok
-        if r.decode_s and r.completion_tokens > 1
+        (r.completion_tokens - 1) / r.decode_s for r in ok if r.decode_s and r.completion_tokens > 1
     ]
     return {
         "concurrency": concurrency,

@@ -107,7 +107,7 @@ async def run_stress(
                     requests,
                     stress.requests,
                     stress.client_timeout,
-                    lambda result: progress.advance(task),
+                    lambda result, task=task: progress.advance(task),
                 )
                 post_ok = await _post_check(target, load)
             entry.update(_summarize(stress.requests, results, wall, post_ok))

@@ -99,9 +99,7 @@ async def _run_level(
     target: Any, name: str, concurrency: int, load: LoadSettings, progress: Progress
 ) -> dict[str, Any]:
     count = max(load.requests, concurrency)
-    requests = make_requests(
-        count, load.max_tokens, load.temperature, load.seed, load.logit_bias
-    )
+    requests = make_requests(count, load.max_tokens, load.temperature, load.seed, load.logit_bias)
     task = progress.add_task(f"{name}: concurrency {concurrency}", total=count)
     before = await target.queue_histogram()
     results, wall = await target.run_level(

@@ -217,7 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     llm = llama_cpp.Llama(
-        model_path=args.model, n_ctx=args.n_ctx, n_threads=args.n_threads, verbose=False
+        model_path=args.model,
+        n_ctx=args.n_ctx,
+        n_threads=args.n_threads,
+        n_threads_batch=args.n_threads,
+        verbose=False,
     )
     app = create_app(MutexModel(llm, args.model_name))
     _exit_with_parent()
