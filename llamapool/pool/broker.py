@@ -302,7 +302,6 @@ class Broker:
                 self.scheduler.fail_queued(
                     model_id, errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
                 )
-                del self.scheduler.queues[model_id]
                 result["removed"].append(model_id)
         warnings = []
         if new.pool != self.config.pool:

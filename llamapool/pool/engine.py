@@ -164,7 +164,9 @@ class Engine:
         """Serve one request under the lock; reset the state after any error or cancel."""
         with self.lock:
             # A CANCEL may have arrived while this request waited for the lock.
-            self._abort_flag[0] = b"\x01" if cancelled.is_set() else b"\x00"
+            self._abort_flag[0] = b"\x00"
+            if cancelled.is_set():
+                self._abort_flag[0] = b"\x01"
             try:
                 if req.kind == "embedding":
                     return self._embed(req)

@@ -214,8 +214,8 @@ class Scheduler:
             self.observer.generation_finished(
                 job.model_id, tokens, time.monotonic() - job.first_output_at
             )
-        if job.dispatched_at is not None:
-            mq = self.queues[job.model_id]
+        mq = self.queues.get(job.model_id)
+        if job.dispatched_at is not None and mq is not None:
             mq.service_time = 0.8 * mq.service_time + 0.2 * (time.monotonic() - job.dispatched_at)
         self._finish(job, msg)
         self.dispatch(worker.model_id)
@@ -225,7 +225,13 @@ class Scheduler:
         if job is None:
             return
         self._release_slot(worker, job)
-        if msg.retryable and not job.abandoned and not job.produced:
+        if (
+            msg.retryable
+            and not job.abandoned
+            and not job.produced
+            and job.attempts < self.max_requeues
+        ):
+            job.attempts += 1
             self._requeue(job)
         else:
             self._finish(job, errors.error_from_code(msg.code, msg.message, param=msg.param))
@@ -246,12 +252,31 @@ class Scheduler:
 
     def _requeue(self, job: Job) -> None:
         # At the head: it was admitted first. A fresh deadline, since the wait is ours.
-        mq = self.queues[job.model_id]
         job.worker = None
+        refusal = self._cannot_serve(job.model_id)
+        if refusal is not None:
+            self._finish(job, refusal)
+            return
+        mq = self.queues[job.model_id]
         job.dispatched_at = None
         job.deadline = time.monotonic() + mq.queue_timeout
         mq.jobs.appendleft(job)
         job.timer = asyncio.get_running_loop().call_later(mq.queue_timeout, self._expire, job)
+
+    def _cannot_serve(self, model_id: str) -> errors.LlamapoolError | None:
+        """Why a requeued job could never run now (model removed, unloaded, failed), if so."""
+        runtime = self.supervisor.models.get(model_id)
+        if runtime is None or model_id not in self.queues:
+            return errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
+        if runtime.unloaded:
+            return errors.ModelUnloaded(f"model {model_id!r} was unloaded by an operator")
+        if runtime.state is ModelState.FAILED:
+            return errors.ModelFailed(f"model {model_id!r} is failed: {runtime.reason}")
+        try:
+            self.supervisor.ensure_capacity(model_id)  # e.g. scaled to 0 meanwhile
+        except errors.LlamapoolError as exc:
+            return exc
+        return None
 
     def _finish(self, job: Job, event: Event) -> None:
         job.finished = True

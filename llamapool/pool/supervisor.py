@@ -79,6 +79,8 @@ class WorkerHandle:
     last_used: float = 0.0
     last_prefix: str = ""  # prefix key of the last request it served (its KV cache holds it)
     stop_requested: bool = False
+    killed: bool = False  # SIGKILL sent: takes no new work while it waits to be reaped
+    exit_seen_at: float | None = None
     fatal_reason: str | None = None
     cannot_boot: bool = False
     history: deque = field(default_factory=lambda: deque(maxlen=20))
@@ -98,7 +100,7 @@ class WorkerHandle:
 
     @property
     def free_slots(self) -> int:
-        return self.capacity - len(self.in_flight) if self.ready else 0
+        return self.capacity - len(self.in_flight) if self.ready and not self.killed else 0
 
 
 class FlapPolicy:
@@ -336,6 +338,7 @@ class Supervisor:
         """SIGKILL the worker's whole process group; the next reap records the death."""
         if w.fatal_reason is None:
             w.fatal_reason = reason
+        w.killed = True
         try:
             os.killpg(w.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -365,6 +368,13 @@ class Supervisor:
 
     def _on_exit(self, w: WorkerHandle, code: int, now: float) -> None:
         was = w.state
+        if w.stop_requested and code == 0 and w.in_flight:
+            # A drained worker sends its last DONE and exits; give the socket a moment to
+            # deliver it before treating what is still in flight as lost.
+            if w.exit_seen_at is None:
+                w.exit_seen_at = now
+            if now - w.exit_seen_at < 0.5:
+                return
         if w.stop_requested:
             self._transition(w, WorkerState.STOPPED, _describe_exit(code))
             self.workers.pop(w.id, None)

@@ -231,6 +231,8 @@ async def _stream(
             if isinstance(event, P.Chunk):
                 if event.text:
                     yield shape.delta(event.text)
+            elif event is CLIENT_GONE:
+                return
             elif isinstance(event, P.Done):
                 yield shape.delta(None if shape.kind == "chat" else "", finish=event.finish_reason)
                 if include_usage:

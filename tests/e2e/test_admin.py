@@ -210,3 +210,23 @@ def test_cli_wrappers_talk_to_a_running_server(serve, tiny_gguf, tmp_path):
     assert r.returncode == 1 and "1..2" in (r.stdout + r.stderr)
     r = subprocess.run([*base, "reload", *common], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_reload_removing_a_busy_model_lets_its_request_finish(serve, smollm2_gguf, tmp_path):
+    server = serve([model_entry("keep", smollm2_gguf), model_entry("drop", smollm2_gguf)])
+    config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
+    data = yaml.safe_load(config_path.read_text())
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(chat, server.url, "drop", 150, "story", logit_bias=SMOLLM2_EOG)
+        server.wait_for(
+            lambda: any(w["state"] == "BUSY" for w in server.pool()["workers"]), what="busy"
+        )
+        data["models"] = [m for m in data["models"] if m["id"] == "keep"]
+        config_path.write_text(yaml.safe_dump(data))
+        r = server.admin("POST", "/admin/reload")
+        assert r.status_code == 200 and r.json()["removed"] == ["drop"]
+        done = fut.result(timeout=60)
+    assert done.status_code == 200, done.text
+    assert done.json()["usage"]["completion_tokens"] == 150
+    server.wait_for(lambda: len(server.pool()["workers"]) == 1, what="drop's worker to stop")
+    assert chat(server.url, "drop").status_code == 404
