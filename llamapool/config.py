@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import yaml
@@ -23,6 +23,8 @@ NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
 PKG_SCHEME = "pkg://"
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -168,16 +170,21 @@ def _humanize(err: msgspec.ValidationError, prefix: str) -> str:
     return f"{prefix.rstrip('. ')}: {text}"
 
 
+def _convert(data: Any, schema: type[T], label: str) -> T:
+    """msgspec's strict conversion, its complaint turned into a ConfigError under `label`."""
+    try:
+        return msgspec.convert(data, schema, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_humanize(exc, f"{label}: ")) from None
+
+
 def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool = True) -> ModelSpec:
     """Validate one `models:` entry; raise ConfigError naming the model and the key."""
     name = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
     label = f"model {name!r}" if name else f"models[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a mapping, got {type(raw).__name__}")
-    try:
-        spec = msgspec.convert(raw, ModelSpec, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(_humanize(exc, f"{label}: ")) from None
+    spec = _convert(raw, ModelSpec, label)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", spec.id):
         raise ConfigError(f"{label}: id must be 1-128 letters, digits or ._:/- characters")
     if spec.max_instances is not None and spec.max_instances < spec.min_instances:
@@ -208,10 +215,7 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
     where = str(path) if path else "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping with a `models:` list")
-    try:
-        top = msgspec.convert(data, _TopLevel, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(_humanize(exc, f"{where}: ")) from None
+    top = _convert(data, _TopLevel, where)
     for key in ("memory_budget", "max_worker_memory"):
         value = getattr(top.pool, key)
         try:
