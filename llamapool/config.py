@@ -38,6 +38,8 @@ class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_ctx: PositiveInt = 4096
     n_gpu_layers: int = 0
     n_batch: PositiveInt = 512
+    # Requests one instance decodes together (continuous batching); each gets n_ctx.
+    n_parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
     n_threads: PositiveInt | None = None
     use_mmap: bool = True
     use_mlock: bool = False
@@ -195,6 +197,12 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
     cfg = spec.config
     if cfg.chat_format and cfg.chat_format_template:
         raise ConfigError(f"{label}: set chat_format or chat_format_template, not both")
+    if cfg.n_parallel > 1 and (cfg.embedding or cfg.mmproj_path is not None):
+        what = "embedding: true" if cfg.embedding else "mmproj_path"
+        raise ConfigError(
+            f"{label}: config.n_parallel: {cfg.n_parallel} needs a text-generation model; "
+            f"a model with {what} serves one request at a time (n_parallel: 1)"
+        )
     try:
         model_path = resolve_model_path(cfg.model_path, base_dir)
     except ValueError as exc:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import errno
+import functools
 import logging
 import os
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from llamapool.config import ModelSpec
 from llamapool.ipc.protocol import Request, Timings, Usage
@@ -24,6 +28,24 @@ from llamapool.ipc.protocol import Request, Timings, Usage
 log = logging.getLogger(__name__)
 
 EmitFn = Callable[[str, int], None]
+
+
+class Sink(Protocol):
+    """Where an engine reports each request's start, text, and end (the worker's socket)."""
+
+    def start(self, request_id: str) -> None: ...
+
+    def chunk(self, request_id: str, text: str, tokens: int) -> None: ...
+
+    def done(self, request_id: str, result: Result) -> None: ...
+
+    def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None: ...
+
+
+def is_broken_pipe(exc: BaseException) -> bool:
+    return isinstance(exc, BrokenPipeError) or (
+        isinstance(exc, OSError) and exc.errno == errno.EPIPE
+    )
 
 
 class Cancelled(Exception):
@@ -58,6 +80,70 @@ class Result:
         self.embeddings = embeddings
 
 
+@dataclass
+class Prepared:
+    """A validated generation request: prompt tokens, limits and sampling, all resolved."""
+
+    tokens: list[int]
+    max_tokens: int
+    stops: list[str]
+    seed: int
+    top_k: int
+    top_p: float
+    min_p: float
+    temperature: float
+    repeat_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
+    logit_bias: dict[int, float]
+
+
+class TextOut:
+    """Turns sampled tokens into emitted text: EOG, stop sequences, max_tokens, UTF-8.
+
+    Text that may be the start of a stop sequence is held back until it cannot be.
+    """
+
+    def __init__(self, engine: Engine, prep: Prepared, emit: EmitFn):
+        self._llama = engine.llama
+        self._is_eog = engine.is_eog
+        self._stops = prep.stops
+        self._max_tokens = prep.max_tokens
+        self._emit = emit
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""  # decoded text held back because it may start a stop sequence
+        self._unsent_tokens = 0
+        self.produced = 0
+        self.finish = "length"
+
+    def push(self, token: int) -> bool:
+        """Take one sampled token; True when the request is finished."""
+        if self._is_eog(token):
+            self.finish = "stop"
+            return True
+        self.produced += 1
+        self._unsent_tokens += 1
+        self._pending += self._decoder.decode(self._llama.detokenize([token]))
+        cut = _find_stop(self._pending, self._stops)
+        if cut is not None:
+            self._pending = self._pending[:cut]
+            self.finish = "stop"
+            return True
+        safe = len(self._pending) - _held_back(self._pending, self._stops)
+        if safe > 0:
+            self._emit(self._pending[:safe], self._unsent_tokens)
+            self._pending, self._unsent_tokens = self._pending[safe:], 0
+        return self.produced >= self._max_tokens
+
+    def flush(self) -> None:
+        """Emit what is held back (a stop sequence already found is never emitted)."""
+        if self.finish != "stop" or self._pending:
+            self._pending += self._decoder.decode(b"", final=True)
+        if self._pending or self._unsent_tokens:
+            self._emit(self._pending, self._unsent_tokens)
+        self._pending, self._unsent_tokens = "", 0
+
+
 def _formatter_from_handler(handler: Any) -> Any | None:
     # llama-cpp-python registers named chat formats only as completion handlers
     # wrapping a formatter; the formatter is what we need to run our own loop.
@@ -73,7 +159,9 @@ def _formatter_from_handler(handler: Any) -> Any | None:
 class Engine:
     """Owns one `llama_cpp.Llama`; every call holds the lock for its whole duration."""
 
-    def __init__(self, spec: ModelSpec):
+    capacity = 1  # requests served at once
+
+    def __init__(self, spec: ModelSpec, *, llama_n_ctx: int | None = None):
         import llama_cpp
         from llama_cpp import llama_chat_format
 
@@ -84,9 +172,9 @@ class Engine:
         self.lock = threading.Lock()
         kwargs: dict[str, Any] = {
             "model_path": cfg.model_path,
-            "n_ctx": cfg.n_ctx,
+            "n_ctx": llama_n_ctx or cfg.n_ctx,
             "n_gpu_layers": cfg.n_gpu_layers,
-            "n_batch": cfg.n_batch,
+            "n_batch": min(cfg.n_batch, llama_n_ctx or cfg.n_batch),
             "use_mmap": cfg.use_mmap,
             "use_mlock": cfg.use_mlock,
             "embedding": cfg.embedding,
@@ -108,21 +196,31 @@ class Engine:
                 clip_model_path=cfg.mmproj_path, verbose=False
             )
         self.llama = llama_cpp.Llama(**kwargs)
-        self._install_abort(llama_cpp)
+        self._abort_flag = self._install_abort(self.llama.ctx)
+        self._cancel = threading.Event()  # set when the running request is cancelled
+        self._cancelled_ids: set[str] = set()
+        self._running: str | None = None
         self.n_ctx = self.llama.n_ctx()
         self._vocab = self.llama._model.vocab
         self._formatter = self._make_formatter(llama_chat_format)
 
-    def _install_abort(self, llama_cpp: Any) -> None:
-        # llama.cpp polls `bool cb(void *data)` between graph nodes and stops the decode
-        # when it returns true. libc's strlen over a one-byte flag string is exactly that,
-        # in C: no Python callback (and no GIL) on the hot path, so it can stay installed.
-        self._abort_flag = ctypes.create_string_buffer(2)
+    def is_eog(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def _install_abort(self, ctx: Any) -> Any:
+        """Make `ctx`'s decodes stop at the next graph node once the returned flag is set.
+
+        llama.cpp polls `bool cb(void *data)` between graph nodes. libc's strlen over a
+        one-byte flag string is exactly that, in C: no Python callback (and no GIL) on
+        the hot path, so it can stay installed.
+        """
+        flag = ctypes.create_string_buffer(2)
         libc = ctypes.CDLL(None)
-        self._abort_cb = ctypes.cast(libc.strlen, llama_cpp.ggml_abort_callback)
-        llama_cpp.llama_set_abort_callback(
-            self.llama.ctx, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p)
+        self._abort_cb = ctypes.cast(libc.strlen, self._llama_cpp.ggml_abort_callback)
+        self._llama_cpp.llama_set_abort_callback(
+            ctx, self._abort_cb, ctypes.cast(flag, ctypes.c_void_p)
         )
+        return flag
 
     def abort(self) -> None:
         """Stop the running decode (prompt evaluation included) at the next graph node.
@@ -159,6 +257,42 @@ class Engine:
         return _formatter_from_handler(llama_chat_format.get_chat_completion_handler(name))
 
     # -- public entry points --------------------------------------------------
+
+    def serve(self, jobs: queue.Queue[Request | None], sink: Sink) -> None:
+        """Serve requests from `jobs` one at a time until None arrives."""
+        while (req := jobs.get()) is not None:
+            rid = req.request_id
+            sink.start(rid)
+            self._running = rid
+            self._cancel.clear()
+            if rid in self._cancelled_ids:
+                self._cancel.set()
+            try:
+                emit = functools.partial(sink.chunk, rid)
+                result = self.run(req, emit, self._cancel)
+            except Cancelled:
+                sink.error(rid, "cancelled", "request cancelled")
+            except RequestFailed as exc:
+                sink.error(rid, exc.code, exc.message, exc.param)
+            except Exception as exc:
+                if is_broken_pipe(exc):
+                    raise
+                log.exception("request %s failed", rid)
+                sink.error(
+                    rid, "generation_failed", f"generation failed in model {self.spec.id!r}: {exc}"
+                )
+            else:
+                sink.done(rid, result)
+            finally:
+                self._running = None
+                self._cancelled_ids.discard(rid)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request, queued or running (called from the worker's I/O thread)."""
+        self._cancelled_ids.add(request_id)
+        if self._running == request_id:
+            self._cancel.set()
+            self.abort()
 
     def run(self, req: Request, emit: EmitFn, cancelled: threading.Event) -> Result:
         """Serve one request under the lock; reset the state after any error or cancel."""
@@ -207,10 +341,9 @@ class Engine:
         )
         return tokens, [s for s in stops if s]
 
-    def _generate(self, req: Request, emit: EmitFn, cancelled: threading.Event) -> Result:
-        if req.kind == "chat" and self._formatter is None:
-            return self._generate_with_handler(req, emit, cancelled)
-        cfg, p, llama = self.cfg, req.params, self.llama
+    def prepare(self, req: Request) -> Prepared:
+        """Tokenize and validate a chat or completion request; raise RequestFailed if bad."""
+        cfg, p = self.cfg, req.params
         tokens, template_stops = self._prompt_tokens(req)
         n_prompt = len(tokens)
         room = self.n_ctx - n_prompt
@@ -223,34 +356,58 @@ class Engine:
                 f"{self.n_ctx} tokens; shorten the prompt by at least {n_prompt - self.n_ctx + 1}",
                 param="messages" if req.kind == "chat" else "prompt",
             )
+        if p.logit_bias:
+            n_vocab = self.llama.n_vocab()
+            for token_id in p.logit_bias:
+                if not 0 <= token_id < n_vocab:
+                    raise RequestFailed(
+                        "invalid_request",
+                        f"logit_bias names token {token_id}, outside the vocabulary "
+                        f"(0..{n_vocab - 1})",
+                        param="logit_bias",
+                    )
         default_max = 16 if req.kind == "completion" else room
         max_tokens = min(p.max_tokens or cfg.max_tokens or default_max, room)
         stops = template_stops + [s for s in (p.stop if p.stop is not None else cfg.stop_list())]
-        stops = [s for s in dict.fromkeys(stops) if s]
         seed = p.seed if p.seed is not None else cfg.seed
-        llama.set_seed(seed if seed is not None else random.getrandbits(31))
-
-        logits_processor = None
-        if p.logit_bias:
-            logits_processor = self._logit_bias_processor(p.logit_bias)
-
-        cached = self._cached_prefix(tokens)
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        pending = ""  # decoded text held back because it may start a stop sequence
-        unsent_tokens = 0
-        produced = 0
-        finish = "length"
-        gen = llama.generate(
-            tokens,
+        return Prepared(
+            tokens=tokens,
+            max_tokens=max_tokens,
+            stops=[s for s in dict.fromkeys(stops) if s],
+            seed=seed if seed is not None else random.getrandbits(31),
             top_k=_pick(p.top_k, cfg.top_k),
             top_p=_pick(p.top_p, cfg.top_p),
             min_p=_pick(p.min_p, cfg.min_p),
-            temp=_pick(p.temperature, cfg.temperature),
+            temperature=_pick(p.temperature, cfg.temperature),
             repeat_penalty=_pick(p.repeat_penalty, cfg.repeat_penalty),
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
+            logit_bias=p.logit_bias or {},
+        )
+
+    def _generate(self, req: Request, emit: EmitFn, cancelled: threading.Event) -> Result:
+        if req.kind == "chat" and self._formatter is None:
+            return self._generate_with_handler(req, emit, cancelled)
+        llama = self.llama
+        prep = self.prepare(req)
+        llama.set_seed(prep.seed)
+        logits_processor = None
+        if prep.logit_bias:
+            logits_processor = self._logit_bias_processor(prep.logit_bias)
+
+        cached = self._cached_prefix(prep.tokens)
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        out = TextOut(self, prep, emit)
+        gen = llama.generate(
+            prep.tokens,
+            top_k=prep.top_k,
+            top_p=prep.top_p,
+            min_p=prep.min_p,
+            temp=prep.temperature,
+            repeat_penalty=prep.repeat_penalty,
+            frequency_penalty=prep.frequency_penalty,
+            presence_penalty=prep.presence_penalty,
             logits_processor=logits_processor,
         )
         try:
@@ -259,34 +416,20 @@ class Engine:
                     raise Cancelled()
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                produced += 1
-                unsent_tokens += 1
-                pending += decoder.decode(llama.detokenize([token]))
-                cut = _find_stop(pending, stops)
-                if cut is not None:
-                    pending = pending[:cut]
-                    finish = "stop"
-                    break
-                safe = len(pending) - _held_back(pending, stops)
-                if safe > 0:
-                    emit(pending[:safe], unsent_tokens)
-                    pending, unsent_tokens = pending[safe:], 0
-                if produced >= max_tokens:
+                if out.push(token):
                     break
         finally:
             gen.close()
-        if finish != "stop" or pending:
-            pending += decoder.decode(b"", final=True)
-        if pending or unsent_tokens:
-            emit(pending, unsent_tokens)
+        out.flush()
         ended = time.perf_counter()
         first = first_token_at or ended
         return Result(
-            finish,
-            Usage(prompt_tokens=n_prompt, completion_tokens=produced, cached_tokens=cached),
+            out.finish,
+            Usage(
+                prompt_tokens=len(prep.tokens),
+                completion_tokens=out.produced,
+                cached_tokens=cached,
+            ),
             Timings(
                 prompt_ms=(first - started) * 1000,
                 generate_ms=(ended - first) * 1000,
@@ -307,14 +450,6 @@ class Engine:
         import numpy as np
         from llama_cpp import LogitsProcessorList
 
-        n_vocab = self.llama.n_vocab()
-        for token_id in bias:
-            if not 0 <= token_id < n_vocab:
-                raise RequestFailed(
-                    "invalid_request",
-                    f"logit_bias names token {token_id}, outside the vocabulary (0..{n_vocab - 1})",
-                    param="logit_bias",
-                )
         ids = np.fromiter(bias.keys(), dtype=np.intc)
         values = np.fromiter(bias.values(), dtype=np.single)
 

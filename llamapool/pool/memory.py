@@ -112,7 +112,7 @@ class Footprint:
 
 
 def estimate(spec: ModelSpec) -> Footprint:
-    """Estimate a model's memory from its GGUF header and its n_ctx."""
+    """Estimate a model's memory from its GGUF header, n_ctx and n_parallel."""
     cfg = spec.config
     weights = os.path.getsize(cfg.model_path)
     if cfg.mmproj_path:
@@ -131,8 +131,8 @@ def estimate(spec: ModelSpec) -> Footprint:
         head_dim = n_embd // n_head if n_head else 0
         k_len = int(meta.get(f"{arch}.attention.key_length", head_dim))
         v_len = int(meta.get(f"{arch}.attention.value_length", head_dim))
-        # f16 K and V per layer per position.
-        kv = cfg.n_ctx * n_layer * n_head_kv * (k_len + v_len) * 2
+        # f16 K and V per layer per position, n_ctx positions for each parallel request.
+        kv = cfg.n_ctx * cfg.n_parallel * n_layer * n_head_kv * (k_len + v_len) * 2
     # Compute buffers scale with the batch and the model width; a small share of
     # the weights covers them.
     overhead = PROCESS_BASE + weights // 20

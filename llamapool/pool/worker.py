@@ -29,6 +29,7 @@ import zmq
 from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.ipc.sockets import dealer_socket
+from llamapool.pool.engine import Engine, Result, is_broken_pipe
 
 log = logging.getLogger("llamapool.worker")
 
@@ -53,12 +54,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-def _is_broken_pipe(exc: BaseException) -> bool:
-    return isinstance(exc, BrokenPipeError) or (
-        isinstance(exc, OSError) and exc.errno == errno.EPIPE
-    )
 
 
 class FaultInjector:
@@ -107,6 +102,49 @@ class FaultInjector:
             ctypes.string_at(0)
 
 
+class _SocketSink:
+    """The engine thread's side of the inproc pair: every event becomes a frame."""
+
+    def __init__(self, out: zmq.Socket, faults: FaultInjector):
+        self.out = out
+        self.faults = faults
+
+    def start(self, request_id: str) -> None:
+        self.faults.at_start()
+
+    def chunk(self, request_id: str, text: str, tokens: int) -> None:
+        self.out.send_multipart(P.encode(P.Chunk(request_id=request_id, text=text, tokens=tokens)))
+        self.faults.at_chunk()
+
+    def done(self, request_id: str, result: Result) -> None:
+        self.out.send_multipart(
+            P.encode(
+                P.Done(
+                    request_id=request_id,
+                    finish_reason=result.finish_reason,
+                    usage=result.usage,
+                    timings=result.timings,
+                    embeddings=result.embeddings,
+                )
+            )
+        )
+
+    def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None:
+        self.out.send_multipart(
+            P.encode(P.Error(request_id=request_id, code=code, message=message, param=param))
+        )
+
+
+def make_engine(spec: ModelSpec) -> Engine:
+    """A batching engine for text generation; the one-at-a-time engine for the rest."""
+    cfg = spec.config
+    if cfg.embedding or cfg.mmproj_path is not None:
+        return Engine(spec)
+    from llamapool.pool.batch import BatchEngine
+
+    return BatchEngine(spec)
+
+
 class Worker:
     """The I/O side of a worker: socket, heartbeats, request bookkeeping."""
 
@@ -121,8 +159,7 @@ class Worker:
         self.events = self.ctx.socket(zmq.PAIR)
         self.events.bind(_EVENTS)
         self.jobs: queue.Queue[P.Request | None] = queue.Queue()
-        self.current: str | None = None
-        self.cancel_flag = threading.Event()
+        self.active: set[str] = set()  # requests handed to the engine, not finished yet
         self.draining = False
         self.seq = 0
         self.faults = FaultInjector()
@@ -132,10 +169,8 @@ class Worker:
 
     def boot(self) -> None:
         """Load the model; on failure tell the router why and exit 'cannot boot'."""
-        from llamapool.pool.engine import Engine
-
         try:
-            self.engine = Engine(self.spec)
+            self.engine = make_engine(self.spec)
         except BaseException as exc:  # noqa: BLE001 - any loader failure is a boot failure
             reason = f"cannot load {self.spec.config.model_path}: {exc}"
             log.error("worker %s: %s", self.worker_id, reason)
@@ -150,7 +185,7 @@ class Worker:
                 pid=os.getpid(),
                 model_id=self.spec.id,
                 n_ctx=self.engine.n_ctx,
-                capacity=1,
+                capacity=self.engine.capacity,
             )
         )
 
@@ -161,53 +196,15 @@ class Worker:
         out.connect(_EVENTS)
         out.setsockopt(zmq.LINGER, 0)
         try:
-            while True:
-                req = self.jobs.get()
-                if req is None:
-                    return
-                out.send_multipart(P.encode(self._serve(req, out)))
+            self.engine.serve(self.jobs, _SocketSink(out, self.faults))
         except BaseException as exc:  # noqa: BLE001 - the I/O thread reports it as FATAL
             reason = f"engine thread died: {exc!r}"
-            if _is_broken_pipe(exc):
+            if is_broken_pipe(exc):
                 reason = f"broken pipe in generation: {exc!r}"
             traceback.print_exc()
             out.send_multipart(P.encode(P.Fatal(reason=reason)))
         finally:
             out.close()
-
-    def _serve(self, req: P.Request, out: zmq.Socket) -> object:
-        from llamapool.pool.engine import Cancelled, RequestFailed
-
-        rid = req.request_id
-        faults = self.faults
-        faults.at_start()
-
-        def emit(text: str, tokens: int) -> None:
-            out.send_multipart(P.encode(P.Chunk(request_id=rid, text=text, tokens=tokens)))
-            faults.at_chunk()
-
-        try:
-            result = self.engine.run(req, emit, self.cancel_flag)
-        except Cancelled:
-            return P.Error(request_id=rid, code="cancelled", message="request cancelled")
-        except RequestFailed as exc:
-            return P.Error(request_id=rid, code=exc.code, message=exc.message, param=exc.param)
-        except Exception as exc:
-            if _is_broken_pipe(exc):
-                raise
-            log.exception("worker %s: request %s failed", self.worker_id, rid)
-            return P.Error(
-                request_id=rid,
-                code="generation_failed",
-                message=f"generation failed in model {self.spec.id!r}: {exc}",
-            )
-        return P.Done(
-            request_id=rid,
-            finish_reason=result.finish_reason,
-            usage=result.usage,
-            timings=result.timings,
-            embeddings=result.embeddings,
-        )
 
     # -- I/O thread -------------------------------------------------------------
 
@@ -222,7 +219,7 @@ class Worker:
             now = time.monotonic()
             if now >= next_beat:
                 self.seq += 1
-                self.send(P.Heartbeat(seq=self.seq, busy_request=self.current))
+                self.send(P.Heartbeat(seq=self.seq, busy_request=next(iter(self.active), None)))
                 next_beat = now + self.interval
                 if os.getppid() != parent:
                     log.error("worker %s: router process is gone; exiting", self.worker_id)
@@ -256,8 +253,8 @@ class Worker:
                 log.error("worker %s: protocol error from router: %s", self.worker_id, exc)
                 continue
             if isinstance(msg, P.Request):
-                if self.current is not None or self.draining:
-                    why = "draining" if self.draining else f"busy with {self.current}"
+                if len(self.active) >= self.engine.capacity or self.draining:
+                    why = "draining" if self.draining else f"busy with {sorted(self.active)}"
                     self.send(
                         P.Error(
                             request_id=msg.request_id,
@@ -267,15 +264,13 @@ class Worker:
                         )
                     )
                     continue
-                self.current = msg.request_id
-                self.cancel_flag.clear()
+                self.active.add(msg.request_id)
                 self.jobs.put(msg)
             elif isinstance(msg, P.Cancel):
-                if msg.request_id == self.current:
-                    self.cancel_flag.set()
-                    self.engine.abort()
+                if msg.request_id in self.active:
+                    self.engine.cancel(msg.request_id)
             elif isinstance(msg, P.Shutdown):
-                if not msg.drain or self.current is None:
+                if not msg.drain or not self.active:
                     return EXIT_OK
                 self.draining = True
             # RouterHeartbeat needs nothing beyond the liveness bookkeeping.
@@ -290,9 +285,9 @@ class Worker:
             kind = frames[1][0] if len(frames) == 3 and len(frames[1]) == 1 else None
             if kind == 0x03 and self.faults.kind:
                 self.faults.chunk_forwarded.set()
-            elif kind in (0x04, 0x05):  # DONE / ERROR end the current request
-                self.current = None
-                if self.draining:
+            elif kind in (0x04, 0x05):  # DONE / ERROR end a request
+                self.active.discard(P.decode(frames).request_id)
+                if self.draining and not self.active:
                     return EXIT_OK
             elif kind == 0x06:  # FATAL from the engine thread
                 return EXIT_FATAL

@@ -10,7 +10,9 @@ from serverutil import model_entry
 
 QUESTION = [
     {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is the capital of France?"},
+    # One word asked for: the bare question tips this 135M model into French on
+    # some CPUs (different SIMD kernels, different greedy path).
+    {"role": "user", "content": "What is the capital of France? Answer in one word."},
 ]
 
 
@@ -41,7 +43,7 @@ def test_chat_template_from_the_gguf_is_applied(smol, smollm2_gguf):
     vocab = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
     rendered = (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
     expected = len(vocab.tokenize(rendered.encode(), add_bos=False, special=True))
