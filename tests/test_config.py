@@ -29,6 +29,7 @@ def test_every_llama_key_is_accepted(tiny_gguf):
         "n_ctx": 1024,
         "n_gpu_layers": 0,
         "n_batch": 256,
+        "n_parallel": 2,
         "n_threads": 2,
         "use_mmap": True,
         "use_mlock": False,
@@ -208,3 +209,16 @@ def test_serve_refuses_a_broken_file(tmp_path):
     )
     assert r.returncode == 2
     assert "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("extra", [{"embedding": True}, {"mmproj_path": "x.gguf"}])
+def test_n_parallel_needs_a_text_generation_model(tiny_gguf, extra):
+    cfg = {"model_path": str(tiny_gguf), "n_parallel": 2, **extra}
+    config = parse_config({"models": [{"id": "e", "config": cfg}]}, check_files=False)
+    assert "config.n_parallel: 2 needs a text-generation model" in config.broken["e"]
+
+
+def test_n_parallel_is_bounded(tiny_gguf):
+    cfg = {"model_path": str(tiny_gguf), "n_parallel": 0}
+    config = parse_config({"models": [{"id": "e", "config": cfg}]})
+    assert "config.n_parallel" in config.broken["e"]

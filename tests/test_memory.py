@@ -41,6 +41,8 @@ def test_smollm2_estimate_matches_its_shape(smollm2_gguf):
     assert fp.weights == os.path.getsize(smollm2_gguf)
     assert fp.cost(0) == fp.weights + fp.per_instance
     assert fp.cost(1) == fp.per_instance  # mmap'ed weights are shared
+    # Each parallel request gets its own n_ctx cells.
+    assert estimate(_spec(smollm2_gguf, n_ctx=4096, n_parallel=4)).kv_cache == 4 * fp.kv_cache
 
 
 def test_without_mmap_every_instance_pays_for_the_weights(smollm2_gguf):

@@ -326,6 +326,7 @@ class Broker:
             "pss": w.memory.pss if w.memory else None,
             "uptime_s": round(time.monotonic() - w.started_at, 3),
             "served": w.served,
+            "capacity": w.capacity,
             "restarts": self._restarts_of(w.model_id),
             "in_flight": list(w.in_flight),
             "last_transition": {"state": state, "reason": reason, "at": at},

@@ -184,10 +184,19 @@ class Scheduler:
         candidates = [w for w in self.supervisor.workers_of(model_id) if w.free_slots > 0]
         if not candidates:
             return None
-        # Prompt-cache affinity: the instance whose last prompt shares the longest prefix
-        # with this one keeps that prefix in its KV cache (a chat's next turn). Ties, and
-        # requests that share nothing, go to the least recently used instance.
-        return min(candidates, key=lambda w: (-common_prefix_len(w.last_prefix, key), w.last_used))
+        # Least loaded first: a batching instance with a free slot still shares its cores
+        # among its requests, so an idle instance serves sooner. Among equally loaded
+        # ones, prompt-cache affinity: the instance whose last prompt shares the longest
+        # prefix with this one keeps that prefix in its KV cache (a chat's next turn).
+        # Ties, and requests that share nothing, go to the least recently used instance.
+        return min(
+            candidates,
+            key=lambda w: (
+                len(w.in_flight),
+                -common_prefix_len(w.last_prefix, key),
+                w.last_used,
+            ),
+        )
 
     # -- events from workers ----------------------------------------------------
 

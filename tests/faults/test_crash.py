@@ -71,3 +71,39 @@ def test_sigkill_during_non_streamed_request_is_502(serve, smollm2_gguf):
     # The pool recovers: the next request is served by the replacement.
     server.ready()
     assert chat(server.url).status_code == 200
+
+
+def test_sigkill_of_a_batching_worker_ends_every_stream_it_held(serve, smollm2_gguf):
+    server = serve([model_entry("m", smollm2_gguf, config={"n_parallel": 3})])
+    (victim,) = server.workers()
+    body = chat_body("m", "Write a very long story.", 1500, logit_bias=SMOLLM2_EOG, stream=True)
+
+    def stream_until_killed(started: cf.Future) -> dict:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            skip_to_first_token(lines)
+            started.set_result(True)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        return json.loads(rest[-2][len("data: ") :])["error"]
+
+    with cf.ThreadPoolExecutor(13) as pool:
+        started = [cf.Future() for _ in range(3)]
+        streams = [pool.submit(stream_until_killed, f) for f in started]
+        cf.wait(started, timeout=60)
+        assert all(f.done() for f in started), "all three slots must be producing"
+        queued = [
+            pool.submit(chat, server.url, "m", 8, f"question {i}", logit_bias=SMOLLM2_EOG)
+            for i in range(10)
+        ]
+        server.wait_for(
+            lambda: server.model_ready("m")["queue_depth"] == 10, what="10 queued requests"
+        )
+        os.kill(victim.pid, signal.SIGKILL)
+        errors = [s.result(timeout=60) for s in streams]
+        results = [f.result(timeout=120) for f in queued]
+
+    assert [e["code"] for e in errors] == ["worker_crashed"] * 3
+    assert [res.status_code for res in results] == [200] * 10
+    assert all(res.json()["usage"]["completion_tokens"] == 8 for res in results)
+    assert all(f"pid={victim.pid}" not in res.headers["x-llamapool-worker"] for res in results)

@@ -1,0 +1,188 @@
+"""The batching engine on real llama.cpp (tiny random model): slots, joins, cancels, reuse."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from llamapool.config import parse_config
+from llamapool.ipc.protocol import Request, SamplingParams
+from llamapool.pool.batch import BatchEngine
+
+
+def _spec(path, **config):
+    cfg = {"model_path": str(path), "n_ctx": 512, "n_threads": 1, "n_parallel": 4, **config}
+    return parse_config({"models": [{"id": "t", "config": cfg}]}).models["t"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    eng = BatchEngine(_spec(tiny_gguf))
+    yield eng
+    eng.close()
+
+
+class Recorder:
+    """A sink that keeps every event in order, and can act on a request's n-th chunk."""
+
+    def __init__(self):
+        self.events: list[tuple[str, str, object]] = []
+        self.on_chunk: dict[tuple[str, int], object] = {}
+        self._chunks: dict[str, int] = {}
+
+    def start(self, rid):
+        self.events.append(("start", rid, None))
+
+    def chunk(self, rid, text, tokens):
+        self.events.append(("chunk", rid, (text, tokens)))
+        n = self._chunks[rid] = self._chunks.get(rid, 0) + 1
+        action = self.on_chunk.pop((rid, n), None)
+        if action is not None:
+            action()
+
+    def done(self, rid, result):
+        self.events.append(("done", rid, result))
+
+    def error(self, rid, code, message, param=None):
+        self.events.append(("error", rid, (code, message, param)))
+
+    def end(self, rid):
+        return next(e for e in self.events if e[1] == rid and e[0] in ("done", "error"))
+
+    def tokens(self, rid):
+        return sum(e[2][1] for e in self.events if e[0] == "chunk" and e[1] == rid)
+
+    def index(self, kind, rid):
+        return next(i for i, e in enumerate(self.events) if e[0] == kind and e[1] == rid)
+
+
+def _chat(rid, content="hello", **params):
+    return Request(
+        request_id=rid,
+        kind="chat",
+        messages=[{"role": "user", "content": content}],
+        params=SamplingParams(**params),
+    )
+
+
+def _serve(engine, *requests, sink=None):
+    """Queue `requests` then a stop, and serve them all on this thread."""
+    sink = sink or Recorder()
+    jobs: queue.Queue = queue.Queue()
+    for req in requests:
+        jobs.put(req)
+    jobs.put(None)
+    engine.serve(jobs, sink)
+    return sink
+
+
+def test_requests_decode_together_with_exact_counts(engine):
+    sink = _serve(engine, *(_chat(f"r{i}", f"question {i}", max_tokens=20 + i) for i in range(4)))
+    for i in range(4):
+        kind, _, result = sink.end(f"r{i}")
+        assert kind == "done"
+        assert result.usage.completion_tokens == 20 + i == sink.tokens(f"r{i}")
+        assert result.finish_reason == "length"
+    # Interleaved, not one after another: every request produced before any finished.
+    first_done = min(sink.index("done", f"r{i}") for i in range(4))
+    assert all(sink.index("chunk", f"r{i}") < first_done for i in range(4))
+
+
+def test_a_request_joins_while_another_generates(engine):
+    jobs: queue.Queue = queue.Queue()
+    sink = Recorder()
+    # When the long request has produced, the short one arrives and finishes first.
+    sink.on_chunk[("long", 5)] = lambda: (jobs.put(_chat("short", max_tokens=3)), jobs.put(None))
+    jobs.put(_chat("long", max_tokens=200))
+    engine.serve(jobs, sink)
+    assert sink.end("long")[2].usage.completion_tokens == 200
+    assert sink.end("short")[2].usage.completion_tokens == 3
+    assert sink.index("done", "short") < sink.index("done", "long")
+
+
+def test_cancel_ends_one_request_and_spares_the_others(engine):
+    jobs: queue.Queue = queue.Queue()
+    sink = Recorder()
+    sink.on_chunk[("victim", 3)] = lambda: engine.cancel("victim")
+    for req in (_chat("victim", max_tokens=300), _chat("other", "other", max_tokens=40)):
+        jobs.put(req)
+    jobs.put(None)
+    engine.serve(jobs, sink)
+    assert sink.end("victim")[0:2] == ("error", "victim")
+    assert sink.end("victim")[2][0] == "cancelled"
+    assert sink.tokens("victim") < 300
+    assert sink.end("other")[2].usage.completion_tokens == 40
+    # The slot is usable again and its cache consistent: the same prompt reuses it.
+    again = _serve(engine, _chat("again", max_tokens=5)).end("again")[2]
+    assert again.usage.completion_tokens == 5
+
+
+def test_cancel_before_admission_never_starts(engine):
+    engine.cancel("early")
+    sink = _serve(engine, _chat("early", max_tokens=5), _chat("next", max_tokens=5))
+    assert sink.end("early")[2][0] == "cancelled"
+    assert sink.tokens("early") == 0
+    assert sink.end("next")[2].usage.completion_tokens == 5
+
+
+def test_cancel_from_another_thread_during_a_long_prompt(engine):
+    jobs: queue.Queue = queue.Queue()
+    sink = Recorder()
+    started = threading.Event()
+    sink.start = lambda rid: started.set()
+    long_prompt = "words " * 60  # ~360 tokens of a 512 context
+    jobs.put(_chat("long", long_prompt, max_tokens=100))
+    jobs.put(None)
+    canceller = threading.Thread(target=lambda: (started.wait(5), engine.cancel("long")))
+    canceller.start()
+    engine.serve(jobs, sink)
+    canceller.join()
+    kind, _, detail = sink.end("long")
+    # Either the decode was aborted or the cancel landed between steps; never a full run.
+    assert kind == "error" and detail[0] == "cancelled"
+    follow = _serve(engine, _chat("follow", long_prompt, max_tokens=3)).end("follow")[2]
+    assert follow.usage.completion_tokens == 3
+
+
+def test_each_slot_keeps_its_prefix_for_the_next_turn(engine):
+    a = "a long conversation about the sea and its many waves " * 3
+    b = "another long conversation about mountains and rivers " * 3
+    _serve(engine, _chat("a1", a, max_tokens=2), _chat("b1", b, max_tokens=2))
+    sink = _serve(engine, _chat("b2", b, max_tokens=2), _chat("a2", a, max_tokens=2))
+    for rid in ("a2", "b2"):
+        usage = sink.end(rid)[2].usage
+        assert usage.cached_tokens == usage.prompt_tokens - 1
+
+
+def test_reset_each_request_reuses_nothing(tiny_gguf):
+    eng = BatchEngine(_spec(tiny_gguf, reset_each_request=True, n_parallel=2))
+    try:
+        sink = _serve(eng, _chat("x", "same words", max_tokens=2))
+        sink = _serve(eng, _chat("y", "same words", max_tokens=2))
+        assert sink.end("y")[2].usage.cached_tokens == 0
+    finally:
+        eng.close()
+
+
+def test_bad_requests_fail_alone(engine):
+    sink = _serve(
+        engine,
+        _chat("ok", max_tokens=10),
+        _chat("huge", "word " * 600),
+        _chat("bias", logit_bias={10**6: 1.0}),
+        Request(request_id="emb", kind="embedding", inputs=["x"]),
+    )
+    assert sink.end("ok")[2].usage.completion_tokens == 10
+    assert sink.end("huge")[2][0] == "context_length_exceeded"
+    assert sink.end("bias")[2][0] == "invalid_request"
+    assert sink.end("emb")[2][0] == "invalid_request"
+
+
+def test_same_seed_same_text_when_alone(engine):
+    def text(rid):
+        sink = _serve(engine, _chat(rid, "seeded", max_tokens=12, seed=7, temperature=1.0))
+        return "".join(e[2][0] for e in sink.events if e[0] == "chunk")
+
+    assert text("s1") == text("s2")
