@@ -154,6 +154,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="n_threads of each pool instance (default: cores / instances)",
     )
     servers.add_argument(
+        "--parallel",
+        type=_positive(int),
+        default=4,
+        help="n_parallel of each pool instance: requests it decodes together (default: 4)",
+    )
+    servers.add_argument(
         "--mutex-threads",
         type=_positive(int),
         default=cores,
@@ -270,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         n_ctx=args.n_ctx,
         instances=args.instances,
         threads_per_instance=threads_per_instance,
+        parallel=args.parallel,
         mutex_threads=args.mutex_threads,
         direct_threads=args.direct_threads or threads_per_instance,
         max_queue=args.stress_max_queue if stressing else args.max_queue,
@@ -315,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
             "n_ctx": settings.n_ctx,
             "instances": settings.instances,
             "threads_per_instance": settings.threads_per_instance,
+            "parallel": settings.parallel,
             "mutex_threads": settings.mutex_threads,
             "direct_threads": settings.direct_threads,
             "max_queue": settings.max_queue,

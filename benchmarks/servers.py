@@ -73,6 +73,7 @@ def write_pool_config(
     n_threads: int,
     max_queue: int,
     queue_timeout: float,
+    n_parallel: int = 1,
 ) -> None:
     """The models.yaml that `llamapool serve` runs for a benchmark: one model, N instances."""
     config = {
@@ -88,6 +89,7 @@ def write_pool_config(
                     "model_path": str(model_path.resolve()),
                     "n_ctx": n_ctx,
                     "n_threads": n_threads,
+                    "n_parallel": n_parallel,
                 },
             }
         ]

@@ -41,6 +41,7 @@ class TargetSettings:
     n_ctx: int
     instances: int
     threads_per_instance: int
+    parallel: int
     mutex_threads: int
     direct_threads: int
     max_queue: int
@@ -208,11 +209,13 @@ async def open_target(
                 settings.threads_per_instance,
                 settings.max_queue,
                 settings.queue_timeout,
+                settings.parallel,
             )
             command = pool_command(config_path, port)
             extra = {
                 "threads": settings.threads_per_instance,
                 "instances": settings.instances,
+                "parallel": settings.parallel,
                 "max_queue": settings.max_queue,
                 "queue_timeout": settings.queue_timeout,
                 "config_yaml": config_path.read_text(),
