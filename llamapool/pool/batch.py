@@ -76,6 +76,9 @@ class BatchEngine(Engine):
         self._n_vocab = self.llama.n_vocab()
         self._internals = _internals
 
+    def run(self, req: Request, emit: Any, cancelled: Any) -> Result:
+        raise TypeError("a BatchEngine serves through serve(); run() belongs to Engine")
+
     def close(self) -> None:
         """Free the batch and the context (the process exit would too)."""
         self._llama_cpp.llama_batch_free(self._batch)
