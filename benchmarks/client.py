@@ -75,6 +75,9 @@ class RequestResult:
     retry_after: str | None = None
     start_s: float = 0.0
     ttft_s: float | None = None
+    # The server's own time from taking the request to its first token (llama-server's and
+    # llamapool's `timings.prompt_ms`): ttft_s minus this is what HTTP and routing add.
+    server_ttft_s: float | None = None
     e2e_s: float | None = None
     decode_s: float | None = None
     completion_tokens: int = 0
@@ -174,6 +177,9 @@ async def _exchange(
                     result.chunks += 1
                 if choice.get("finish_reason"):
                     result.finish_reason = choice["finish_reason"]
+            timings = obj.get("timings")
+            if isinstance(timings, dict) and isinstance(timings.get("prompt_ms"), int | float):
+                result.server_ttft_s = timings["prompt_ms"] / 1000
             usage = obj.get("usage")
             if usage:
                 result.completion_tokens = int(usage.get("completion_tokens") or 0)

@@ -169,6 +169,11 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
             f"{_num(single['direct_tok_s'])} tok/s ({_ratio(single['ratio'])}); "
             f"TTFT overhead {_ms(comparisons['ttft_overhead_s'])} ms"
         )
+    if comparisons.get("routing_overhead_p50_s") is not None:
+        console.print(
+            f"routing overhead at concurrency 1 (client TTFT minus the worker's own), p50: "
+            f"{comparisons['routing_overhead_p50_s'] * 1000:.1f} ms"
+        )
     if comparisons.get("aggregate_c8_ratio_vs_mutex") is not None:
         console.print(
             f"aggregate tok/s at concurrency 8, {candidate}/mutex: "

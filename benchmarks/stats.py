@@ -66,6 +66,11 @@ def summarize_level(
         "stream_tok_s": distribution(per_stream),
         "decode_tok_s": distribution(decode),
         "ttft_s": distribution(r.ttft_s for r in ok),
+        "routing_overhead_s": distribution(
+            r.ttft_s - r.server_ttft_s
+            for r in ok
+            if r.ttft_s is not None and r.server_ttft_s is not None
+        ),
         "e2e_s": distribution(r.e2e_s for r in ok),
         "queue_wait_s": queue_wait,
         "requests_detail": [r.as_dict() for r in results],

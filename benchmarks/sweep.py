@@ -170,5 +170,7 @@ def compare(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "ratio": _ratio_of(single, direct, "stream_tok_s", "p50"),
         },
         "ttft_overhead_s": None if ttft_c is None or ttft_d is None else ttft_c - ttft_d,
+        # Client TTFT minus the server's own, per request, at concurrency 1: HTTP + routing.
+        "routing_overhead_p50_s": _get(single, "routing_overhead_s", "p50"),
         "aggregate_c8_ratio_vs_mutex": at8["aggregate_tok_s_ratio"] if at8 else None,
     }

@@ -31,7 +31,7 @@ TINY_ARGS = ["--max-tokens", "8", "--n-ctx", "512", "--warmup", "1", "--no-progr
 LEVEL_KEYS = {
     "concurrency", "requests", "ok", "failed", "errors_by_type", "wall_s", "completion_tokens",
     "short_completions", "tokens_source", "aggregate_tok_s", "stream_tok_s", "decode_tok_s",
-    "ttft_s", "e2e_s", "queue_wait_s", "requests_detail",
+    "ttft_s", "routing_overhead_s", "e2e_s", "queue_wait_s", "requests_detail",
 }  # fmt: skip
 DISTRIBUTION_KEYS = {"p50", "p95", "p99", "mean", "min", "max"}
 
@@ -140,9 +140,15 @@ def test_sweep_pool(bench, tiny_gguf: pathlib.Path) -> None:
     assert "min_instances: 2" in pool["config_yaml"]
     # The router and its two workers were seen, and all are gone.
     assert len(pool["pids"]) >= 3
+    assert pool["parallel"] == 4
+    assert "n_parallel: 4" in pool["config_yaml"]
     for level in pool["levels"]:
         _check_level(level, level["concurrency"], 4, 8)
+        # The pool reports its own time to first token, so routing overhead is measured.
+        overhead = level["routing_overhead_s"]
+        assert 0 < overhead["p50"] < level["ttft_s"]["p50"]
     assert report["comparisons"]["candidate"] == "pool"
+    assert report["comparisons"]["routing_overhead_p50_s"] > 0
 
 
 def test_stress_mutex_keeps_the_invariant(bench, tiny_gguf: pathlib.Path) -> None:

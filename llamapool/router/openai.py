@@ -102,6 +102,20 @@ def _usage(u: P.Usage) -> dict[str, Any]:
     }
 
 
+def _timings(done: P.Done) -> dict[str, Any] | None:
+    """The worker's own clock, in llama-server's `timings` shape (an extension field)."""
+    t = done.timings
+    if t is None:
+        return None
+    return {
+        "cache_n": t.cached_tokens,
+        "prompt_n": done.usage.prompt_tokens - t.cached_tokens,
+        "prompt_ms": round(t.prompt_ms, 3),
+        "predicted_n": done.usage.completion_tokens,
+        "predicted_ms": round(t.generate_ms, 3),
+    }
+
+
 def _sse(payload: Any) -> bytes:
     return b"data: " + _json.encode(payload) + b"\n\n"
 
@@ -126,7 +140,13 @@ class _Shape:
             "choices": choices,
         }
 
-    def delta(self, text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+    def delta(
+        self,
+        text: str | None,
+        finish: str | None = None,
+        role: bool = False,
+        done: P.Done | None = None,
+    ) -> bytes:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
@@ -136,7 +156,10 @@ class _Shape:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse(self._envelope([choice], self.chunk_object))
+        env = self._envelope([choice], self.chunk_object)
+        if done is not None and (timings := _timings(done)) is not None:
+            env["timings"] = timings
+        return _sse(env)
 
     def usage_chunk(self, usage: P.Usage) -> bytes:
         env = self._envelope([], self.chunk_object)
@@ -160,6 +183,8 @@ class _Shape:
             }
         env = self._envelope([choice], self.object)
         env["usage"] = _usage(done.usage)
+        if (timings := _timings(done)) is not None:
+            env["timings"] = timings
         return env
 
 
@@ -234,7 +259,9 @@ async def _stream(
             elif event is CLIENT_GONE:
                 return
             elif isinstance(event, P.Done):
-                yield shape.delta(None if shape.kind == "chat" else "", finish=event.finish_reason)
+                yield shape.delta(
+                    None if shape.kind == "chat" else "", finish=event.finish_reason, done=event
+                )
                 if include_usage:
                     yield shape.usage_chunk(event.usage)
                 break

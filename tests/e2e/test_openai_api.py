@@ -37,6 +37,11 @@ def test_chat_non_stream(client):
     assert r.usage.completion_tokens == 12
     assert r.usage.prompt_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+    # llama-server's `timings` extension, from the worker's own clock.
+    timings = r.model_extra["timings"]
+    assert timings["predicted_n"] == 12
+    assert timings["prompt_n"] + timings["cache_n"] == r.usage.prompt_tokens
+    assert timings["prompt_ms"] > 0 and timings["predicted_ms"] > 0
 
 
 def test_chat_stream_with_usage(client):
@@ -54,6 +59,8 @@ def test_chat_stream_with_usage(client):
         c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
     ]
     assert finishes == ["length"]
+    (final,) = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert final.model_extra["timings"]["predicted_n"] == 20
     assert chunks[-1].usage.completion_tokens == 20
     assert chunks[-1].choices == []
     assert text
