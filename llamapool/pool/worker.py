@@ -152,6 +152,7 @@ class Worker:
         self.args = args
         self.spec = spec
         self.worker_id = args.worker_id
+        self.cores = {int(c) for c in args.cores.split(",")} if args.cores else set()
         self.interval = args.heartbeat_interval
         self.liveness = args.heartbeat_liveness
         self.ctx = zmq.Context()
@@ -169,16 +170,19 @@ class Worker:
 
     def boot(self) -> None:
         """Load the model; on failure tell the router why and exit 'cannot boot'."""
-        try:
-            self.engine = make_engine(self.spec)
-        except BaseException as exc:  # noqa: BLE001 - any loader failure is a boot failure
-            reason = f"cannot load {self.spec.config.model_path}: {exc}"
+        booted = threading.Event()
+        self.boot_error: BaseException | None = None
+        self.engine_thread = threading.Thread(
+            target=self._engine_main, args=(booted,), name="engine", daemon=True
+        )
+        self.engine_thread.start()
+        booted.wait()
+        if self.boot_error is not None:
+            reason = f"cannot load {self.spec.config.model_path}: {self.boot_error}"
             log.error("worker %s: %s", self.worker_id, reason)
             self.send(P.Fatal(reason=reason, cannot_boot=True))
             self.close()
             os._exit(EXIT_CANNOT_BOOT)
-        self.engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
-        self.engine_thread.start()
         self.send(
             P.Ready(
                 worker_id=self.worker_id,
@@ -190,6 +194,21 @@ class Worker:
         )
 
     # -- engine thread ----------------------------------------------------------
+
+    def _engine_main(self, booted: threading.Event) -> None:
+        # Only this thread (and the threads llama.cpp starts from it) is pinned: the I/O
+        # thread stays free to run on any core, so forwarding a token never waits for the
+        # decode that holds this instance's core (measured: ~5 ms of TTFT when it did).
+        if self.cores:
+            os.sched_setaffinity(0, self.cores)
+        try:
+            self.engine = make_engine(self.spec)
+        except BaseException as exc:  # noqa: BLE001 - any loader failure is a boot failure
+            self.boot_error = exc
+            return
+        finally:
+            booted.set()
+        self._engine_loop()
 
     def _engine_loop(self) -> None:
         out = self.ctx.socket(zmq.PAIR)
@@ -326,9 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ORPHANED
     # SIGTERM from the supervisor: leave at once (the socket is not ours to drain here).
     signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))
-    if args.cores:
-        # Pin before llama.cpp starts its threads so they inherit the mask.
-        os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
     spec = msgspec.json.decode(os.environ[SPEC_ENV].encode(), type=ModelSpec)
     worker = Worker(args, spec)
     worker.boot()
