@@ -121,6 +121,7 @@ class BatchEngine(Engine):
 
     def _admit(self, req: Request, sink: Sink) -> None:
         rid = req.request_id
+        started = time.perf_counter()  # the prompt's clock includes templating and tokenizing
         sink.start(rid)
         if rid in self._cancelled_ids:
             self._cancelled_ids.discard(rid)
@@ -147,7 +148,7 @@ class BatchEngine(Engine):
         slot.sampler = sampler
         slot.out = TextOut(self, prep, lambda text, n: sink.chunk(rid, text, n))
         slot.n_prompt, slot.n_reused = len(prep.tokens), keep
-        slot.started, slot.first_token_at = time.perf_counter(), None
+        slot.started, slot.first_token_at = started, None
 
     def _pick_slot(self, tokens: list[int]) -> _Slot:
         free = [s for s in self.slots if s.rid is None]

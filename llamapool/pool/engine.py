@@ -389,6 +389,7 @@ class Engine:
         if req.kind == "chat" and self._formatter is None:
             return self._generate_with_handler(req, emit, cancelled)
         llama = self.llama
+        started = time.perf_counter()  # the prompt's clock includes templating and tokenizing
         prep = self.prepare(req)
         llama.set_seed(prep.seed)
         logits_processor = None
@@ -396,7 +397,6 @@ class Engine:
             logits_processor = self._logit_bias_processor(prep.logit_bias)
 
         cached = self._cached_prefix(prep.tokens)
-        started = time.perf_counter()
         first_token_at: float | None = None
         out = TextOut(self, prep, emit)
         gen = llama.generate(
