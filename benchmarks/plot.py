@@ -44,7 +44,8 @@ def plot_sweep(report: dict[str, Any], path: pathlib.Path) -> bool:
     machine = report["machine"]
     fig.suptitle(
         f"{pathlib.Path(config['model_path']).name}, {config['max_tokens']} tokens/request, "
-        f"{machine['cpu_usable']} cores ({machine['cpu_model'] or machine['platform']})",
+        f"{machine['cpu_usable']} cores, {machine.get('effective_cores', '?')} effective "
+        f"({machine['cpu_model'] or machine['platform']})",
         fontsize=10,
     )
     fig.tight_layout()

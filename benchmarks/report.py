@@ -8,6 +8,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
 from typing import Any
 
 import psutil
@@ -43,7 +44,51 @@ def machine_info() -> dict[str, Any]:
         "memory_total_bytes": psutil.virtual_memory().total,
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "llama_cpp_system_info": _llama_system_info(),
+        "effective_cores": effective_cores(),
     }
+
+
+_SPIN = (
+    "import os, sys, time\n"
+    "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+    "t = time.perf_counter(); x = 0\n"
+    "for i in range(3_000_000): x += i\n"
+    "print(time.perf_counter() - t)\n"
+)
+
+
+def _cores(machine: dict[str, Any]) -> str:
+    effective = machine.get("effective_cores")
+    usable = machine.get("cpu_usable")
+    return f"{usable} cores" + (f" ({effective} effective)" if effective is not None else "")
+
+
+def effective_cores() -> float | None:
+    """How many cores' worth of work the usable cores do at once (a busy loop on each).
+
+    On a virtual machine whose vCPUs share physical cores (SMT siblings, an overcommitted
+    host) this is well below the core count, and no server can scale past it; it is what
+    tells two runs on "the same" 2-core box apart.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cores:
+        return None
+
+    def spin(on: list[int]) -> list[float]:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _SPIN, str(core)], stdout=subprocess.PIPE, text=True
+            )
+            for core in on
+        ]
+        return [float(p.communicate()[0]) for p in procs]
+
+    try:
+        alone = min(spin([cores[0]])[0] for _ in range(2))
+        together = spin(cores)
+    except (OSError, ValueError):
+        return None
+    return round(sum(alone / t for t in together), 2)
 
 
 def _llama_system_info() -> str | None:
@@ -110,7 +155,7 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
     config = report["config"]
     table = Table(
         title=f"{pathlib.Path(config['model_path']).name}, "
-        f"{config['max_tokens']} tokens per request",
+        f"{config['max_tokens']} tokens per request, {_cores(report['machine'])}",
         caption="tok/s: generated tokens per second, all streams / one stream (p50); "
         "TTFT and end-to-end latency as p50 / p95 / p99",
     )

@@ -98,7 +98,9 @@ def _check_level(level: dict[str, Any], concurrency: int, requests: int, max_tok
 def _check_report(report: dict[str, Any], targets: list[str]) -> None:
     assert report["schema"] == "llamapool-bench/1"
     assert report["kind"] == "sweep"
-    assert {"cpu_usable", "memory_total_bytes", "platform", "python"} <= set(report["machine"])
+    machine = report["machine"]
+    assert {"cpu_usable", "memory_total_bytes", "platform", "python"} <= set(machine)
+    assert 0 < machine["effective_cores"] <= machine["cpu_usable"] * 1.2
     assert report["versions"]["llama_cpp_python"]
     assert report["config"]["max_tokens"] == 8
     assert report["config"]["eog_token_ids"]
