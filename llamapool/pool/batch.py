@@ -66,7 +66,8 @@ class BatchEngine(Engine):
         params.n_batch = params.n_ubatch = cfg.n_batch
         params.n_seq_max = cfg.n_parallel
         # Split KV streams: attention then reads only a sequence's own cells, which is
-        # what makes batching unrelated requests pay (measured: 200 vs 160 tok/s at 8).
+        # what makes batching unrelated requests pay (8 sequences, 2 cores: 202 vs 167
+        # and 162 vs 136 tok/s in paired runs).
         params.kv_unified = False
         self.ctx = _internals.LlamaContext(model=self.llama._model, params=params, verbose=False)
         self._abort_flag = self._install_abort(self.ctx.ctx)
