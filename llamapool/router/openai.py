@@ -204,6 +204,24 @@ async def _release_on_disconnect(request: Request, broker: Broker, job: Job) -> 
             return
 
 
+async def _until_final(job: Job, event: Any) -> tuple[list[str], Any]:
+    """The texts of `event` and the chunks after it, and the event that ended them."""
+    parts: list[str] = []
+    while isinstance(event, P.Chunk):
+        parts.append(event.text)
+        event = await job.events.get()
+    return parts, event
+
+
+def _unfinished(event: Any) -> Response | None:
+    """The response for a job that ended without DONE (client gone, or an error)."""
+    if event is CLIENT_GONE:
+        return Response(status_code=CLIENT_CLOSED)
+    if isinstance(event, errors.LlamapoolError):
+        return error_response(event)
+    return None
+
+
 async def _respond(
     request: Request, broker: Broker, job: Job, shape: _Shape, *, stream: bool, include_usage: bool
 ) -> Response:
@@ -225,15 +243,9 @@ async def _respond(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
             )
-        parts: list[str] = []
-        event = first
-        while isinstance(event, P.Chunk):
-            parts.append(event.text)
-            event = await job.events.get()
-        if event is CLIENT_GONE:
-            return Response(status_code=CLIENT_CLOSED)
-        if isinstance(event, errors.LlamapoolError):
-            return error_response(event)
+        parts, event = await _until_final(job, first)
+        if (unfinished := _unfinished(event)) is not None:
+            return unfinished
         return Response(
             _json.encode(shape.whole("".join(parts), event)),
             media_type="application/json",
@@ -325,16 +337,12 @@ async def embeddings(request: Request) -> Response:
     job = broker.submit(body.model, P.Request(request_id="", kind="embedding", inputs=body.inputs))
     watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
     try:
-        event = await job.events.get()
-        while isinstance(event, P.Chunk):
-            event = await job.events.get()
+        _, event = await _until_final(job, await job.events.get())
     finally:
         watcher.cancel()
         broker.release(job)
-    if event is CLIENT_GONE:
-        return Response(status_code=CLIENT_CLOSED)
-    if isinstance(event, errors.LlamapoolError):
-        return error_response(event)
+    if (unfinished := _unfinished(event)) is not None:
+        return unfinished
     vectors = event.embeddings or []
     data = [
         {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
