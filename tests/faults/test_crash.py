@@ -12,6 +12,16 @@ import psutil
 from serverutil import SMOLLM2_EOG, chat, chat_body, model_entry, skip_to_first_token
 
 
+def _queue_ten(server, pool: cf.ThreadPoolExecutor) -> list[cf.Future]:
+    """Ten short requests, sent once the pool is full and seen waiting in its queue."""
+    queued = [
+        pool.submit(chat, server.url, "m", 8, f"question {i}", logit_bias=SMOLLM2_EOG)
+        for i in range(10)
+    ]
+    server.wait_for(lambda: server.model_ready("m")["queue_depth"] == 10, what="10 queued")
+    return queued
+
+
 def test_sigkill_mid_stream_with_queued_requests(serve, smollm2_gguf):
     server = serve([model_entry("m", smollm2_gguf)])
     (victim,) = server.workers()
@@ -24,13 +34,7 @@ def test_sigkill_mid_stream_with_queued_requests(serve, smollm2_gguf):
         assert r.headers["x-llamapool-worker"].endswith(f"pid={victim.pid}")
         lines = r.iter_lines()
         skip_to_first_token(lines)
-        queued = [
-            pool.submit(chat, server.url, "m", 8, f"question {i}", logit_bias=SMOLLM2_EOG)
-            for i in range(10)
-        ]
-        server.wait_for(
-            lambda: server.model_ready("m")["queue_depth"] == 10, what="10 queued requests"
-        )
+        queued = _queue_ten(server, pool)
 
         os.kill(victim.pid, signal.SIGKILL)
 
@@ -92,13 +96,7 @@ def test_sigkill_of_a_batching_worker_ends_every_stream_it_held(serve, smollm2_g
         streams = [pool.submit(stream_until_killed, f) for f in started]
         cf.wait(started, timeout=60)
         assert all(f.done() for f in started), "all three slots must be producing"
-        queued = [
-            pool.submit(chat, server.url, "m", 8, f"question {i}", logit_bias=SMOLLM2_EOG)
-            for i in range(10)
-        ]
-        server.wait_for(
-            lambda: server.model_ready("m")["queue_depth"] == 10, what="10 queued requests"
-        )
+        queued = _queue_ten(server, pool)
         os.kill(victim.pid, signal.SIGKILL)
         errors = [s.result(timeout=60) for s in streams]
         results = [f.result(timeout=120) for f in queued]
