@@ -87,6 +87,9 @@ class PoolSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     heartbeat_interval: PositiveFloat = 1.0
     heartbeat_liveness: PositiveInt = 5
+    # A worker whose engine makes no progress (no decode step, no token) for this long
+    # while it has requests is wedged: it reports FATAL and exits, and is replaced.
+    engine_stall_timeout: PositiveFloat = 120.0
     boot_timeout: PositiveFloat = 120.0
     backoff_initial: PositiveFloat = 0.5
     backoff_max: PositiveFloat = 30.0

@@ -107,6 +107,7 @@ class BatchEngine(Engine):
                     req = jobs.get_nowait()
                 except queue.Empty:
                     req = _NO_REQUEST
+            self.progress_at = time.monotonic()
             self._drop_cancelled(sink)
             if any(s.rid for s in self.slots):
                 self._step(sink)

@@ -200,6 +200,9 @@ class Engine:
         self._cancel = threading.Event()  # set when the running request is cancelled
         self._cancelled_ids: set[str] = set()
         self._running: str | None = None
+        # time.monotonic() of the engine's last sign of life; the I/O thread's stall watchdog
+        # reads it (a float assignment is atomic under the GIL).
+        self.progress_at = time.monotonic()
         self.n_ctx = self.llama.n_ctx()
         self._vocab = self.llama._model.vocab
         self._formatter = self._make_formatter(llama_chat_format)
@@ -262,6 +265,7 @@ class Engine:
         """Serve requests from `jobs` one at a time until None arrives."""
         while (req := jobs.get()) is not None:
             rid = req.request_id
+            self.progress_at = time.monotonic()
             sink.start(rid)
             self._running = rid
             self._cancel.clear()
@@ -412,6 +416,7 @@ class Engine:
         )
         try:
             for token in gen:
+                self.progress_at = time.monotonic()
                 if cancelled.is_set():
                     raise Cancelled()
                 if first_token_at is None:

@@ -287,6 +287,8 @@ class Supervisor:
             str(s.heartbeat_interval),
             "--heartbeat-liveness",
             str(s.heartbeat_liveness),
+            "--stall-timeout",
+            str(s.engine_stall_timeout),
             "--log-level",
             self.log_level,
         ]

@@ -61,7 +61,8 @@ class FaultInjector:
 
     LLAMAPOOL_TEST_FAULT="<kind>:<times>" with kind one of `crash_before_output`
     (the process dies as a request starts), `broken_pipe` (EPIPE from the token
-    sink after the first chunk) or `segfault` (SIGSEGV after the first chunk).
+    sink after the first chunk), `segfault` (SIGSEGV after the first chunk) or `stall`
+    (the engine thread blocks forever after the first chunk, as a wedged decode would).
     """
 
     def __init__(self) -> None:
@@ -80,6 +81,7 @@ class FaultInjector:
             "crash_before_output": "start",
             "broken_pipe": "chunk",
             "segfault": "chunk",
+            "stall": "chunk",
         }.get(self.kind or "")
         if wanted != point or not self.file:
             return False
@@ -100,6 +102,8 @@ class FaultInjector:
         if self.kind == "segfault" and self.fire("chunk"):
             self.chunk_forwarded.wait(5.0)
             ctypes.string_at(0)
+        if self.kind == "stall" and self.fire("chunk"):
+            threading.Event().wait()
 
 
 class _SocketSink:
@@ -161,6 +165,7 @@ class Worker:
         self.events.bind(_EVENTS)
         self.jobs: queue.Queue[P.Request | None] = queue.Queue()
         self.active: set[str] = set()  # requests handed to the engine, not finished yet
+        self.busy_since = 0.0  # when `active` last became non-empty
         self.draining = False
         self.seq = 0
         self.faults = FaultInjector()
@@ -243,6 +248,11 @@ class Worker:
                 if os.getppid() != parent:
                     log.error("worker %s: router process is gone; exiting", self.worker_id)
                     return EXIT_ORPHANED
+                stalled = self._engine_stalled(now)
+                if stalled is not None:
+                    log.error("worker %s: %s; exiting", self.worker_id, stalled)
+                    self.send(P.Fatal(reason=stalled))
+                    return EXIT_FATAL
                 if now - router_seen > self.interval * self.liveness:
                     log.error(
                         "worker %s: no message from the router for %.1f s; exiting",
@@ -259,6 +269,19 @@ class Worker:
                     code = self._forward_events()
                 if code is not None:
                     return code
+
+    def _engine_stalled(self, now: float) -> str | None:
+        """Why the engine counts as wedged (busy, and silent past the stall timeout), or None."""
+        if not self.active:
+            return None
+        # An engine that just woke from idle has not stamped its progress yet.
+        silent = now - max(self.engine.progress_at, self.busy_since)
+        if silent <= self.args.stall_timeout:
+            return None
+        return (
+            f"engine made no progress for {silent:.0f} s with {len(self.active)} request(s) "
+            f"(engine_stall_timeout {self.args.stall_timeout:g} s)"
+        )
 
     def _drain_router(self) -> int | None:
         while True:
@@ -283,6 +306,8 @@ class Worker:
                         )
                     )
                     continue
+                if not self.active:
+                    self.busy_since = time.monotonic()
                 self.active.add(msg.request_id)
                 self.jobs.put(msg)
             elif isinstance(msg, P.Cancel):
@@ -329,6 +354,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cores", default="")
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
     p.add_argument("--heartbeat-liveness", type=int, default=5)
+    p.add_argument("--stall-timeout", type=float, default=120.0)
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import httpx
 import pytest
-from serverutil import chat, model_entry
+from serverutil import SMOLLM2_EOG, chat, model_entry
 
 FAST = {"backoff_initial": 0.05, "heartbeat_interval": 0.5}
 
@@ -73,6 +74,20 @@ def test_mid_stream_fault_ends_the_stream_cleanly(serve, tiny_gguf, tmp_path, fa
     assert chat(server.url, max_tokens=8).status_code == 200
 
 
+def test_wedged_engine_is_detected_and_replaced(serve, tiny_gguf, tmp_path):
+    # Heartbeats keep flowing from the I/O thread; only the engine's own progress shows it.
+    server = _faulty(serve, tiny_gguf, tmp_path, "stall:1", engine_stall_timeout=1.5)
+    (first,) = server.workers()
+    events = _stream_events(server.url)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "worker_crashed"
+    assert "engine made no progress" in error["message"]
+    server.wait_for(lambda: [w for w in server.workers() if w.pid != first.pid], what="respawn")
+    server.ready()
+    assert chat(server.url, max_tokens=8).status_code == 200
+
+
 def test_sigabrt_is_a_crash_like_any_other(serve, tiny_gguf):
     server = serve([model_entry("m", tiny_gguf)], pool=FAST)
     (first,) = server.workers()
@@ -81,3 +96,14 @@ def test_sigabrt_is_a_crash_like_any_other(serve, tiny_gguf):
     server.ready()
     assert chat(server.url, max_tokens=8).status_code == 200
     assert "DEAD: killed by SIGABRT while IDLE" in server.log_text()
+
+
+def test_stall_watchdog_spares_idle_and_long_but_progressing_work(serve, smollm2_gguf):
+    server = serve([model_entry("m", smollm2_gguf)], pool={"engine_stall_timeout": 1.0})
+    (worker,) = server.workers()
+    time.sleep(2.5)  # idle for longer than the timeout: the thing under test, not a wait
+    r = chat(server.url, max_tokens=120, logit_bias=SMOLLM2_EOG)  # ~2-4 s, one step at a time
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 120
+    assert [w.pid for w in server.workers()] == [worker.pid]
+    assert "no progress" not in server.log_text()
