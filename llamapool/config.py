@@ -200,6 +200,11 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
     cfg = spec.config
     if cfg.chat_format and cfg.chat_format_template:
         raise ConfigError(f"{label}: set chat_format or chat_format_template, not both")
+    if cfg.n_parallel > cfg.n_batch:
+        raise ConfigError(
+            f"{label}: config.n_parallel ({cfg.n_parallel}) is above config.n_batch "
+            f"({cfg.n_batch}); every decode step carries one token per running request"
+        )
     if cfg.n_parallel > 1 and (cfg.embedding or cfg.mmproj_path is not None):
         what = "embedding: true" if cfg.embedding else "mmproj_path"
         raise ConfigError(

@@ -218,6 +218,12 @@ def test_n_parallel_needs_a_text_generation_model(tiny_gguf, extra):
     assert "config.n_parallel: 2 needs a text-generation model" in config.broken["e"]
 
 
+def test_n_parallel_fits_in_a_decode_step(tiny_gguf):
+    cfg = {"model_path": str(tiny_gguf), "n_parallel": 64, "n_batch": 32}
+    config = parse_config({"models": [{"id": "e", "config": cfg}]})
+    assert "config.n_parallel (64) is above config.n_batch (32)" in config.broken["e"]
+
+
 def test_n_parallel_is_bounded(tiny_gguf):
     cfg = {"model_path": str(tiny_gguf), "n_parallel": 0}
     config = parse_config({"models": [{"id": "e", "config": cfg}]})
