@@ -35,10 +35,10 @@ from benchmarks.report import (
     versions,
     write_json,
 )
-from benchmarks.servers import loopback_base_url, usable_cores
+from benchmarks.servers import ServerStartError, loopback_base_url, usable_cores
 from benchmarks.stress import StressSettings, run_stress
 from benchmarks.sweep import LoadSettings, compare, run_sweep
-from benchmarks.targets import TARGET_NAMES, TargetSettings
+from benchmarks.targets import TARGET_NAMES, TargetSettings, http_floor
 
 DEFAULT_OUT_DIR = pathlib.Path(__file__).resolve().parent / "results"
 SWEEP_TARGETS = ["mutex", "pool", "direct"]
@@ -357,6 +357,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             coro = run_sweep(targets, settings, load, workdir, progress)
         report["targets"] = asyncio.run(coro)
+        if not stressing and "pool" in targets:
+            floor = progress.add_task("http floor", total=None)
+            try:
+                report["http_floor"] = asyncio.run(http_floor(workdir))
+            except (ServerStartError, OSError) as exc:
+                report["http_floor"] = {"error": str(exc)}
+            progress.remove_task(floor)
     report["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"
     )
@@ -365,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     report["machine"]["load_average_end"] = list(os.getloadavg())
 
     if not stressing:
-        report["comparisons"] = compare(report["targets"])
+        report["comparisons"] = compare(report["targets"], report.get("http_floor"))
     json_path = args.out_dir / f"{stem}.json"
     write_json(json_path, report)
 

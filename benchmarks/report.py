@@ -219,6 +219,12 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
             f"routing overhead at concurrency 1 (client TTFT minus the worker's own), p50: "
             f"{comparisons['routing_overhead_p50_s'] * 1000:.1f} ms"
         )
+    if comparisons.get("routing_beyond_http_floor_p50_s") is not None:
+        console.print(
+            f"HTTP floor (same client, a server that answers at once), p50: "
+            f"{comparisons['http_floor_ttft_p50_s'] * 1000:.1f} ms; routing beyond it: "
+            f"{comparisons['routing_beyond_http_floor_p50_s'] * 1000:.1f} ms"
+        )
     if comparisons.get("aggregate_c8_ratio_vs_mutex") is not None:
         console.print(
             f"aggregate tok/s at concurrency 8, {candidate}/mutex: "

@@ -139,7 +139,9 @@ def _ratio_of(
     return ratio(_get(level, metric, stat), _get(baseline, metric, stat))
 
 
-def compare(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def compare(
+    targets: dict[str, dict[str, Any]], http_floor: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The reported (not asserted) targets: pool vs mutex per level, single stream vs direct."""
     candidate = "pool" if "pool" in targets else "url" if "url" in targets else None
     if candidate is None:
@@ -161,6 +163,8 @@ def compare(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     direct = _level(targets, "direct", 1)
     ttft_c, ttft_d = _get(single, "ttft_s", "p50"), _get(direct, "ttft_s", "p50")
     at8 = next((row for row in per_level if row["concurrency"] == 8), None)
+    routing = _get(single, "routing_overhead_s", "p50")
+    floor = ((http_floor or {}).get("ttft_s") or {}).get("p50")
     return {
         "candidate": candidate,
         f"{candidate}_over_mutex": per_level,
@@ -171,6 +175,11 @@ def compare(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
         },
         "ttft_overhead_s": None if ttft_c is None or ttft_d is None else ttft_c - ttft_d,
         # Client TTFT minus the server's own, per request, at concurrency 1: HTTP + routing.
-        "routing_overhead_p50_s": _get(single, "routing_overhead_s", "p50"),
+        "routing_overhead_p50_s": routing,
+        # The same client against a server that answers at once: HTTP alone.
+        "http_floor_ttft_p50_s": floor,
+        "routing_beyond_http_floor_p50_s": (
+            None if routing is None or floor is None else routing - floor
+        ),
         "aggregate_c8_ratio_vs_mutex": at8["aggregate_tok_s_ratio"] if at8 else None,
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from benchmarks.servers import (
     pool_command,
     write_pool_config,
 )
+from benchmarks.stats import distribution
 
 TARGET_NAMES = ("mutex", "pool", "direct", "url")
 OnResult = Callable[[RequestResult], None]
@@ -243,3 +245,24 @@ async def _first_model(client: httpx.AsyncClient, base_url: str) -> str:
     except (httpx.HTTPError, ValueError, AttributeError):
         pass
     return "default"
+
+
+async def http_floor(workdir: pathlib.Path, requests: int = 40) -> dict[str, Any]:
+    """The benchmark client's TTFT against a server that answers at once (see echo_server)."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "uvicorn", "benchmarks.baselines.echo_server:app",
+        "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+    server = ServerProcess("http-floor", command, port, workdir / "http-floor.log")
+    async with _client(1, 30.0) as client:
+        try:
+            server.start()
+            await server.wait_ready(client, 30.0)
+            body = ChatRequest(0, 1, 0.0, 0, {}).body("floor")
+            url = f"{server.base_url}/v1/chat/completions"
+            results = [await send_chat(client, url, body, i, 30.0) for i in range(requests)]
+        finally:
+            await asyncio.to_thread(server.stop)
+    ok = [r for r in results[5:] if r.ok]  # the first few warm the connection up
+    return {"requests": len(ok), "ttft_s": distribution(r.ttft_s for r in ok)}

@@ -100,7 +100,8 @@ def _check_report(report: dict[str, Any], targets: list[str]) -> None:
     assert report["kind"] == "sweep"
     machine = report["machine"]
     assert {"cpu_usable", "memory_total_bytes", "platform", "python"} <= set(machine)
-    assert 0 < machine["effective_cores"] <= machine["cpu_usable"] * 1.2
+    # A noisy measure (another process can slow the lone run): only absurd values fail.
+    assert 0 < machine["effective_cores"] <= machine["cpu_usable"] * 2
     assert report["versions"]["llama_cpp_python"]
     assert report["config"]["max_tokens"] == 8
     assert report["config"]["eog_token_ids"]
@@ -151,6 +152,14 @@ def test_sweep_pool(bench, tiny_gguf: pathlib.Path) -> None:
         assert 0 < overhead["p50"] < level["ttft_s"]["p50"]
     assert report["comparisons"]["candidate"] == "pool"
     assert report["comparisons"]["routing_overhead_p50_s"] > 0
+    # The HTTP floor: the same client against a server that answers at once.
+    floor = report["http_floor"]
+    assert floor["requests"] == 35
+    assert 0 < floor["ttft_s"]["p50"] < pool["levels"][0]["ttft_s"]["p50"]
+    comparisons = report["comparisons"]
+    assert comparisons["routing_beyond_http_floor_p50_s"] == pytest.approx(
+        comparisons["routing_overhead_p50_s"] - comparisons["http_floor_ttft_p50_s"]
+    )
 
 
 def test_stress_mutex_keeps_the_invariant(bench, tiny_gguf: pathlib.Path) -> None:
