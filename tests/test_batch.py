@@ -186,3 +186,28 @@ def test_same_seed_same_text_when_alone(engine):
         return "".join(e[2][0] for e in sink.events if e[0] == "chunk")
 
     assert text("s1") == text("s2")
+
+
+class _BrokenSampler:
+    def sample(self, ctx, idx):
+        raise RuntimeError("sampler exploded")
+
+
+def test_an_unexpected_failure_ends_only_its_own_request(engine):
+    jobs: queue.Queue = queue.Queue()
+    sink = Recorder()
+
+    def break_victim():
+        (slot,) = [s for s in engine.slots if s.rid == "victim"]
+        slot.sampler = _BrokenSampler()
+
+    sink.on_chunk[("victim", 2)] = break_victim
+    jobs.put(_chat("victim", max_tokens=50))
+    jobs.put(_chat("other", "other", max_tokens=30))
+    jobs.put(None)
+    engine.serve(jobs, sink)
+    code, message, _ = sink.end("victim")[2]
+    assert code == "generation_failed" and "sampler exploded" in message
+    assert sink.end("other")[2].usage.completion_tokens == 30
+    # The engine goes on serving.
+    assert _serve(engine, _chat("after", max_tokens=4)).end("after")[2].usage.completion_tokens == 4

@@ -21,8 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamapool.config import ModelSpec
-from llamapool.ipc.protocol import Request, Timings, Usage
-from llamapool.pool.engine import Engine, Prepared, RequestFailed, Result, Sink, TextOut
+from llamapool.ipc.protocol import Request
+from llamapool.pool.engine import (
+    Engine,
+    Prepared,
+    RequestFailed,
+    Result,
+    Sink,
+    TextOut,
+    common_prefix,
+    is_broken_pipe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,8 @@ class BatchEngine(Engine):
         # and 162 vs 136 tok/s in paired runs).
         params.kv_unified = False
         self.ctx = _internals.LlamaContext(model=self.llama._model, params=params, verbose=False)
+        # The tokenizer context keeps pointing at the first flag: keep it alive.
+        self._tokenizer_abort_flag = self._abort_flag
         self._abort_flag = self._install_abort(self.ctx.ctx)
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
@@ -137,8 +148,14 @@ class BatchEngine(Engine):
         except RequestFailed as exc:
             sink.error(rid, exc.code, exc.message, exc.param)
             return
+        except Exception as exc:
+            if is_broken_pipe(exc):
+                raise
+            log.exception("request %s failed at admission", rid)
+            sink.error(rid, "generation_failed", self._failure(exc))
+            return
         slot = self._pick_slot(prep.tokens)
-        keep = 0 if self.cfg.reset_each_request else _common_prefix(slot.cached, prep.tokens)
+        keep = 0 if self.cfg.reset_each_request else common_prefix(slot.cached, prep.tokens)
         keep = min(keep, len(prep.tokens) - 1)  # the last prompt token gives the logits
         if not self._seq_rm(slot.seq, keep):
             self._seq_rm(slot.seq, -1)  # a memory that cannot cut a sequence in the middle
@@ -154,7 +171,7 @@ class BatchEngine(Engine):
 
     def _pick_slot(self, tokens: list[int]) -> _Slot:
         free = [s for s in self.slots if s.rid is None]
-        return max(free, key=lambda s: _common_prefix(s.cached, tokens))
+        return max(free, key=lambda s: common_prefix(s.cached, tokens))
 
     def _make_sampler(self, prep: Prepared) -> Any:
         # The chain llama-cpp-python's Llama builds, in the same order.
@@ -205,7 +222,9 @@ class BatchEngine(Engine):
         status = self._llama_cpp.llama_decode(self.ctx.ctx, batch)
         if status != 0:
             for slot, _ in in_batch:  # drop whatever part of the batch reached the cache
-                self._seq_rm(slot.seq, len(slot.cached))
+                if not self._seq_rm(slot.seq, len(slot.cached)):
+                    self._seq_rm(slot.seq, -1)  # a memory that cannot cut mid-sequence
+                    slot.cached = []
             if status == _ABORTED:
                 return  # every slot in it was cancelled; _drop_cancelled ends them
             for slot, _ in in_batch:
@@ -225,14 +244,23 @@ class BatchEngine(Engine):
                 del slot.pending[: len(tokens)]
             if slot.logits_at < 0:
                 continue
-            token = slot.sampler.sample(self.ctx, slot.logits_at)  # also accepts it
-            if slot.first_token_at is None:
-                slot.first_token_at = time.perf_counter()
-            assert slot.out is not None
-            if slot.out.push(token):
-                self._finish(slot, sink)
-            else:
-                slot.next_token = token
+            try:
+                self._sample(slot, sink)
+            except Exception as exc:
+                if is_broken_pipe(exc):
+                    raise
+                log.exception("request %s failed", slot.rid)
+                self._finish_error(slot, sink, "generation_failed", self._failure(exc))
+
+    def _sample(self, slot: _Slot, sink: Sink) -> None:
+        token = slot.sampler.sample(self.ctx, slot.logits_at)  # also accepts it
+        if slot.first_token_at is None:
+            slot.first_token_at = time.perf_counter()
+        assert slot.out is not None
+        if slot.out.push(token):
+            self._finish(slot, sink)
+        else:
+            slot.next_token = token
 
     def _add(self, slot: _Slot, tokens: list[int], *, logits: bool) -> int:
         """Append `tokens` of `slot` to the batch; the index of the last one."""
@@ -256,22 +284,7 @@ class BatchEngine(Engine):
 
     def _finish(self, slot: _Slot, sink: Sink) -> None:
         assert slot.out is not None and slot.rid is not None
-        slot.out.flush()
-        ended = time.perf_counter()
-        first = slot.first_token_at or ended
-        result = Result(
-            slot.out.finish,
-            Usage(
-                prompt_tokens=slot.n_prompt,
-                completion_tokens=slot.out.produced,
-                cached_tokens=slot.n_reused,
-            ),
-            Timings(
-                prompt_ms=(first - slot.started) * 1000,
-                generate_ms=(ended - first) * 1000,
-                cached_tokens=slot.n_reused,
-            ),
-        )
+        result = slot.out.result(slot.n_prompt, slot.n_reused, slot.started, slot.first_token_at)
         rid = self._release(slot)
         sink.done(rid, result)
 
@@ -291,12 +304,3 @@ class BatchEngine(Engine):
         for slot in self.slots:
             if slot.rid is not None and slot.rid in self._cancelled_ids:
                 self._finish_error(slot, sink, "cancelled", "request cancelled")
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -135,13 +135,41 @@ class TextOut:
             self._pending, self._unsent_tokens = self._pending[safe:], 0
         return self.produced >= self._max_tokens
 
-    def flush(self) -> None:
-        """Emit what is held back (a stop sequence already found is never emitted)."""
+    def result(
+        self, n_prompt: int, n_cached: int, started: float, first_token_at: float | None
+    ) -> Result:
+        """Emit what is held back (never a stop sequence found) and report the request."""
         if self.finish != "stop" or self._pending:
             self._pending += self._decoder.decode(b"", final=True)
         if self._pending or self._unsent_tokens:
             self._emit(self._pending, self._unsent_tokens)
         self._pending, self._unsent_tokens = "", 0
+        ended = time.perf_counter()
+        first = first_token_at or ended
+        return Result(
+            self.finish,
+            Usage(prompt_tokens=n_prompt, completion_tokens=self.produced, cached_tokens=n_cached),
+            Timings(
+                prompt_ms=(first - started) * 1000,
+                generate_ms=(ended - first) * 1000,
+                cached_tokens=n_cached,
+            ),
+        )
+
+
+def chats_through_handler(cfg: Any) -> bool:
+    """Whether chat runs through a llama-cpp-python handler (no formatter we can drive)."""
+    if cfg.mmproj_path is not None:
+        return True
+    if cfg.chat_format is None:
+        return False
+    from llama_cpp import llama_chat_format
+
+    try:
+        handler = llama_chat_format.get_chat_completion_handler(cfg.chat_format)
+    except Exception:
+        return False  # an unknown name: Engine refuses it with a clear error
+    return _formatter_from_handler(handler) is None
 
 
 def _formatter_from_handler(handler: Any) -> Any | None:
@@ -282,14 +310,19 @@ class Engine:
                 if is_broken_pipe(exc):
                     raise
                 log.exception("request %s failed", rid)
-                sink.error(
-                    rid, "generation_failed", f"generation failed in model {self.spec.id!r}: {exc}"
-                )
+                sink.error(rid, "generation_failed", self._failure(exc))
             else:
                 sink.done(rid, result)
             finally:
                 self._running = None
                 self._cancelled_ids.discard(rid)
+
+    def _failure(self, exc: Exception) -> str:
+        return f"generation failed in model {self.spec.id!r}: {exc}"
+
+    def forget(self, request_id: str) -> None:
+        """The request has ended: drop a cancel that arrived after its last step."""
+        self._cancelled_ids.discard(request_id)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request, queued or running (called from the worker's I/O thread)."""
@@ -425,31 +458,11 @@ class Engine:
                     break
         finally:
             gen.close()
-        out.flush()
-        ended = time.perf_counter()
-        first = first_token_at or ended
-        return Result(
-            out.finish,
-            Usage(
-                prompt_tokens=len(prep.tokens),
-                completion_tokens=out.produced,
-                cached_tokens=cached,
-            ),
-            Timings(
-                prompt_ms=(first - started) * 1000,
-                generate_ms=(ended - first) * 1000,
-                cached_tokens=cached,
-            ),
-        )
+        return out.result(len(prep.tokens), cached, started, first_token_at)
 
     def _cached_prefix(self, tokens: list[int]) -> int:
         llama = self.llama
-        n = 0
-        for a, b in zip(llama._input_ids[: llama.n_tokens], tokens, strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(llama._input_ids[: llama.n_tokens].tolist(), tokens)
 
     def _logit_bias_processor(self, bias: dict[int, float]) -> Any:
         import numpy as np
@@ -474,6 +487,7 @@ class Engine:
         def stop_when_cancelled(_ids: Any, _logits: Any) -> bool:
             nonlocal produced
             produced += 1
+            self.progress_at = time.monotonic()
             return cancelled.is_set()
 
         from llama_cpp import StoppingCriteriaList
@@ -525,6 +539,7 @@ class Engine:
                     param="input",
                 )
             n_tokens += len(tokens)
+            self.progress_at = time.monotonic()
             vec = self.llama.embed(text)
             if vec and isinstance(vec[0], list):
                 # No pooling in the model: mean-pool the per-token vectors ourselves.
@@ -534,6 +549,16 @@ class Engine:
         return Result(
             "stop", Usage(prompt_tokens=n_tokens, completion_tokens=0), embeddings=vectors
         )
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _pick(value: Any, default: Any) -> Any:

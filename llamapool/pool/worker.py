@@ -29,7 +29,7 @@ import zmq
 from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.ipc.sockets import dealer_socket
-from llamapool.pool.engine import Engine, Result, is_broken_pipe
+from llamapool.pool.engine import Engine, Result, chats_through_handler, is_broken_pipe
 
 log = logging.getLogger("llamapool.worker")
 
@@ -142,7 +142,12 @@ class _SocketSink:
 def make_engine(spec: ModelSpec) -> Engine:
     """A batching engine for text generation; the one-at-a-time engine for the rest."""
     cfg = spec.config
-    if cfg.embedding or cfg.mmproj_path is not None:
+    if cfg.embedding or chats_through_handler(cfg):
+        if cfg.n_parallel > 1:
+            raise ValueError(
+                f"chat_format {cfg.chat_format!r} runs through llama-cpp-python's own handler, "
+                "one request at a time; set n_parallel: 1"
+            )
         return Engine(spec)
     from llamapool.pool.batch import BatchEngine
 
@@ -330,7 +335,9 @@ class Worker:
             if kind == 0x03 and self.faults.kind:
                 self.faults.chunk_forwarded.set()
             elif kind in (0x04, 0x05):  # DONE / ERROR end a request
-                self.active.discard(P.decode(frames).request_id)
+                rid = P.decode(frames).request_id
+                self.active.discard(rid)
+                self.engine.forget(rid)
                 if self.draining and not self.active:
                     return EXIT_OK
             elif kind == 0x06:  # FATAL from the engine thread
