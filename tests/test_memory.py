@@ -41,6 +41,10 @@ def test_smollm2_estimate_matches_its_shape(smollm2_gguf):
     assert fp.weights == os.path.getsize(smollm2_gguf)
     assert fp.cost(0) == fp.weights + fp.per_instance
     assert fp.cost(1) == fp.per_instance  # mmap'ed weights are shared
+    # The compute graph is reserved for a full batch of logits: n_batch × n_vocab floats.
+    assert read_gguf_scalars(str(smollm2_gguf))["tokenizer.ggml.tokens#count"] == 49152
+    small_batch = estimate(_spec(smollm2_gguf, n_ctx=4096, n_batch=256))
+    assert fp.overhead - small_batch.overhead == 256 * 49152 * 4
     # Each parallel request gets its own n_ctx cells.
     assert estimate(_spec(smollm2_gguf, n_ctx=4096, n_parallel=4)).kv_cache == 4 * fp.kv_cache
 

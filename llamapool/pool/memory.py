@@ -67,7 +67,7 @@ def _skip_value(fh: IO[bytes], vtype: int) -> None:
 
 
 def read_gguf_scalars(path: str) -> dict[str, Any]:
-    """The scalar and string key/values of a GGUF header (arrays are skipped, not read)."""
+    """The scalar and string key/values of a GGUF header; an array's length as `<key>#count`."""
     out: dict[str, Any] = {}
     with open(path, "rb", buffering=1 << 16) as fh:
         if fh.read(4) != b"GGUF":
@@ -83,6 +83,12 @@ def read_gguf_scalars(path: str) -> dict[str, Any]:
                 out[key] = _read(fh, _SCALARS[vtype])
             elif vtype == _STRING:
                 out[key] = _read_string(fh)
+            elif vtype == _ARRAY:
+                start = fh.tell()
+                _read(fh, "<I")  # element type
+                out[f"{key}#count"] = _read(fh, "<Q")
+                fh.seek(start)
+                _skip_value(fh, vtype)
             else:
                 _skip_value(fh, vtype)
     return out
@@ -133,9 +139,11 @@ def estimate(spec: ModelSpec) -> Footprint:
         v_len = int(meta.get(f"{arch}.attention.value_length", head_dim))
         # f16 K and V per layer per position, n_ctx positions for each parallel request.
         kv = cfg.n_ctx * cfg.n_parallel * n_layer * n_head_kv * (k_len + v_len) * 2
-    # Compute buffers scale with the batch and the model width; a small share of
-    # the weights covers them.
-    overhead = PROCESS_BASE + weights // 20
+    # Compute buffers: the graph is reserved for a full n_batch ubatch, whose logits
+    # alone are n_batch × n_vocab floats (96 MiB for SmolLM2 at 512); a small share of
+    # the weights covers the rest.
+    n_vocab = int(meta.get("tokenizer.ggml.tokens#count") or meta.get(f"{arch}.vocab_size") or 0)
+    overhead = PROCESS_BASE + weights // 20 + cfg.n_batch * n_vocab * 4
     return Footprint(weights=weights, kv_cache=kv, overhead=overhead, shared_weights=cfg.use_mmap)
 
 
