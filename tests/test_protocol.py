@@ -63,3 +63,11 @@ def test_usage_total():
 def test_malformed_frames_raise(frames, needle):
     with pytest.raises(P.ProtocolError, match=needle):
         P.decode(frames)
+
+
+def test_request_id_of_reads_only_the_id():
+    done = P.Done(
+        request_id="r-7", finish_reason="stop", usage=P.Usage(3, 0), embeddings=[[0.0] * 1024]
+    )
+    for message in (done, P.Error(request_id="r-8", code="cancelled", message="x")):
+        assert P.request_id_of(P.encode(message)) == message.request_id

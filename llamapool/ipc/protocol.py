@@ -145,6 +145,19 @@ def encode(message: Any) -> list[bytes]:
     return [VERSION, _CODES[type(message)], _encoder.encode(message)]
 
 
+class _RequestId(msgspec.Struct):
+    request_id: str
+
+
+# Reads a CHUNK/DONE/ERROR body's request id and skips the rest (a DONE may carry vectors).
+_REQUEST_ID = msgspec.msgpack.Decoder(_RequestId)
+
+
+def request_id_of(frames: list[bytes]) -> str:
+    """The request id of an encoded CHUNK, DONE or ERROR, without decoding the whole body."""
+    return _REQUEST_ID.decode(frames[2]).request_id
+
+
 def decode(frames: list[bytes]) -> Any:
     """Decode `[version, type, body]`; raise ProtocolError on anything malformed."""
     if len(frames) != 3:

@@ -335,7 +335,7 @@ class Worker:
             if kind == 0x03 and self.faults.kind:
                 self.faults.chunk_forwarded.set()
             elif kind in (0x04, 0x05):  # DONE / ERROR end a request
-                rid = P.decode(frames).request_id
+                rid = P.request_id_of(frames)
                 self.active.discard(rid)
                 self.engine.forget(rid)
                 if self.draining and not self.active:
