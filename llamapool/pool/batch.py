@@ -157,10 +157,8 @@ class BatchEngine(Engine):
         slot = self._pick_slot(prep.tokens)
         keep = 0 if self.cfg.reset_each_request else common_prefix(slot.cached, prep.tokens)
         keep = min(keep, len(prep.tokens) - 1)  # the last prompt token gives the logits
-        if not self._seq_rm(slot.seq, keep):
-            self._seq_rm(slot.seq, -1)  # a memory that cannot cut a sequence in the middle
-            keep = 0
-        slot.cached = slot.cached[:keep]
+        self._trim(slot, keep)
+        keep = len(slot.cached)
         slot.rid = rid
         slot.pending = prep.tokens[keep:]
         slot.next_token = None
@@ -222,9 +220,7 @@ class BatchEngine(Engine):
         status = self._llama_cpp.llama_decode(self.ctx.ctx, batch)
         if status != 0:
             for slot, _ in in_batch:  # drop whatever part of the batch reached the cache
-                if not self._seq_rm(slot.seq, len(slot.cached)):
-                    self._seq_rm(slot.seq, -1)  # a memory that cannot cut mid-sequence
-                    slot.cached = []
+                self._trim(slot, len(slot.cached))
             if status == _ABORTED:
                 return  # every slot in it was cancelled; _drop_cancelled ends them
             for slot, _ in in_batch:
@@ -277,8 +273,16 @@ class BatchEngine(Engine):
         batch.n_tokens = last + 1
         return last
 
-    def _seq_rm(self, seq: int, start: int) -> bool:
-        return bool(self._llama_cpp.llama_memory_seq_rm(self._memory, seq, start, -1))
+    def _trim(self, slot: _Slot, keep: int) -> None:
+        """Cut the slot's sequence to its first `keep` tokens; `slot.cached` follows.
+
+        A memory that cannot cut a sequence in the middle (recurrent, hybrid) is cleared.
+        """
+        rm = self._llama_cpp.llama_memory_seq_rm
+        if not rm(self._memory, slot.seq, keep, -1):
+            rm(self._memory, slot.seq, -1, -1)
+            keep = 0
+        slot.cached = slot.cached[:keep]
 
     # -- ends of a request --------------------------------------------------------
 
