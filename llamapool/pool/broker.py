@@ -1,7 +1,8 @@
 """The router's side of the pool: one ROUTER socket, the supervisor and the scheduler.
 
-Runs inside the router's asyncio loop: a receive task routes worker messages, and
-a tick task drives supervision and router → worker heartbeats.
+Runs inside the router's asyncio loop: a reader callback on the socket's file descriptor
+routes worker messages as they arrive, and a tick task drives supervision and
+router → worker heartbeats.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import time
 from typing import IO, Any
 
 import zmq
-import zmq.asyncio
 
 from llamapool import errors
 from llamapool.config import Config, ConfigError, ModelSpec, load_config
@@ -25,6 +25,8 @@ from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle, Work
 log = logging.getLogger("llamapool.broker")
 
 TICK = 0.1
+# Messages handled per wake-up before the loop gets a turn.
+_DRAIN_BATCH = 256
 
 
 class Broker:
@@ -41,7 +43,9 @@ class Broker:
         self.config = config
         self.ipc_dir = make_ipc_dir()
         self.endpoint = broker_endpoint(self.ipc_dir)
-        self.ctx = zmq.asyncio.Context()
+        # A plain socket read from a loop reader: with zmq.asyncio's future per receive
+        # the router's routing overhead at concurrency 1 was ~0.7 ms higher (bench p50).
+        self.ctx = zmq.Context()
         self.sock = router_socket(self.ctx, self.endpoint)
         self.supervisor = Supervisor(
             config.pool,
@@ -59,6 +63,8 @@ class Broker:
         )
         self.protocol_errors = 0
         self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_scheduled = False
         self._hb_seq = 0
         self._next_hb = 0.0
         for spec in config.models.values():
@@ -74,10 +80,9 @@ class Broker:
 
     async def start(self) -> None:
         self.supervisor.tick()
-        self._tasks = [
-            asyncio.create_task(self._recv_loop(), name="broker-recv"),
-            asyncio.create_task(self._tick_loop(), name="broker-tick"),
-        ]
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._drain)
+        self._tasks = [asyncio.create_task(self._tick_loop(), name="broker-tick")]
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain workers politely, then SIGTERM, then SIGKILL; close the socket."""
@@ -98,6 +103,8 @@ class Broker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
         await asyncio.to_thread(self.supervisor.terminate_all, 3.0)
         self.sock.close(linger=0)
         self.ctx.term()
@@ -115,6 +122,8 @@ class Broker:
                     for w in self.supervisor.live_workers():
                         if w.state is not WorkerState.STARTING:
                             self.send(w, P.RouterHeartbeat(seq=self._hb_seq))
+                # Belt and braces for the edge-triggered descriptor: never let a message wait.
+                self._drain()
             except Exception:
                 log.exception("supervisor tick failed")
             await asyncio.sleep(TICK)
@@ -123,21 +132,40 @@ class Broker:
 
     def send(self, worker: WorkerHandle, message: Any) -> bool:
         """Send to one worker; False when ZeroMQ says it is unreachable."""
-        fut = self.sock.send_multipart([worker.identity, *P.encode(message)])
-        if fut.done() and fut.exception() is not None:
+        try:
+            self.sock.send_multipart([worker.identity, *P.encode(message)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
             # Expected for a worker that is exiting and not yet reaped.
             level = logging.DEBUG if worker.stop_requested else logging.WARNING
-            log.log(level, "send to worker %s failed: %s", worker.id, fut.exception())
+            log.log(level, "send to worker %s failed: %s", worker.id, exc)
             return False
+        finally:
+            # ZMQ_FD is edge-triggered and any operation on the socket may consume its
+            # edge: look for input that arrived meanwhile, or it would wait for the next.
+            if not self._drain_scheduled and self._loop is not None:
+                if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._drain_scheduled = True
+                    self._loop.call_soon(self._drain)
         return True
 
-    async def _recv_loop(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
+    def _drain(self) -> None:
+        """Handle every message waiting on the socket (the loop's reader callback)."""
+        self._drain_scheduled = False
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return  # closed during shutdown
             try:
                 self._handle(frames)
             except Exception:
                 log.exception("failed to handle a worker message")
+        # More is waiting: let HTTP handlers run first, then come back for it.
+        if self._loop is not None:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
 
     def _handle(self, frames: list[bytes]) -> None:
         identity, body = frames[0].decode(errors="replace"), frames[1:]
