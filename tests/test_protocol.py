@@ -27,6 +27,7 @@ from llamapool.ipc import protocol as P
             request_id="r-1", code="context_length_exceeded", message="too long", param="prompt"
         ),
         P.Fatal(reason="boom", cannot_boot=True),
+        P.Ping(seq=3),
         P.Request(
             request_id="r-9",
             kind="chat",
@@ -36,6 +37,7 @@ from llamapool.ipc import protocol as P
         P.Cancel(request_id="r-9"),
         P.RouterHeartbeat(seq=1),
         P.Shutdown(drain=False),
+        P.Pong(seq=3),
     ],
 )
 def test_round_trip(message):
@@ -63,11 +65,3 @@ def test_usage_total():
 def test_malformed_frames_raise(frames, needle):
     with pytest.raises(P.ProtocolError, match=needle):
         P.decode(frames)
-
-
-def test_request_id_of_reads_only_the_id():
-    done = P.Done(
-        request_id="r-7", finish_reason="stop", usage=P.Usage(3, 0), embeddings=[[0.0] * 1024]
-    )
-    for message in (done, P.Error(request_id="r-8", code="cancelled", message="x")):
-        assert P.request_id_of(P.encode(message)) == message.request_id

@@ -12,6 +12,9 @@ from typing import Any, Literal
 import msgspec
 
 VERSION = b"LP1"
+# A worker's engine thread sends its output on a second socket whose identity is the
+# worker id plus this suffix (worker ids end in "-<number>", so none ends with it).
+OUTPUT_SUFFIX = "/out"
 
 
 class ProtocolError(Exception):
@@ -94,6 +97,12 @@ class Fatal(msgspec.Struct):
     cannot_boot: bool = False
 
 
+class Ping(msgspec.Struct):
+    """Asks for a PONG on the same socket: proof that everything sent before it arrived."""
+
+    seq: int
+
+
 # router → worker
 
 
@@ -119,8 +128,23 @@ class Shutdown(msgspec.Struct):
     drain: bool = True
 
 
+class Pong(msgspec.Struct):
+    seq: int
+
+
 Message = (
-    Ready | Heartbeat | Chunk | Done | Error | Fatal | Request | Cancel | RouterHeartbeat | Shutdown
+    Ready
+    | Heartbeat
+    | Chunk
+    | Done
+    | Error
+    | Fatal
+    | Ping
+    | Request
+    | Cancel
+    | RouterHeartbeat
+    | Shutdown
+    | Pong
 )
 
 _TYPES: dict[int, type] = {
@@ -130,10 +154,12 @@ _TYPES: dict[int, type] = {
     0x04: Done,
     0x05: Error,
     0x06: Fatal,
+    0x07: Ping,
     0x10: Request,
     0x11: Cancel,
     0x12: RouterHeartbeat,
     0x13: Shutdown,
+    0x14: Pong,
 }
 _CODES: dict[type, bytes] = {cls: bytes([code]) for code, cls in _TYPES.items()}
 _DECODERS = {code: msgspec.msgpack.Decoder(cls) for code, cls in _TYPES.items()}
@@ -143,19 +169,6 @@ _encoder = msgspec.msgpack.Encoder()
 def encode(message: Any) -> list[bytes]:
     """Frames for one message: version tag, type byte, msgpack body."""
     return [VERSION, _CODES[type(message)], _encoder.encode(message)]
-
-
-class _RequestId(msgspec.Struct):
-    request_id: str
-
-
-# Reads a CHUNK/DONE/ERROR body's request id and skips the rest (a DONE may carry vectors).
-_REQUEST_ID = msgspec.msgpack.Decoder(_RequestId)
-
-
-def request_id_of(frames: list[bytes]) -> str:
-    """The request id of an encoded CHUNK, DONE or ERROR, without decoding the whole body."""
-    return _REQUEST_ID.decode(frames[2]).request_id
 
 
 def decode(frames: list[bytes]) -> Any:

@@ -132,8 +132,11 @@ class Broker:
 
     def send(self, worker: WorkerHandle, message: Any) -> bool:
         """Send to one worker; False when ZeroMQ says it is unreachable."""
+        return self._send_raw(worker, [worker.identity, *P.encode(message)])
+
+    def _send_raw(self, worker: WorkerHandle, frames: list[bytes]) -> bool:
         try:
-            self.sock.send_multipart([worker.identity, *P.encode(message)], zmq.NOBLOCK)
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             # Expected for a worker that is exiting and not yet reaped.
             level = logging.DEBUG if worker.stop_requested else logging.WARNING
@@ -169,7 +172,11 @@ class Broker:
 
     def _handle(self, frames: list[bytes]) -> None:
         identity, body = frames[0].decode(errors="replace"), frames[1:]
-        worker = self.supervisor.workers.get(identity)
+        # The engine thread's output socket (`<worker id>/out`) speaks for the same worker.
+        output = identity.endswith(P.OUTPUT_SUFFIX)
+        worker = self.supervisor.workers.get(
+            identity[: -len(P.OUTPUT_SUFFIX)] if output else identity
+        )
         if worker is None:
             self.scheduler.dropped_replies += 1
             return
@@ -179,7 +186,13 @@ class Broker:
         except P.ProtocolError as exc:
             self._protocol_violation(worker, str(exc))
             return
-        if isinstance(msg, P.Ready):
+        if isinstance(msg, P.Ping):
+            # Everything this socket sent before the PING has been handled: say so.
+            self._send_raw(worker, [frames[0], *P.encode(P.Pong(seq=msg.seq))])
+        elif isinstance(msg, P.Ready):
+            if output:
+                self._protocol_violation(worker, "READY on the output socket")
+                return
             if worker.stop_requested:
                 return  # drained while booting; it is being stopped
             if worker.state is not WorkerState.STARTING or msg.worker_id != worker.id:

@@ -1,9 +1,12 @@
-"""Worker subprocess: one DEALER socket, one Llama, two threads.
+"""Worker subprocess: two DEALER sockets, one Llama, two threads.
 
-The main thread owns the socket (zmq sockets are not thread-safe): it sends READY,
-heartbeats, forwards the engine's events and watches for the router's death. The
-engine thread runs llama.cpp and hands its frames over an inproc PAIR socket, so
-heartbeats keep flowing during a long prompt evaluation.
+The main (I/O) thread owns the worker's socket (zmq sockets are not thread-safe): it
+sends READY and heartbeats, takes requests and cancels, and watches for the router's
+death, so heartbeats keep flowing during a long prompt evaluation. The engine thread
+runs llama.cpp and sends its output (CHUNK, DONE, ERROR, its own FATAL) straight to the
+router on a second DEALER socket, `<worker id>/out`: a token never waits for the I/O
+thread to wake. An inproc PAIR socket tells the I/O thread when a request has finished
+or the engine has died.
 
 Run as `python -m llamapool.pool.worker` by the supervisor; the model spec comes
 as JSON in the LLAMAPOOL_WORKER_SPEC environment variable.
@@ -44,6 +47,11 @@ SPEC_ENV = "LLAMAPOOL_WORKER_SPEC"
 FAULT_ENV = "LLAMAPOOL_TEST_FAULT"
 FAULT_FILE_ENV = "LLAMAPOOL_TEST_FAULT_FILE"
 _EVENTS = "inproc://engine-events"
+# Notices from the engine thread to the I/O thread (the router already has the frames).
+_FINISHED = b"finished"
+_DIED = b"died"
+# How long a fault waits for the router to confirm it has the output before firing.
+_ACK_TIMEOUT_MS = 10_000
 
 
 def _die_with_parent() -> None:
@@ -66,9 +74,6 @@ class FaultInjector:
     """
 
     def __init__(self) -> None:
-        # Set by the I/O thread when a CHUNK has left for the router: a crash injected
-        # "after output" must not beat that output out of the process.
-        self.chunk_forwarded = threading.Event()
         spec = os.environ.get(FAULT_ENV, "")
         kind, _, times = spec.partition(":")
         self.kind = kind or None
@@ -96,31 +101,41 @@ class FaultInjector:
         if self.fire("start"):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def at_chunk(self) -> None:
-        if self.kind == "broken_pipe" and self.fire("chunk"):
+    def at_chunk(self, out: zmq.Socket) -> None:
+        """Fire an "after output" fault, once the router confirms it holds that output."""
+        if not self.fire("chunk"):
+            return
+        # A queued frame is not a delivered one: without the router's PONG, a crash here
+        # could beat the CHUNK out of the process.
+        out.send_multipart(P.encode(P.Ping(seq=1)))
+        if out.poll(_ACK_TIMEOUT_MS):
+            out.recv_multipart()
+        if self.kind == "broken_pipe":
             raise BrokenPipeError(errno.EPIPE, "Broken pipe (injected)")
-        if self.kind == "segfault" and self.fire("chunk"):
-            self.chunk_forwarded.wait(5.0)
+        if self.kind == "segfault":
             ctypes.string_at(0)
-        if self.kind == "stall" and self.fire("chunk"):
+        if self.kind == "stall":
             threading.Event().wait()
 
 
 class _SocketSink:
-    """The engine thread's side of the inproc pair: every event becomes a frame."""
+    """The engine thread's output: every event becomes frames to the router."""
 
-    def __init__(self, out: zmq.Socket, faults: FaultInjector):
+    def __init__(self, worker: Worker, out: zmq.Socket):
+        self.worker = worker
         self.out = out
-        self.faults = faults
+        self.faults = worker.faults
 
     def start(self, request_id: str) -> None:
         self.faults.at_start()
 
     def chunk(self, request_id: str, text: str, tokens: int) -> None:
         self.out.send_multipart(P.encode(P.Chunk(request_id=request_id, text=text, tokens=tokens)))
-        self.faults.at_chunk()
+        if self.faults.kind:
+            self.faults.at_chunk(self.out)
 
     def done(self, request_id: str, result: Result) -> None:
+        self.worker.finished(request_id)
         self.out.send_multipart(
             P.encode(
                 P.Done(
@@ -132,11 +147,14 @@ class _SocketSink:
                 )
             )
         )
+        self.worker.notify(_FINISHED)
 
     def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None:
+        self.worker.finished(request_id)
         self.out.send_multipart(
             P.encode(P.Error(request_id=request_id, code=code, message=message, param=param))
         )
+        self.worker.notify(_FINISHED)
 
 
 def make_engine(spec: ModelSpec) -> Engine:
@@ -169,7 +187,12 @@ class Worker:
         self.events = self.ctx.socket(zmq.PAIR)
         self.events.bind(_EVENTS)
         self.jobs: queue.Queue[P.Request | None] = queue.Queue()
-        self.active: set[str] = set()  # requests handed to the engine, not finished yet
+        # Requests handed to the engine, not finished yet: the I/O thread adds, the engine
+        # thread removes (before its DONE leaves, so the router never sees a full worker
+        # that has room).
+        self.active: set[str] = set()
+        self.active_lock = threading.Lock()
+        self.notices: zmq.Socket | None = None  # the engine thread's end of `events`
         self.busy_since = 0.0  # when `active` last became non-empty
         self.draining = False
         self.seq = 0
@@ -221,19 +244,34 @@ class Worker:
         self._engine_loop()
 
     def _engine_loop(self) -> None:
-        out = self.ctx.socket(zmq.PAIR)
-        out.connect(_EVENTS)
-        out.setsockopt(zmq.LINGER, 0)
+        self.notices = self.ctx.socket(zmq.PAIR)
+        self.notices.setsockopt(zmq.LINGER, 0)
+        self.notices.connect(_EVENTS)
+        out = dealer_socket(self.ctx, self.args.endpoint, self.worker_id + P.OUTPUT_SUFFIX)
         try:
-            self.engine.serve(self.jobs, _SocketSink(out, self.faults))
-        except BaseException as exc:  # noqa: BLE001 - the I/O thread reports it as FATAL
+            self.engine.serve(self.jobs, _SocketSink(self, out))
+        except BaseException as exc:  # noqa: BLE001 - reported as FATAL, then the worker exits
             reason = f"engine thread died: {exc!r}"
             if is_broken_pipe(exc):
                 reason = f"broken pipe in generation: {exc!r}"
             traceback.print_exc()
+            # On the output socket: the router must see it after this engine's last output.
             out.send_multipart(P.encode(P.Fatal(reason=reason)))
+            self.notify(_DIED)
         finally:
-            out.close()
+            out.close(linger=1000)  # a last DONE or the FATAL still has to leave
+            self.notices.close()
+
+    def finished(self, request_id: str) -> None:
+        """A request has ended (engine thread): its slot is free from now on."""
+        with self.active_lock:
+            self.active.discard(request_id)
+        self.engine.forget(request_id)
+
+    def notify(self, notice: bytes) -> None:
+        """Wake the I/O thread (engine thread)."""
+        assert self.notices is not None
+        self.notices.send(notice)
 
     # -- I/O thread -------------------------------------------------------------
 
@@ -248,7 +286,9 @@ class Worker:
             now = time.monotonic()
             if now >= next_beat:
                 self.seq += 1
-                self.send(P.Heartbeat(seq=self.seq, busy_request=next(iter(self.active), None)))
+                with self.active_lock:
+                    busy = next(iter(self.active), None)
+                self.send(P.Heartbeat(seq=self.seq, busy_request=busy))
                 next_beat = now + self.interval
                 if os.getppid() != parent:
                     log.error("worker %s: router process is gone; exiting", self.worker_id)
@@ -271,7 +311,7 @@ class Worker:
                     router_seen = time.monotonic()
                     code = self._drain_router()
                 else:
-                    code = self._forward_events()
+                    code = self._read_notices()
                 if code is not None:
                     return code
 
@@ -300,8 +340,16 @@ class Worker:
                 log.error("worker %s: protocol error from router: %s", self.worker_id, exc)
                 continue
             if isinstance(msg, P.Request):
-                if len(self.active) >= self.engine.capacity or self.draining:
-                    why = "draining" if self.draining else f"busy with {sorted(self.active)}"
+                with self.active_lock:
+                    accepted = len(self.active) < self.engine.capacity and not self.draining
+                    if accepted:
+                        if not self.active:
+                            self.busy_since = time.monotonic()
+                        self.active.add(msg.request_id)
+                    else:
+                        busy = sorted(self.active)
+                if not accepted:
+                    why = "draining" if self.draining else f"busy with {busy}"
                     self.send(
                         P.Error(
                             request_id=msg.request_id,
@@ -311,9 +359,6 @@ class Worker:
                         )
                     )
                     continue
-                if not self.active:
-                    self.busy_since = time.monotonic()
-                self.active.add(msg.request_id)
                 self.jobs.put(msg)
             elif isinstance(msg, P.Cancel):
                 if msg.request_id in self.active:
@@ -324,24 +369,16 @@ class Worker:
                 self.draining = True
             # RouterHeartbeat needs nothing beyond the liveness bookkeeping.
 
-    def _forward_events(self) -> int | None:
+    def _read_notices(self) -> int | None:
         while True:
             try:
-                frames = self.events.recv_multipart(zmq.NOBLOCK)
+                notice = self.events.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return None
-            self.sock.send_multipart(frames)
-            kind = frames[1][0] if len(frames) == 3 and len(frames[1]) == 1 else None
-            if kind == 0x03 and self.faults.kind:
-                self.faults.chunk_forwarded.set()
-            elif kind in (0x04, 0x05):  # DONE / ERROR end a request
-                rid = P.request_id_of(frames)
-                self.active.discard(rid)
-                self.engine.forget(rid)
-                if self.draining and not self.active:
-                    return EXIT_OK
-            elif kind == 0x06:  # FATAL from the engine thread
+            if notice == _DIED:
                 return EXIT_FATAL
+            if self.draining and not self.active:
+                return EXIT_OK
 
     def close(self) -> None:
         """Close the sockets, giving queued frames (a FATAL, a last DONE) a moment to leave."""
