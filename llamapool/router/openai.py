@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llamapool import errors
@@ -222,10 +222,47 @@ def _unfinished(event: Any) -> Response | None:
     return None
 
 
+class _EventStream(Response):
+    """A text/event-stream response written straight to ASGI `send`.
+
+    Starlette's StreamingResponse starts a task group per response to watch for the
+    disconnect; here the job's own watcher, started before the first token, keeps doing
+    that (it queues CLIENT_GONE, which ends `events`). Closing releases the job.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        headers: dict[str, str],
+        close: Callable[[], None],
+    ):
+        self.status_code = 200
+        self.background = None
+        self.events = events
+        self.close = close
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for data in self.events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.close()
+
+
 async def _respond(
     request: Request, broker: Broker, job: Job, shape: _Shape, *, stream: bool, include_usage: bool
 ) -> Response:
     watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
+
+    def close() -> None:
+        watcher.cancel()
+        broker.release(job)
+
     streaming = False
     try:
         first = await job.events.get()
@@ -235,13 +272,11 @@ async def _respond(
             return error_response(first)
         headers = {WORKER_HEADER: job.served_by or ""}
         if stream:
-            # From here StreamingResponse watches for the disconnect itself.
-            watcher.cancel()
-            streaming = True
-            return StreamingResponse(
-                _stream(broker, job, shape, first, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+            streaming = True  # the response closes the job when it ends
+            return _EventStream(
+                _stream(job, shape, first, include_usage),
+                {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+                close,
             )
         parts, event = await _until_final(job, first)
         if (unfinished := _unfinished(event)) is not None:
@@ -252,39 +287,40 @@ async def _respond(
             headers=headers,
         )
     finally:
-        watcher.cancel()
         if not streaming:
-            broker.release(job)
+            close()
 
 
-async def _stream(
-    broker: Broker, job: Job, shape: _Shape, first: Any, include_usage: bool
-) -> AsyncIterator[bytes]:
-    try:
-        if shape.kind == "chat":
-            yield shape.delta(None, role=True)
-        event = first
-        while True:
-            if isinstance(event, P.Chunk):
-                if event.text:
-                    yield shape.delta(event.text)
-            elif event is CLIENT_GONE:
-                return
-            elif isinstance(event, P.Done):
-                yield shape.delta(
-                    None if shape.kind == "chat" else "", finish=event.finish_reason, done=event
-                )
-                if include_usage:
-                    yield shape.usage_chunk(event.usage)
-                break
-            else:
-                # Output already went out, so the status is 200: the error travels in-band.
-                yield _sse(event.body())
-                break
+async def _stream(job: Job, shape: _Shape, first: Any, include_usage: bool) -> AsyncIterator[bytes]:
+    """The SSE bytes of a job's events; whatever is already queued goes out in one write."""
+    # The role delta rides with the first token: one write, one packet, one client wake-up.
+    data = shape.delta(None, role=True) if shape.kind == "chat" else b""
+    event = first
+    while True:
+        if isinstance(event, P.Chunk):
+            if event.text:
+                data += shape.delta(event.text)
+        elif event is CLIENT_GONE:
+            return
+        elif isinstance(event, P.Done):
+            data += shape.delta(
+                None if shape.kind == "chat" else "", finish=event.finish_reason, done=event
+            )
+            if include_usage:
+                data += shape.usage_chunk(event.usage)
+            yield data + b"data: [DONE]\n\n"
+            return
+        else:
+            # Output already went out, so the status is 200: the error travels in-band.
+            yield data + _sse(event.body()) + b"data: [DONE]\n\n"
+            return
+        if job.events.empty():
+            if data:
+                yield data
+                data = b""
             event = await job.events.get()
-        yield b"data: [DONE]\n\n"
-    finally:
-        broker.release(job)
+        else:
+            event = job.events.get_nowait()
 
 
 async def chat_completions(request: Request) -> Response:
