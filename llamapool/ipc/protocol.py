@@ -1,8 +1,10 @@
 """Wire protocol between the router and its workers.
 
-Frames (after ZeroMQ's identity frame on the router side):
-`[b"LP1"][type: 1 byte][msgpack body]`. Bodies are msgspec Structs decoded with a
-typed decoder per message type; nothing is ever pickled across the boundary.
+Control channel, ZeroMQ (after the identity frame on the router side):
+`[b"LP1"][type: 1 byte][msgpack body]`. Data channel, a stream socket pair per worker:
+`[length: 4 bytes big-endian][type: 1 byte][msgpack body]`, length counting type and
+body. Bodies are msgspec Structs decoded with a typed decoder per message type; nothing
+is ever pickled across the boundary.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from typing import Any, Literal
 import msgspec
 
 VERSION = b"LP1"
-# A worker's engine thread sends its output on a second socket whose identity is the
-# worker id plus this suffix (worker ids end in "-<number>", so none ends with it).
-OUTPUT_SUFFIX = "/out"
+# The largest data-channel frame either side accepts (a DONE carries embedding vectors).
+MAX_FRAME = 256 << 20
 
 
 class ProtocolError(Exception):
@@ -184,3 +185,44 @@ def decode(frames: list[bytes]) -> Any:
         return _DECODERS[kind[0]].decode(body)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"bad {_TYPES[kind[0]].__name__} body: {exc}") from None
+
+
+# -- the data channel: length-prefixed frames on a stream socket ------------------------
+
+
+def pack(message: Any) -> bytes:
+    """One data-channel frame."""
+    body = _encoder.encode(message)
+    return (len(body) + 1).to_bytes(4, "big") + _CODES[type(message)] + body
+
+
+class FrameReader:
+    """Reassembles data-channel frames from the bytes of a stream, in any split."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        """The messages completed by `data`; raise ProtocolError on a malformed frame."""
+        buf = self._buf
+        buf += data
+        out = []
+        start = 0
+        while len(buf) - start >= 4:
+            size = int.from_bytes(buf[start : start + 4], "big")
+            if not 1 <= size <= MAX_FRAME:
+                raise ProtocolError(f"bad frame length {size}")
+            end = start + 4 + size
+            if len(buf) < end:
+                break
+            code = buf[start + 4]
+            if code not in _DECODERS:
+                raise ProtocolError(f"unknown message type {bytes([code])!r}")
+            try:
+                out.append(_DECODERS[code].decode(memoryview(buf)[start + 5 : end]))
+            except msgspec.DecodeError as exc:
+                raise ProtocolError(f"bad {_TYPES[code].__name__} body: {exc}") from None
+            start = end
+        if start:
+            del buf[:start]
+        return out

@@ -17,6 +17,7 @@ import zmq
 from llamapool import errors
 from llamapool.config import Config, ConfigError, ModelSpec, load_config
 from llamapool.ipc import protocol as P
+from llamapool.ipc.channel import DataChannel
 from llamapool.ipc.sockets import broker_endpoint, make_ipc_dir, remove_ipc_dir, router_socket
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.scheduler import Job, Scheduler
@@ -54,6 +55,7 @@ class Broker:
             on_worker_ready=self._on_worker_ready,
             on_model_failed=self._on_model_failed,
             on_drain=lambda w: self.send(w, P.Shutdown(drain=True)),
+            on_spawned=self._attach,
             observer=observer,
             log_level=log_level,
             worker_log=worker_log,
@@ -79,8 +81,8 @@ class Broker:
     # -- lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:
-        self.supervisor.tick()
         self._loop = asyncio.get_running_loop()
+        self.supervisor.tick()
         self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._drain)
         self._tasks = [asyncio.create_task(self._tick_loop(), name="broker-tick")]
 
@@ -106,6 +108,9 @@ class Broker:
         if self._loop is not None:
             self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
         await asyncio.to_thread(self.supervisor.terminate_all, 3.0)
+        for w in list(self.supervisor.workers.values()):
+            if w.channel is not None:
+                w.channel.close()
         self.sock.close(linger=0)
         self.ctx.term()
         remove_ipc_dir(self.ipc_dir)
@@ -131,12 +136,19 @@ class Broker:
     # -- messages ---------------------------------------------------------------
 
     def send(self, worker: WorkerHandle, message: Any) -> bool:
-        """Send to one worker; False when ZeroMQ says it is unreachable."""
-        return self._send_raw(worker, [worker.identity, *P.encode(message)])
+        """Send to one worker; False when it is unreachable.
 
-    def _send_raw(self, worker: WorkerHandle, frames: list[bytes]) -> bool:
+        Requests travel on the data socket, straight to the engine thread. A CANCEL goes
+        on both: the engine reads its copy in order with the requests, the I/O thread's
+        copy stops a decode in progress. The rest is control traffic on ZeroMQ.
+        """
+        if isinstance(message, P.Request | P.Cancel):
+            if worker.channel is None or not worker.channel.send(message):
+                return False
+            if isinstance(message, P.Request):
+                return True
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            self.sock.send_multipart([worker.identity, *P.encode(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             # Expected for a worker that is exiting and not yet reaped.
             level = logging.DEBUG if worker.stop_requested else logging.WARNING
@@ -171,12 +183,9 @@ class Broker:
             self._loop.call_soon(self._drain)
 
     def _handle(self, frames: list[bytes]) -> None:
+        """A control message from a worker's ZeroMQ socket."""
         identity, body = frames[0].decode(errors="replace"), frames[1:]
-        # The engine thread's output socket (`<worker id>/out`) speaks for the same worker.
-        output = identity.endswith(P.OUTPUT_SUFFIX)
-        worker = self.supervisor.workers.get(
-            identity[: -len(P.OUTPUT_SUFFIX)] if output else identity
-        )
+        worker = self.supervisor.workers.get(identity)
         if worker is None:
             self.scheduler.dropped_replies += 1
             return
@@ -186,13 +195,34 @@ class Broker:
         except P.ProtocolError as exc:
             self._protocol_violation(worker, str(exc))
             return
+        if isinstance(msg, P.Chunk | P.Done | P.Error | P.Ping):
+            self._protocol_violation(worker, f"{type(msg).__name__} on the control socket")
+        else:
+            self._on_message(worker, msg)
+
+    def _attach(self, worker: WorkerHandle) -> None:
+        """Read a newly spawned worker's data socket from the loop."""
+        assert self._loop is not None and worker.data is not None
+        worker.channel = DataChannel(
+            self._loop,
+            worker.data,
+            lambda msg: self._on_data(worker, msg),
+            lambda why: self._protocol_violation(worker, why),
+        )
+
+    def _on_data(self, worker: WorkerHandle, msg: Any) -> None:
+        """A message from a worker's data socket: its engine's output."""
+        worker.last_seen = time.monotonic()
         if isinstance(msg, P.Ping):
-            # Everything this socket sent before the PING has been handled: say so.
-            self._send_raw(worker, [frames[0], *P.encode(P.Pong(seq=msg.seq))])
-        elif isinstance(msg, P.Ready):
-            if output:
-                self._protocol_violation(worker, "READY on the output socket")
-                return
+            # Everything the engine sent before its PING has been handled: say so.
+            worker.channel.send(P.Pong(seq=msg.seq))
+        elif isinstance(msg, P.Chunk | P.Done | P.Error | P.Fatal):
+            self._on_message(worker, msg)
+        else:
+            self._protocol_violation(worker, f"{type(msg).__name__} on the data socket")
+
+    def _on_message(self, worker: WorkerHandle, msg: Any) -> None:
+        if isinstance(msg, P.Ready):
             if worker.stop_requested:
                 return  # drained while booting; it is being stopped
             if worker.state is not WorkerState.STARTING or msg.worker_id != worker.id:
@@ -223,6 +253,11 @@ class Broker:
         self.scheduler.dispatch(worker.model_id)
 
     def _on_worker_lost(self, worker: WorkerHandle, reason: str) -> None:
+        if worker.channel is not None:
+            # What the worker wrote before it went (a drained worker's last DONE, the
+            # chunks before a crash) is still in the socket: take it before judging.
+            worker.channel.read()
+            worker.channel.close()
         self.scheduler.on_worker_lost(worker, reason)
 
     def _on_model_failed(self, model_id: str, reason: str) -> None:

@@ -12,13 +12,14 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import msgspec
 import psutil
@@ -80,11 +81,14 @@ class WorkerHandle:
     last_prefix: str = ""  # prefix key of the last request it served (its KV cache holds it)
     stop_requested: bool = False
     killed: bool = False  # SIGKILL sent: takes no new work while it waits to be reaped
-    exit_seen_at: float | None = None
     fatal_reason: str | None = None
     cannot_boot: bool = False
     history: deque = field(default_factory=lambda: deque(maxlen=20))
     memory: Sample | None = None
+    # The router's end of the worker's data socket (requests in, tokens out), and the
+    # channel the broker wraps around it.
+    data: socket.socket | None = None
+    channel: Any = None
 
     @property
     def pid(self) -> int:
@@ -172,6 +176,7 @@ class Supervisor:
         on_worker_ready: Callable[[WorkerHandle], None],
         on_model_failed: Callable[[str, str], None],
         on_drain: Callable[[WorkerHandle], None] = lambda w: None,
+        on_spawned: Callable[[WorkerHandle], None] = lambda w: None,
         observer: PoolObserver | None = None,
         log_level: str = "INFO",
         worker_log: IO | None = None,
@@ -182,6 +187,7 @@ class Supervisor:
         self.on_worker_ready = on_worker_ready
         self.on_model_failed = on_model_failed
         self.on_drain = on_drain
+        self.on_spawned = on_spawned
         self.observer = observer or PoolObserver()
         self.log_level = log_level
         self.worker_log = worker_log
@@ -266,6 +272,8 @@ class Supervisor:
             spec, config=msgspec.structs.replace(spec.config, n_threads=n_threads)
         )
         worker_id = f"{model_id}-{next(self._ids)}"
+        # The data socket: a pair, so no address to guard and no connection to wait for.
+        router_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         s = self.settings
         env = dict(os.environ)
         env[SPEC_ENV] = msgspec.json.encode(worker_spec).decode()
@@ -279,6 +287,8 @@ class Supervisor:
             worker_id,
             "--endpoint",
             self.endpoint,
+            "--data-fd",
+            str(child_end.fileno()),
             "--parent-pid",
             str(os.getpid()),
             "--cores",
@@ -292,19 +302,32 @@ class Supervisor:
             "--log-level",
             self.log_level,
         ]
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.worker_log,
-            stderr=self.worker_log,
-            start_new_session=True,  # its own process group: we kill the whole group
-        )
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self.worker_log,
+                stderr=self.worker_log,
+                pass_fds=(child_end.fileno(),),
+                start_new_session=True,  # its own process group: we kill the whole group
+            )
+        except BaseException:
+            router_end.close()
+            raise
+        finally:
+            child_end.close()
         handle = WorkerHandle(
-            id=worker_id, model_id=model_id, proc=proc, cores=cores, n_threads=n_threads
+            id=worker_id,
+            model_id=model_id,
+            proc=proc,
+            cores=cores,
+            n_threads=n_threads,
+            data=router_end,
         )
         self.workers[worker_id] = handle
         self._transition(handle, WorkerState.STARTING, f"spawned pid {proc.pid} on cores {cores}")
+        self.on_spawned(handle)
         return handle
 
     def _transition(self, w: WorkerHandle, state: WorkerState, reason: str) -> None:
@@ -370,13 +393,6 @@ class Supervisor:
 
     def _on_exit(self, w: WorkerHandle, code: int, now: float) -> None:
         was = w.state
-        if w.stop_requested and code == 0 and w.in_flight:
-            # A drained worker sends its last DONE and exits; give the socket a moment to
-            # deliver it before treating what is still in flight as lost.
-            if w.exit_seen_at is None:
-                w.exit_seen_at = now
-            if now - w.exit_seen_at < 0.5:
-                return
         if w.stop_requested:
             self._transition(w, WorkerState.STOPPED, _describe_exit(code))
             self.workers.pop(w.id, None)

@@ -1,12 +1,14 @@
-"""Worker subprocess: two DEALER sockets, one Llama, two threads.
+"""Worker subprocess: a control socket, a data socket, one Llama, two threads.
 
-The main (I/O) thread owns the worker's socket (zmq sockets are not thread-safe): it
-sends READY and heartbeats, takes requests and cancels, and watches for the router's
-death, so heartbeats keep flowing during a long prompt evaluation. The engine thread
-runs llama.cpp and sends its output (CHUNK, DONE, ERROR, its own FATAL) straight to the
-router on a second DEALER socket, `<worker id>/out`: a token never waits for the I/O
-thread to wake. An inproc PAIR socket tells the I/O thread when a request has finished
-or the engine has died.
+The main (I/O) thread owns the ZeroMQ DEALER control socket: it sends READY and
+heartbeats, takes CANCEL (to stop a decode in progress) and SHUTDOWN, and watches for the
+router's death, so heartbeats keep flowing during a long prompt evaluation. The engine
+thread owns the data socket, one end of a socket pair the supervisor created: it reads
+REQUEST and CANCEL from it and writes CHUNK, DONE, ERROR and its own FATAL to it. A
+request and its first token each cross one socket and wake one thread; through ZeroMQ
+each crossing woke four (both sides' I/O threads, the worker's main thread, the engine).
+An inproc PAIR socket tells the I/O thread when a request has finished or the engine
+has died.
 
 Run as `python -m llamapool.pool.worker` by the supervisor; the model spec comes
 as JSON in the LLAMAPOOL_WORKER_SPEC environment variable.
@@ -15,12 +17,15 @@ as JSON in the LLAMAPOOL_WORKER_SPEC environment variable.
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import errno
 import logging
 import os
 import queue
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -101,15 +106,14 @@ class FaultInjector:
         if self.fire("start"):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def at_chunk(self, out: zmq.Socket) -> None:
-        """Fire an "after output" fault, once the router confirms it holds that output."""
+    def at_chunk(self, inbox: _Inbox) -> None:
+        """Fire an "after output" fault, once the router confirms it has that output."""
         if not self.fire("chunk"):
             return
-        # A queued frame is not a delivered one: without the router's PONG, a crash here
-        # could beat the CHUNK out of the process.
-        out.send_multipart(P.encode(P.Ping(seq=1)))
-        if out.poll(_ACK_TIMEOUT_MS):
-            out.recv_multipart()
+        # Without the router's PONG, a crash here could kill the router's reader
+        # before it took the CHUNK, and the request would look output-free.
+        inbox.send(P.Ping(seq=1))
+        inbox.wait_pong(_ACK_TIMEOUT_MS / 1000)
         if self.kind == "broken_pipe":
             raise BrokenPipeError(errno.EPIPE, "Broken pipe (injected)")
         if self.kind == "segfault":
@@ -118,42 +122,121 @@ class FaultInjector:
             threading.Event().wait()
 
 
-class _SocketSink:
-    """The engine thread's output: every event becomes frames to the router."""
+class _Inbox:
+    """The engine thread's end of the data socket, read like the queue `serve` expects.
 
-    def __init__(self, worker: Worker, out: zmq.Socket):
+    `get` returns the next accepted REQUEST, or None once the worker is stopping (or the
+    router's end is gone). CANCELs are applied as they are read; a REQUEST beyond the
+    engine's capacity, or while draining, is refused with a retryable `worker_busy`.
+    """
+
+    def __init__(self, worker: Worker, sock: socket.socket):
         self.worker = worker
-        self.out = out
+        self.sock = sock
+        self.reader = P.FrameReader()
+        self.pending: collections.deque = collections.deque()
+        self.closed = False
+        self.stop_said = False
+
+    def send(self, message: object) -> None:
+        self.sock.sendall(P.pack(message))
+
+    def _read(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` (None: forever) for bytes or a stop; False if none came."""
+        wake = self.worker.wake_r
+        ready, _, _ = select.select([self.sock, wake], [], [], timeout)
+        if wake in ready:
+            os.read(wake, 64)
+        if self.sock not in ready:
+            return bool(ready)
+        try:
+            data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.closed = True  # the router's end is gone; the I/O thread notices too
+            return True
+        try:
+            self.pending.extend(self.reader.feed(data))
+        except P.ProtocolError as exc:
+            log.error(
+                "worker %s: protocol error on the data socket: %s", self.worker.worker_id, exc
+            )
+            self.closed = True
+        return True
+
+    def get(self, block: bool = True) -> P.Request | None:
+        while True:
+            while self.pending:
+                msg = self.pending.popleft()
+                if isinstance(msg, P.Request):
+                    if self.worker.accept(msg, self):
+                        return msg
+                elif isinstance(msg, P.Cancel):
+                    self.worker.cancel(msg.request_id)
+                elif isinstance(msg, P.Pong):
+                    pass  # a PONG that came after its fault gave up waiting
+                else:
+                    log.error(
+                        "worker %s: unexpected %s on the data socket", self.worker.worker_id, msg
+                    )
+            if self.closed or self.worker.stopping:
+                # Like a queue's None sentinel: said once, then the queue is just empty.
+                if block or not self.stop_said:
+                    self.stop_said = True
+                    return None
+                raise queue.Empty
+            if not self._read(None if block else 0) and not block:
+                raise queue.Empty
+
+    def get_nowait(self) -> P.Request | None:
+        return self.get(block=False)
+
+    def wait_pong(self, timeout: float) -> None:
+        """Read until the router's PONG (keeping anything else for `get`) or the timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.closed and time.monotonic() < deadline:
+            pong = next((m for m in self.pending if isinstance(m, P.Pong)), None)
+            if pong is not None:
+                self.pending.remove(pong)
+                return
+            self._read(max(0.0, deadline - time.monotonic()))
+
+
+class _Sink:
+    """The engine thread's output: every event becomes a frame on the data socket."""
+
+    def __init__(self, worker: Worker, inbox: _Inbox):
+        self.worker = worker
+        self.inbox = inbox
         self.faults = worker.faults
 
     def start(self, request_id: str) -> None:
         self.faults.at_start()
 
     def chunk(self, request_id: str, text: str, tokens: int) -> None:
-        self.out.send_multipart(P.encode(P.Chunk(request_id=request_id, text=text, tokens=tokens)))
+        self.inbox.send(P.Chunk(request_id=request_id, text=text, tokens=tokens))
         if self.faults.kind:
-            self.faults.at_chunk(self.out)
+            self.faults.at_chunk(self.inbox)
 
     def done(self, request_id: str, result: Result) -> None:
         self.worker.finished(request_id)
-        self.out.send_multipart(
-            P.encode(
-                P.Done(
-                    request_id=request_id,
-                    finish_reason=result.finish_reason,
-                    usage=result.usage,
-                    timings=result.timings,
-                    embeddings=result.embeddings,
-                )
+        self.inbox.send(
+            P.Done(
+                request_id=request_id,
+                finish_reason=result.finish_reason,
+                usage=result.usage,
+                timings=result.timings,
+                embeddings=result.embeddings,
             )
         )
         self.worker.notify(_FINISHED)
 
     def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None:
         self.worker.finished(request_id)
-        self.out.send_multipart(
-            P.encode(P.Error(request_id=request_id, code=code, message=message, param=param))
-        )
+        self.inbox.send(P.Error(request_id=request_id, code=code, message=message, param=param))
         self.worker.notify(_FINISHED)
 
 
@@ -186,10 +269,11 @@ class Worker:
         self.sock = dealer_socket(self.ctx, args.endpoint, self.worker_id)
         self.events = self.ctx.socket(zmq.PAIR)
         self.events.bind(_EVENTS)
-        self.jobs: queue.Queue[P.Request | None] = queue.Queue()
-        # Requests handed to the engine, not finished yet: the I/O thread adds, the engine
-        # thread removes (before its DONE leaves, so the router never sees a full worker
-        # that has room).
+        self.data = socket.socket(fileno=args.data_fd)  # the engine thread's alone
+        self.wake_r, self.wake_w = os.pipe()  # the I/O thread wakes an idle engine to stop
+        self.stopping = False
+        # Requests the engine accepted and has not finished: both threads read it (the
+        # heartbeat, the stall watchdog, CANCEL), only the engine thread changes it.
         self.active: set[str] = set()
         self.active_lock = threading.Lock()
         self.notices: zmq.Socket | None = None  # the engine thread's end of `events`
@@ -247,26 +331,61 @@ class Worker:
         self.notices = self.ctx.socket(zmq.PAIR)
         self.notices.setsockopt(zmq.LINGER, 0)
         self.notices.connect(_EVENTS)
-        out = dealer_socket(self.ctx, self.args.endpoint, self.worker_id + P.OUTPUT_SUFFIX)
+        inbox = _Inbox(self, self.data)
         try:
-            self.engine.serve(self.jobs, _SocketSink(self, out))
+            self.engine.serve(inbox, _Sink(self, inbox))  # type: ignore[arg-type]
         except BaseException as exc:  # noqa: BLE001 - reported as FATAL, then the worker exits
             reason = f"engine thread died: {exc!r}"
             if is_broken_pipe(exc):
                 reason = f"broken pipe in generation: {exc!r}"
             traceback.print_exc()
-            # On the output socket: the router must see it after this engine's last output.
-            out.send_multipart(P.encode(P.Fatal(reason=reason)))
+            # On the data socket: the router must see it after this engine's last output.
+            try:
+                inbox.send(P.Fatal(reason=reason))
+            except OSError:
+                pass
             self.notify(_DIED)
         finally:
-            out.close(linger=1000)  # a last DONE or the FATAL still has to leave
             self.notices.close()
+
+    def accept(self, msg: P.Request, inbox: _Inbox) -> bool:
+        """Take a request (engine thread), or refuse it when full or draining."""
+        with self.active_lock:
+            accepted = len(self.active) < self.engine.capacity and not self.draining
+            if accepted:
+                if not self.active:
+                    self.busy_since = time.monotonic()
+                self.active.add(msg.request_id)
+            else:
+                busy = sorted(self.active)
+        if not accepted:
+            why = "draining" if self.draining else f"busy with {busy}"
+            inbox.send(
+                P.Error(
+                    request_id=msg.request_id,
+                    code="worker_busy",
+                    message=f"worker {self.worker_id} is {why}",
+                    retryable=True,
+                )
+            )
+        return accepted
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request the engine has (either thread); an unknown one has ended."""
+        with self.active_lock:
+            if request_id in self.active:
+                self.engine.cancel(request_id)
 
     def finished(self, request_id: str) -> None:
         """A request has ended (engine thread): its slot is free from now on."""
         with self.active_lock:
             self.active.discard(request_id)
-        self.engine.forget(request_id)
+            self.engine.forget(request_id)
+
+    def stop_engine(self) -> None:
+        """Let the engine thread return once it is idle (I/O thread)."""
+        self.stopping = True
+        os.write(self.wake_w, b"x")
 
     def notify(self, notice: bytes) -> None:
         """Wake the I/O thread (engine thread)."""
@@ -339,30 +458,9 @@ class Worker:
             except P.ProtocolError as exc:
                 log.error("worker %s: protocol error from router: %s", self.worker_id, exc)
                 continue
-            if isinstance(msg, P.Request):
-                with self.active_lock:
-                    accepted = len(self.active) < self.engine.capacity and not self.draining
-                    if accepted:
-                        if not self.active:
-                            self.busy_since = time.monotonic()
-                        self.active.add(msg.request_id)
-                    else:
-                        busy = sorted(self.active)
-                if not accepted:
-                    why = "draining" if self.draining else f"busy with {busy}"
-                    self.send(
-                        P.Error(
-                            request_id=msg.request_id,
-                            code="worker_busy",
-                            message=f"worker {self.worker_id} is {why}",
-                            retryable=True,
-                        )
-                    )
-                    continue
-                self.jobs.put(msg)
-            elif isinstance(msg, P.Cancel):
-                if msg.request_id in self.active:
-                    self.engine.cancel(msg.request_id)
+            if isinstance(msg, P.Cancel):
+                # The engine reads its own copy between steps; this one stops a decode.
+                self.cancel(msg.request_id)
             elif isinstance(msg, P.Shutdown):
                 if not msg.drain or not self.active:
                     return EXIT_OK
@@ -394,6 +492,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llamapool-worker")
     p.add_argument("--worker-id", required=True)
     p.add_argument("--endpoint", required=True)
+    p.add_argument("--data-fd", type=int, required=True)
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--cores", default="")
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
@@ -419,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args, spec)
     worker.boot()
     code = worker.run()
-    worker.jobs.put(None)  # lets an idle engine thread close its socket, so close() is quick
+    worker.stop_engine()  # lets an idle engine thread close its socket, so close() is quick
     worker.close()
     # os._exit: llama.cpp's destructors and a daemon engine thread mid-decode
     # must not hold the exit up.

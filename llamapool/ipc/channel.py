@@ -1,0 +1,101 @@
+"""The router's end of a worker's data socket, driven by the asyncio loop.
+
+Frames in are read by a loop reader and handed over one message at a time; frames out
+are written at once and, if the socket is full, buffered until it drains. Nothing here
+ever blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from llamapool.ipc import protocol as P
+
+_READ_SIZE = 1 << 16
+
+
+class DataChannel:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_message: Callable[[Any], None],
+        on_broken: Callable[[str], None],
+    ):
+        sock.setblocking(False)
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.on_message = on_message
+        self.on_broken = on_broken
+        self.reader = P.FrameReader()
+        self.out = bytearray()
+        self.closed = False
+        self.eof = False
+        loop.add_reader(self.fd, self.read)
+
+    def send(self, message: Any) -> bool:
+        """Queue one message; False when the worker's end is gone."""
+        if self.closed or self.eof:
+            return False
+        data = P.pack(message)
+        if not self.out:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return False
+            if sent == len(data):
+                return True
+            data = data[sent:]
+            self.loop.add_writer(self.fd, self._flush)
+        self.out += data
+        return True
+
+    def _flush(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            sent = len(self.out)  # the worker is gone; its reaping tells the story
+        del self.out[:sent]
+        if not self.out:
+            self.loop.remove_writer(self.fd)
+
+    def read(self) -> None:
+        """Handle what the socket holds now (the loop's reader callback, or a last drain)."""
+        while not self.closed and not self.eof:
+            try:
+                data = self.sock.recv(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                # The worker closed its end or died; the supervisor reaps the process.
+                self.eof = True
+                self.loop.remove_reader(self.fd)
+                return
+            try:
+                messages = self.reader.feed(data)
+            except P.ProtocolError as exc:
+                self.close()
+                self.on_broken(str(exc))
+                return
+            for message in messages:
+                self.on_message(message)
+            if len(data) < _READ_SIZE:
+                return
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self.sock.close()
