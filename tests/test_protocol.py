@@ -65,3 +65,37 @@ def test_usage_total():
 def test_malformed_frames_raise(frames, needle):
     with pytest.raises(P.ProtocolError, match=needle):
         P.decode(frames)
+
+
+# -- the data channel's framing -------------------------------------------------------
+
+_STREAM = [
+    P.Request(request_id="r-1", kind="completion", prompt="hé"),
+    P.Chunk(request_id="r-1", text="ü", tokens=1),
+    P.Done(request_id="r-1", finish_reason="stop", usage=P.Usage(2, 1)),
+    P.Pong(seq=4),
+]
+
+
+def test_frames_survive_any_split_of_the_stream():
+    data = b"".join(P.pack(m) for m in _STREAM)
+    for step in (1, 2, 3, 7, len(data)):
+        reader = P.FrameReader()
+        got = []
+        for i in range(0, len(data), step):
+            got += reader.feed(data[i : i + step])
+        assert got == _STREAM
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"\x00\x00\x00\x00", "bad frame length 0"),
+        ((P.MAX_FRAME + 1).to_bytes(4, "big"), "bad frame length"),
+        (b"\x00\x00\x00\x01\x7f", "unknown message type"),
+        (b"\x00\x00\x00\x02\x03\xc0", "bad Chunk body"),
+    ],
+)
+def test_malformed_data_frames_raise(data, needle):
+    with pytest.raises(P.ProtocolError, match=needle):
+        P.FrameReader().feed(data)

@@ -1,0 +1,188 @@
+"""The data channel between the router and a worker's engine, over a real socket pair.
+
+The router's end (`DataChannel`, on an asyncio loop) and the engine's end (`_Inbox`,
+read like a queue by `serve`) talk to each other here exactly as they do in the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import socket
+import threading
+
+import pytest
+
+from llamapool.ipc import protocol as P
+from llamapool.ipc.channel import DataChannel
+from llamapool.pool.worker import _Inbox
+
+
+class _Engineside:
+    """The parts of Worker the inbox calls, recording what it did."""
+
+    def __init__(self, accept: bool = True):
+        self.worker_id = "m-1"
+        self.wake_r, self.wake_w = os.pipe()
+        self.stopping = False
+        self.accepting = accept
+        self.accepted: list[str] = []
+        self.refused: list[str] = []
+        self.cancelled: list[str] = []
+
+    def accept(self, msg: P.Request, inbox: _Inbox) -> bool:
+        (self.accepted if self.accepting else self.refused).append(msg.request_id)
+        return self.accepting
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+    def stop(self) -> None:
+        self.stopping = True
+        os.write(self.wake_w, b"x")
+
+    def close(self) -> None:
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+@pytest.fixture
+def pair():
+    router_end, engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker = _Engineside()
+    yield router_end, _Inbox(worker, engine_end), worker  # type: ignore[arg-type]
+    engine_end.close()
+    router_end.close()
+    worker.close()
+
+
+def _request(rid: str, prompt: str = "hi") -> P.Request:
+    return P.Request(request_id=rid, kind="completion", prompt=prompt)
+
+
+def test_requests_reach_the_engine_and_output_reaches_the_router(pair):
+    router_end, inbox, worker = pair
+
+    async def scenario() -> list:
+        received: list = []
+        got_done = asyncio.Event()
+
+        def on_message(msg):
+            received.append(msg)
+            if isinstance(msg, P.Done):
+                got_done.set()
+
+        channel = DataChannel(asyncio.get_running_loop(), router_end, on_message, pytest.fail)
+        assert channel.send(_request("r-1"))
+
+        def engine() -> None:
+            req = inbox.get()
+            inbox.send(P.Chunk(request_id=req.request_id, text="a", tokens=1))
+            inbox.send(P.Done(request_id=req.request_id, finish_reason="stop", usage=P.Usage(1, 1)))
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        await asyncio.wait_for(got_done.wait(), 10)
+        thread.join()
+        channel.close()
+        return received
+
+    received = asyncio.run(scenario())
+    assert [type(m).__name__ for m in received] == ["Chunk", "Done"]
+    assert worker.accepted == ["r-1"]
+
+
+def test_a_cancel_is_applied_in_order_and_a_refused_request_never_returned(pair):
+    router_end, inbox, worker = pair
+    router_end.sendall(P.pack(_request("r-1")) + P.pack(P.Cancel(request_id="r-1")))
+    assert inbox.get().request_id == "r-1"
+    assert worker.cancelled == []  # not read yet: the engine reads between steps
+    with pytest.raises(queue.Empty):
+        inbox.get_nowait()
+    assert worker.cancelled == ["r-1"]
+    worker.accepting = False
+    router_end.sendall(P.pack(_request("r-2")))
+    with pytest.raises(queue.Empty):
+        inbox.get_nowait()
+    assert worker.refused == ["r-2"]
+
+
+def test_stop_ends_a_blocked_get_once(pair):
+    _, inbox, worker = pair
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(inbox.get()))
+    thread.start()
+    worker.stop()
+    thread.join(10)
+    assert result == [None]
+    with pytest.raises(queue.Empty):  # like a queue: the sentinel is said once
+        inbox.get_nowait()
+
+
+def test_the_router_going_away_ends_the_engine(pair):
+    router_end, inbox, _ = pair
+    router_end.close()
+    assert inbox.get() is None
+
+
+def test_waiting_for_a_pong_keeps_what_came_before_it(pair):
+    router_end, inbox, worker = pair
+    router_end.sendall(P.pack(_request("r-1")) + P.pack(P.Pong(seq=1)))
+    inbox.wait_pong(10)
+    assert worker.accepted == []
+    assert inbox.get().request_id == "r-1"
+
+
+def test_a_full_socket_buffers_and_flushes_without_blocking_the_loop(pair):
+    router_end, inbox, _ = pair
+    router_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = _request("r-big", prompt="x" * (1 << 20))
+
+    async def scenario() -> DataChannel:
+        channel = DataChannel(asyncio.get_running_loop(), router_end, pytest.fail, pytest.fail)
+        assert channel.send(big)  # returns at once: the rest waits in the channel
+        assert channel.out
+        assert channel.send(_request("r-2"))
+        got = await asyncio.to_thread(lambda: [inbox.get(), inbox.get()])
+        assert [r.request_id for r in got] == ["r-big", "r-2"]
+        assert got[0].prompt == big.prompt
+        assert not channel.out  # the engine has every byte, so nothing is left to flush
+        return channel
+
+    asyncio.run(scenario()).close()
+
+
+def test_a_malformed_frame_closes_the_channel_with_the_reason(pair):
+    router_end, inbox, _ = pair
+
+    async def scenario() -> tuple[list[str], DataChannel]:
+        broken: list[str] = []
+        reported = asyncio.Event()
+
+        def on_broken(why: str) -> None:
+            broken.append(why)
+            reported.set()
+
+        channel = DataChannel(asyncio.get_running_loop(), router_end, pytest.fail, on_broken)
+        inbox.sock.sendall(b"\x00\x00\x00\x00")
+        await asyncio.wait_for(reported.wait(), 10)
+        return broken, channel
+
+    broken, channel = asyncio.run(scenario())
+    assert broken == ["bad frame length 0"]
+    assert channel.closed
+    assert not channel.send(_request("r-1"))
+
+
+def test_sending_to_a_gone_worker_says_so(pair):
+    router_end, inbox, _ = pair
+
+    async def scenario() -> bool:
+        channel = DataChannel(asyncio.get_running_loop(), router_end, pytest.fail, pytest.fail)
+        inbox.sock.close()
+        ok = channel.send(_request("r-1"))
+        channel.close()
+        return ok
+
+    assert asyncio.run(scenario()) is False
