@@ -8,16 +8,21 @@ ever blocks the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from llamapool.ipc import protocol as P
 
+log = logging.getLogger("llamapool.channel")
+
 _READ_SIZE = 1 << 16
 
 
 class DataChannel:
+    """One worker's data socket, seen from the router's loop."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -88,7 +93,10 @@ class DataChannel:
                 self.on_broken(str(exc))
                 return
             for message in messages:
-                self.on_message(message)
+                try:
+                    self.on_message(message)
+                except Exception:  # one bad message must not lose the ones after it
+                    log.exception("failed to handle %s from a worker", type(message).__name__)
             if len(data) < _READ_SIZE:
                 return
 
