@@ -116,7 +116,8 @@ class AdminSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The top-level `server:` block: limits of the HTTP layer."""
 
-    max_body_bytes: PositiveInt = 1 << 20
+    # At most 64 MiB: a request must fit a data-channel frame (ipc.protocol.MAX_FRAME).
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=64 << 20)] = 1 << 20
 
 
 class _TopLevel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

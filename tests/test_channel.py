@@ -16,7 +16,7 @@ import pytest
 
 from llamapool.ipc import protocol as P
 from llamapool.ipc.channel import DataChannel
-from llamapool.pool.worker import _Inbox
+from llamapool.pool.worker import Worker, _Inbox
 
 
 class _Engineside:
@@ -61,6 +61,16 @@ def _request(rid: str, prompt: str = "hi") -> P.Request:
     return P.Request(request_id=rid, kind="completion", prompt=prompt)
 
 
+def _get(inbox: _Inbox, timeout: float = 10.0):
+    """inbox.get(), failing after `timeout` instead of hanging the suite."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(inbox.get()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert result, f"inbox.get() returned nothing within {timeout} s"
+    return result[0]
+
+
 def test_requests_reach_the_engine_and_output_reaches_the_router(pair):
     router_end, inbox, worker = pair
 
@@ -96,7 +106,7 @@ def test_requests_reach_the_engine_and_output_reaches_the_router(pair):
 def test_a_cancel_is_applied_in_order_and_a_refused_request_never_returned(pair):
     router_end, inbox, worker = pair
     router_end.sendall(P.pack(_request("r-1")) + P.pack(P.Cancel(request_id="r-1")))
-    assert inbox.get().request_id == "r-1"
+    assert _get(inbox).request_id == "r-1"
     assert worker.cancelled == []  # not read yet: the engine reads between steps
     with pytest.raises(queue.Empty):
         inbox.get_nowait()
@@ -111,7 +121,7 @@ def test_a_cancel_is_applied_in_order_and_a_refused_request_never_returned(pair)
 def test_stop_ends_a_blocked_get_once(pair):
     _, inbox, worker = pair
     result: list = []
-    thread = threading.Thread(target=lambda: result.append(inbox.get()))
+    thread = threading.Thread(target=lambda: result.append(inbox.get()), daemon=True)
     thread.start()
     worker.stop()
     thread.join(10)
@@ -123,15 +133,17 @@ def test_stop_ends_a_blocked_get_once(pair):
 def test_the_router_going_away_ends_the_engine(pair):
     router_end, inbox, _ = pair
     router_end.close()
-    assert inbox.get() is None
+    assert _get(inbox) is None
 
 
-def test_waiting_for_a_pong_keeps_what_came_before_it(pair):
+def test_a_ping_waits_for_its_own_pong_and_keeps_what_came_before_it(pair):
     router_end, inbox, worker = pair
-    router_end.sendall(P.pack(_request("r-1")) + P.pack(P.Pong(seq=1)))
-    inbox.wait_pong(10)
+    # A stale PONG (of an earlier fault that gave up) does not count.
+    router_end.sendall(P.pack(P.Pong(seq=9)) + P.pack(_request("r-1")) + P.pack(P.Pong(seq=1)))
+    inbox.ping(10)
+    assert P.FrameReader().feed(router_end.recv(1024)) == [P.Ping(seq=1)]
     assert worker.accepted == []
-    assert inbox.get().request_id == "r-1"
+    assert _get(inbox).request_id == "r-1"
 
 
 def test_a_full_socket_buffers_and_flushes_without_blocking_the_loop(pair):
@@ -144,7 +156,7 @@ def test_a_full_socket_buffers_and_flushes_without_blocking_the_loop(pair):
         assert channel.send(big)  # returns at once: the rest waits in the channel
         assert channel.out
         assert channel.send(_request("r-2"))
-        got = await asyncio.to_thread(lambda: [inbox.get(), inbox.get()])
+        got = await asyncio.to_thread(lambda: [_get(inbox), _get(inbox)])
         assert [r.request_id for r in got] == ["r-big", "r-2"]
         assert got[0].prompt == big.prompt
         assert not channel.out  # the engine has every byte, so nothing is left to flush
@@ -153,10 +165,12 @@ def test_a_full_socket_buffers_and_flushes_without_blocking_the_loop(pair):
     asyncio.run(scenario()).close()
 
 
-def test_a_malformed_frame_closes_the_channel_with_the_reason(pair):
+def test_a_malformed_frame_closes_the_channel_after_what_came_before(pair):
     router_end, inbox, _ = pair
+    done = P.Done(request_id="r-1", finish_reason="stop", usage=P.Usage(1, 1))
 
-    async def scenario() -> tuple[list[str], DataChannel]:
+    async def scenario() -> tuple[list, list[str], DataChannel]:
+        received: list = []
         broken: list[str] = []
         reported = asyncio.Event()
 
@@ -164,12 +178,13 @@ def test_a_malformed_frame_closes_the_channel_with_the_reason(pair):
             broken.append(why)
             reported.set()
 
-        channel = DataChannel(asyncio.get_running_loop(), router_end, pytest.fail, on_broken)
-        inbox.sock.sendall(b"\x00\x00\x00\x00")
+        channel = DataChannel(asyncio.get_running_loop(), router_end, received.append, on_broken)
+        inbox.sock.sendall(P.pack(done) + b"\x00\x00\x00\x00")
         await asyncio.wait_for(reported.wait(), 10)
-        return broken, channel
+        return received, broken, channel
 
-    broken, channel = asyncio.run(scenario())
+    received, broken, channel = asyncio.run(scenario())
+    assert received == [done]
     assert broken == ["bad frame length 0"]
     assert channel.closed
     assert not channel.send(_request("r-1"))
@@ -186,3 +201,47 @@ def test_sending_to_a_gone_worker_says_so(pair):
         return ok
 
     assert asyncio.run(scenario()) is False
+
+
+# -- admission against a drain (the request and the SHUTDOWN use different sockets) ----
+
+
+class _Admission:
+    """The state Worker.accept and Worker.begin_drain share."""
+
+    def __init__(self) -> None:
+        self.worker_id = "m-1"
+        self.active: set[str] = set()
+        self.active_lock = threading.Lock()
+        self.draining = False
+        self.busy_since = 0.0
+        self.engine = type("E", (), {"capacity": 2})()
+
+
+def test_a_request_that_beat_the_drain_is_waited_for(pair):
+    router_end, inbox, _ = pair
+    w = _Admission()
+    assert Worker.accept(w, _request("r-1"), inbox)
+    assert Worker.begin_drain(w, drain=True) is False  # r-1 runs to its end first
+    assert Worker.begin_drain(w, drain=False) is True  # a hard stop does not wait
+
+
+def test_a_request_after_the_drain_is_refused_as_retryable(pair):
+    router_end, inbox, _ = pair
+    w = _Admission()
+    assert Worker.begin_drain(w, drain=True) is True  # idle: may exit at once
+    assert not Worker.accept(w, _request("r-1"), inbox)
+    (refusal,) = P.FrameReader().feed(router_end.recv(4096))
+    assert refusal.code == "worker_busy" and refusal.retryable
+    assert "draining" in refusal.message
+    assert w.active == set()
+
+
+def test_a_full_engine_refuses_with_what_it_is_busy_with(pair):
+    router_end, inbox, _ = pair
+    w = _Admission()
+    assert Worker.accept(w, _request("r-1"), inbox)
+    assert Worker.accept(w, _request("r-2"), inbox)
+    assert not Worker.accept(w, _request("r-3"), inbox)
+    (refusal,) = P.FrameReader().feed(router_end.recv(4096))
+    assert refusal.message == "worker m-1 is busy with ['r-1', 'r-2']"

@@ -107,6 +107,14 @@ def test_unknown_pool_key_rejects_the_file(tiny_gguf):
         parse_config({"pool": {"heartbeat": 1}, "models": [_model(tiny_gguf)]})
 
 
+def test_a_request_body_limit_over_the_data_frame_is_refused(tiny_gguf):
+    models = [{"id": "m", "config": {"model_path": str(tiny_gguf)}}]
+    ok = parse_config({"server": {"max_body_bytes": 64 << 20}, "models": models})
+    assert ok.server.max_body_bytes == 64 << 20
+    with pytest.raises(ConfigError, match=r"server.max_body_bytes: Expected `int` <= 67108864"):
+        parse_config({"server": {"max_body_bytes": (64 << 20) + 1}, "models": models})
+
+
 def test_bad_yaml_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(_write(tmp_path, "models: [\n  - id: x\n   bad indent"))

@@ -96,6 +96,16 @@ def test_frames_survive_any_split_of_the_stream():
         (b"\x00\x00\x00\x02\x03\xc0", "bad Chunk body"),
     ],
 )
-def test_malformed_data_frames_raise(data, needle):
-    with pytest.raises(P.ProtocolError, match=needle):
-        P.FrameReader().feed(data)
+def test_a_malformed_frame_ends_the_stream_after_what_came_before(data, needle):
+    reader = P.FrameReader()
+    good = P.pack(_STREAM[1])
+    assert reader.feed(good + data + good) == [_STREAM[1]]
+    assert reader.error is not None and needle in str(reader.error)
+    assert reader.feed(good) == []  # nothing after a broken frame is trusted
+
+
+def test_a_frame_over_the_limit_is_refused_when_packed(monkeypatch):
+    monkeypatch.setattr(P, "MAX_FRAME", 1000)
+    assert P.FrameReader().feed(P.pack(P.Chunk(request_id="r", text="x" * 900, tokens=1)))
+    with pytest.raises(ValueError, match="Chunk of 10.. bytes is over the 1000-byte frame limit"):
+        P.pack(P.Chunk(request_id="r", text="x" * 1000, tokens=1))

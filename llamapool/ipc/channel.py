@@ -72,8 +72,9 @@ class DataChannel:
         if not self.out:
             self.loop.remove_writer(self.fd)
 
-    def read(self) -> None:
-        """Handle what the socket holds now (the loop's reader callback, or a last drain)."""
+    def read(self, *, to_the_end: bool = False) -> None:
+        """Handle what the socket holds now: the loop's reader callback, or with
+        `to_the_end` a last drain until the socket is empty."""
         while not self.closed and not self.eof:
             try:
                 data = self.sock.recv(_READ_SIZE)
@@ -86,19 +87,17 @@ class DataChannel:
                 self.eof = True
                 self.loop.remove_reader(self.fd)
                 return
-            try:
-                messages = self.reader.feed(data)
-            except P.ProtocolError as exc:
-                self.close()
-                self.on_broken(str(exc))
-                return
-            for message in messages:
+            for message in self.reader.feed(data):
                 try:
                     self.on_message(message)
                 except Exception:  # one bad message must not lose the ones after it
                     log.exception("failed to handle %s from a worker", type(message).__name__)
-            if len(data) < _READ_SIZE:
+            if self.reader.error is not None:
+                self.close()
+                self.on_broken(str(self.reader.error))
                 return
+            if len(data) < _READ_SIZE and not to_the_end:
+                return  # a short read emptied the socket; spare the EAGAIN syscall
 
     def close(self) -> None:
         if self.closed:

@@ -191,19 +191,29 @@ def decode(frames: list[bytes]) -> Any:
 
 
 def pack(message: Any) -> bytes:
-    """One data-channel frame."""
+    """One data-channel frame; ValueError if it would be over MAX_FRAME."""
     body = _encoder.encode(message)
+    if len(body) >= MAX_FRAME:
+        name = type(message).__name__
+        raise ValueError(f"{name} of {len(body)} bytes is over the {MAX_FRAME}-byte frame limit")
     return (len(body) + 1).to_bytes(4, "big") + _CODES[type(message)] + body
 
 
 class FrameReader:
-    """Reassembles data-channel frames from the bytes of a stream, in any split."""
+    """Reassembles data-channel frames from the bytes of a stream, in any split.
+
+    A malformed frame ends the stream: `feed` still returns the messages before it and
+    sets `error`; nothing after it is read.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self.error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[Any]:
-        """The messages completed by `data`; raise ProtocolError on a malformed frame."""
+        """The messages completed by `data` (none once `error` is set)."""
+        if self.error is not None:
+            return []
         buf = self._buf
         buf += data
         out = []
@@ -211,18 +221,23 @@ class FrameReader:
         while len(buf) - start >= 4:
             size = int.from_bytes(buf[start : start + 4], "big")
             if not 1 <= size <= MAX_FRAME:
-                raise ProtocolError(f"bad frame length {size}")
+                self.error = ProtocolError(f"bad frame length {size}")
+                break
             end = start + 4 + size
             if len(buf) < end:
                 break
             code = buf[start + 4]
             if code not in _DECODERS:
-                raise ProtocolError(f"unknown message type {bytes([code])!r}")
+                self.error = ProtocolError(f"unknown message type {bytes([code])!r}")
+                break
             try:
                 out.append(_DECODERS[code].decode(memoryview(buf)[start + 5 : end]))
             except msgspec.DecodeError as exc:
-                raise ProtocolError(f"bad {_TYPES[code].__name__} body: {exc}") from None
+                self.error = ProtocolError(f"bad {_TYPES[code].__name__} body: {exc}")
+                break
             start = end
-        if start:
+        if self.error is not None:
+            buf.clear()
+        elif start:
             del buf[:start]
         return out

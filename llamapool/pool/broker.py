@@ -67,6 +67,7 @@ class Broker:
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
+        self._closed = False
         self._hb_seq = 0
         self._next_hb = 0.0
         for spec in config.models.values():
@@ -105,12 +106,15 @@ class Broker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Stop reading before the workers are terminated in a thread: a message handled
+        # now would dispatch over the worker table that thread is changing.
         if self._loop is not None:
             self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
-        await asyncio.to_thread(self.supervisor.terminate_all, 3.0)
-        for w in list(self.supervisor.workers.values()):
+        for w in self.supervisor.workers.values():
             if w.channel is not None:
                 w.channel.close()
+        await asyncio.to_thread(self.supervisor.terminate_all, 3.0)
+        self._closed = True
         self.sock.close(linger=0)
         self.ctx.term()
         remove_ipc_dir(self.ipc_dir)
@@ -142,6 +146,8 @@ class Broker:
         on both: the engine reads its copy in order with the requests, the I/O thread's
         copy stops a decode in progress. The rest is control traffic on ZeroMQ.
         """
+        if self._closed:
+            return False
         if isinstance(message, P.Request | P.Cancel):
             if worker.channel is None or not worker.channel.send(message):
                 return False
@@ -256,7 +262,7 @@ class Broker:
         if worker.channel is not None:
             # What the worker wrote before it went (a drained worker's last DONE, the
             # chunks before a crash) is still in the socket: take it before judging.
-            worker.channel.read()
+            worker.channel.read(to_the_end=True)
             worker.channel.close()
         self.scheduler.on_worker_lost(worker, reason)
 

@@ -80,7 +80,7 @@ class WorkerHandle:
     last_used: float = 0.0
     last_prefix: str = ""  # prefix key of the last request it served (its KV cache holds it)
     stop_requested: bool = False
-    killed: bool = False  # SIGKILL sent: takes no new work while it waits to be reaped
+    killed: bool = False  # SIGKILL sent, or exited: takes no new work until it is reaped
     fatal_reason: str | None = None
     cannot_boot: bool = False
     history: deque = field(default_factory=lambda: deque(maxlen=20))
@@ -393,6 +393,9 @@ class Supervisor:
 
     def _on_exit(self, w: WorkerHandle, code: int, now: float) -> None:
         was = w.state
+        w.killed = True  # gone: nothing may be dispatched to it while its last words are read
+        if w.channel is not None:
+            w.channel.read(to_the_end=True)  # a FATAL in there names the reason
         if w.stop_requested:
             self._transition(w, WorkerState.STOPPED, _describe_exit(code))
             self.workers.pop(w.id, None)

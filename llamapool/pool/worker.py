@@ -112,8 +112,7 @@ class FaultInjector:
             return
         # Without the router's PONG, a crash here could kill the router's reader
         # before it took the CHUNK, and the request would look output-free.
-        inbox.send(P.Ping(seq=1))
-        inbox.wait_pong(_ACK_TIMEOUT_MS / 1000)
+        inbox.ping(_ACK_TIMEOUT_MS / 1000)
         if self.kind == "broken_pipe":
             raise BrokenPipeError(errno.EPIPE, "Broken pipe (injected)")
         if self.kind == "segfault":
@@ -134,7 +133,11 @@ class _Inbox:
         self.worker = worker
         self.sock = sock
         self.reader = P.FrameReader()
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.poller.register(worker.wake_r, select.POLLIN)
         self.pending: collections.deque = collections.deque()
+        self.pings = 0
         self.closed = False
         self.stop_said = False
 
@@ -143,11 +146,12 @@ class _Inbox:
 
     def _read(self, timeout: float | None) -> bool:
         """Wait up to `timeout` (None: forever) for bytes or a stop; False if none came."""
-        wake = self.worker.wake_r
-        ready, _, _ = select.select([self.sock, wake], [], [], timeout)
-        if wake in ready:
-            os.read(wake, 64)
-        if self.sock not in ready:
+        # poll, not select: the socket's descriptor number comes from the router's
+        # process and may be over select's limit of 1024.
+        ready = {fd for fd, _ in self.poller.poll(None if timeout is None else timeout * 1000)}
+        if self.worker.wake_r in ready:
+            os.read(self.worker.wake_r, 64)
+        if self.sock.fileno() not in ready:
             return bool(ready)
         try:
             data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
@@ -158,11 +162,12 @@ class _Inbox:
         if not data:
             self.closed = True  # the router's end is gone; the I/O thread notices too
             return True
-        try:
-            self.pending.extend(self.reader.feed(data))
-        except P.ProtocolError as exc:
+        self.pending.extend(self.reader.feed(data))
+        if self.reader.error is not None:
             log.error(
-                "worker %s: protocol error on the data socket: %s", self.worker.worker_id, exc
+                "worker %s: protocol error on the data socket: %s",
+                self.worker.worker_id,
+                self.reader.error,
             )
             self.closed = True
         return True
@@ -194,11 +199,14 @@ class _Inbox:
     def get_nowait(self) -> P.Request | None:
         return self.get(block=False)
 
-    def wait_pong(self, timeout: float) -> None:
-        """Read until the router's PONG (keeping anything else for `get`) or the timeout."""
+    def ping(self, timeout: float) -> None:
+        """PING the router and read until its PONG (keeping anything else for `get`)."""
+        self.pings += 1
+        seq = self.pings
+        self.send(P.Ping(seq=seq))
         deadline = time.monotonic() + timeout
         while not self.closed and time.monotonic() < deadline:
-            pong = next((m for m in self.pending if isinstance(m, P.Pong)), None)
+            pong = next((m for m in self.pending if isinstance(m, P.Pong) and m.seq == seq), None)
             if pong is not None:
                 self.pending.remove(pong)
                 return
@@ -223,15 +231,19 @@ class _Sink:
 
     def done(self, request_id: str, result: Result) -> None:
         self.worker.finished(request_id)
-        self.inbox.send(
-            P.Done(
-                request_id=request_id,
-                finish_reason=result.finish_reason,
-                usage=result.usage,
-                timings=result.timings,
-                embeddings=result.embeddings,
-            )
+        done = P.Done(
+            request_id=request_id,
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+            timings=result.timings,
+            embeddings=result.embeddings,
         )
+        try:
+            frame = P.pack(done)
+        except ValueError as exc:  # e.g. the vectors of a huge embedding batch
+            error = P.Error(request_id=request_id, code="generation_failed", message=str(exc))
+            frame = P.pack(error)
+        self.inbox.sock.sendall(frame)
         self.worker.notify(_FINISHED)
 
     def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None:
@@ -334,6 +346,8 @@ class Worker:
         inbox = _Inbox(self, self.data)
         try:
             self.engine.serve(inbox, _Sink(self, inbox))  # type: ignore[arg-type]
+            if not self.stopping:  # the data socket closed or broke under the engine
+                raise RuntimeError("the data socket from the router closed")
         except BaseException as exc:  # noqa: BLE001 - reported as FATAL, then the worker exits
             reason = f"engine thread died: {exc!r}"
             if is_broken_pipe(exc):
@@ -382,15 +396,29 @@ class Worker:
             self.active.discard(request_id)
             self.engine.forget(request_id)
 
+    def begin_drain(self, drain: bool) -> bool:
+        """SHUTDOWN (I/O thread): refuse new work; True when the worker may exit now.
+
+        Under the lock that `accept` takes: a request that reached the engine just before
+        the SHUTDOWN (they travel on different sockets) is either in `active` already, and
+        the worker waits for it, or is refused as `worker_busy` and goes elsewhere.
+        """
+        with self.active_lock:
+            self.draining = True
+            return not drain or not self.active
+
     def stop_engine(self) -> None:
         """Let the engine thread return once it is idle (I/O thread)."""
         self.stopping = True
         os.write(self.wake_w, b"x")
 
     def notify(self, notice: bytes) -> None:
-        """Wake the I/O thread (engine thread)."""
+        """Wake the I/O thread (engine thread); a no-op once the I/O thread has left."""
         assert self.notices is not None
-        self.notices.send(notice)
+        try:
+            self.notices.send(notice, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     # -- I/O thread -------------------------------------------------------------
 
@@ -462,9 +490,8 @@ class Worker:
                 # The engine reads its own copy between steps; this one stops a decode.
                 self.cancel(msg.request_id)
             elif isinstance(msg, P.Shutdown):
-                if not msg.drain or not self.active:
+                if self.begin_drain(msg.drain):
                     return EXIT_OK
-                self.draining = True
             # RouterHeartbeat needs nothing beyond the liveness bookkeeping.
 
     def _read_notices(self) -> int | None:

@@ -272,12 +272,13 @@ async def _respond(
             return error_response(first)
         headers = {WORKER_HEADER: job.served_by or ""}
         if stream:
-            streaming = True  # the response closes the job when it ends
-            return _EventStream(
+            response = _EventStream(
                 _stream(job, shape, first, include_usage),
                 {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
                 close,
             )
+            streaming = True  # from here the response closes the job when it ends
+            return response
         parts, event = await _until_final(job, first)
         if (unfinished := _unfinished(event)) is not None:
             return unfinished
