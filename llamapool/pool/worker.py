@@ -239,11 +239,11 @@ class _Sink:
             embeddings=result.embeddings,
         )
         try:
-            frame = P.pack(done)
-        except ValueError as exc:  # e.g. the vectors of a huge embedding batch
-            error = P.Error(request_id=request_id, code="generation_failed", message=str(exc))
-            frame = P.pack(error)
-        self.inbox.sock.sendall(frame)
+            self.inbox.send(done)
+        except ValueError as exc:  # over the frame limit (a huge embedding batch); nothing sent
+            self.inbox.send(
+                P.Error(request_id=request_id, code="generation_failed", message=str(exc))
+            )
         self.worker.notify(_FINISHED)
 
     def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None:
