@@ -245,3 +245,27 @@ def test_a_full_engine_refuses_with_what_it_is_busy_with(pair):
     assert not Worker.accept(w, _request("r-3"), inbox)
     (refusal,) = P.FrameReader().feed(router_end.recv(4096))
     assert refusal.message == "worker m-1 is busy with ['r-1', 'r-2']"
+
+
+def test_a_done_over_the_frame_limit_becomes_an_error_for_that_request(pair, monkeypatch):
+    from llamapool.pool.engine import Result
+    from llamapool.pool.worker import _Sink
+
+    router_end, inbox, _ = pair
+    seen: list = []
+    worker = type(
+        "W",
+        (),
+        {
+            "faults": None,
+            "finished": lambda self, rid: seen.append(("finished", rid)),
+            "notify": lambda self, notice: seen.append(("notify", notice)),
+        },
+    )()
+    monkeypatch.setattr(P, "MAX_FRAME", 4096)
+    vectors = [[0.25] * 1024]  # ~9 KiB of msgpack floats
+    _Sink(worker, inbox).done("r-1", Result("stop", P.Usage(3, 0), embeddings=vectors))
+    (error,) = P.FrameReader().feed(router_end.recv(4096))
+    assert error.request_id == "r-1" and error.code == "generation_failed"
+    assert "over the 4096-byte frame limit" in error.message
+    assert seen == [("finished", "r-1"), ("notify", b"finished")]
