@@ -26,6 +26,7 @@ from rich.progress import (
 )
 
 from benchmarks.modelfile import ModelFileError, default_model_path, end_of_generation_ids
+from benchmarks.paired import run_paired
 from benchmarks.plot import plot_sweep
 from benchmarks.report import (
     SCHEMA,
@@ -73,6 +74,13 @@ def _positive(kind: type) -> Any:
         return value
 
     return parse
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
+    return value
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +138,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1234,
         help="seed of request 0; request i uses seed+i (default: 1234)",
+    )
+    load.add_argument(
+        "--pairs",
+        type=_non_negative_int,
+        default=16,
+        help="with pool and direct: single-stream requests the pool, the HTTP floor and "
+        "direct take turns on, so the host's drift hits both sides of the ratio; "
+        "0 skips them (default: 16)",
     )
     load.add_argument(
         "--request-timeout",
@@ -328,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
             "max_queue": settings.max_queue,
             "queue_timeout_s": settings.queue_timeout,
             "url": args.url,
+            "pairs": args.pairs,
             "stress": {
                 "requests": args.stress,
                 "client_timeout_s": args.stress_timeout,
@@ -364,6 +381,13 @@ def run(args: argparse.Namespace) -> int:
             except (ServerStartError, OSError) as exc:
                 report["http_floor"] = {"error": str(exc)}
             progress.remove_task(floor)
+        if not stressing and {"pool", "direct"} <= set(targets) and args.pairs > 0:
+            try:
+                report["paired"] = asyncio.run(
+                    run_paired(settings, load, workdir, args.pairs, progress)
+                )
+            except (ServerStartError, ModelFileError, OSError) as exc:
+                report["paired"] = {"error": str(exc)}
     report["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"
     )
@@ -372,7 +396,9 @@ def run(args: argparse.Namespace) -> int:
     report["machine"]["load_average_end"] = list(os.getloadavg())
 
     if not stressing:
-        report["comparisons"] = compare(report["targets"], report.get("http_floor"))
+        report["comparisons"] = compare(
+            report["targets"], report.get("http_floor"), report.get("paired")
+        )
     json_path = args.out_dir / f"{stem}.json"
     write_json(json_path, report)
 

@@ -134,6 +134,10 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
+def _ms1(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
 def _s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.2f}"
 
@@ -224,6 +228,14 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
             f"HTTP floor (same client, a server that answers at once), p50: "
             f"{comparisons['http_floor_ttft_p50_s'] * 1000:.1f} ms; routing beyond it: "
             f"{comparisons['routing_beyond_http_floor_p50_s'] * 1000:.1f} ms"
+        )
+    paired = comparisons.get("paired")
+    if paired is not None:
+        console.print(
+            f"paired, {paired['pairs']} turns of pool / floor / direct: single stream "
+            f"{_ratio(paired['single_stream_ratio_p50'])} (p50 of the per-pair ratios); "
+            f"routing overhead {_ms1(paired['routing_overhead_p50_s'])} ms, "
+            f"beyond the HTTP floor {_ms1(paired['routing_beyond_http_floor_p50_s'])} ms (p50)"
         )
     if comparisons.get("aggregate_c8_ratio_vs_mutex") is not None:
         console.print(

@@ -140,7 +140,9 @@ def _ratio_of(
 
 
 def compare(
-    targets: dict[str, dict[str, Any]], http_floor: dict[str, Any] | None = None
+    targets: dict[str, dict[str, Any]],
+    http_floor: dict[str, Any] | None = None,
+    paired: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The reported (not asserted) targets: pool vs mutex per level, single stream vs direct."""
     candidate = "pool" if "pool" in targets else "url" if "url" in targets else None
@@ -182,4 +184,18 @@ def compare(
             None if routing is None or floor is None else routing - floor
         ),
         "aggregate_c8_ratio_vs_mutex": at8["aggregate_tok_s_ratio"] if at8 else None,
+        # The same three, with the pool, the floor and direct taking turns (benchmarks/paired.py).
+        "paired": _paired_summary(paired),
+    }
+
+
+def _paired_summary(paired: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not paired or paired.get("error") or not paired.get("ok"):
+        return None
+    return {
+        "pairs": paired["ok"],
+        "single_stream_ratio_p50": paired["stream_tok_s_ratio"]["p50"],
+        "routing_overhead_p50_s": paired["routing_overhead_s"]["p50"],
+        "http_floor_ttft_p50_s": paired["http_floor_ttft_s"]["p50"],
+        "routing_beyond_http_floor_p50_s": paired["routing_beyond_http_floor_s"]["p50"],
     }

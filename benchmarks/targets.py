@@ -10,7 +10,7 @@ import asyncio
 import pathlib
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -247,8 +247,12 @@ async def _first_model(client: httpx.AsyncClient, base_url: str) -> str:
     return "default"
 
 
-async def http_floor(workdir: pathlib.Path, requests: int = 40) -> dict[str, Any]:
-    """The benchmark client's TTFT against a server that answers at once (see echo_server)."""
+FloorRequest = Callable[[int], Awaitable[RequestResult]]
+
+
+@asynccontextmanager
+async def open_floor(workdir: pathlib.Path) -> AsyncIterator[FloorRequest]:
+    """A server that answers a streamed chat at once (see echo_server); yields `ask(i)`."""
     port = free_port()
     command = [
         sys.executable, "-m", "uvicorn", "benchmarks.baselines.echo_server:app",
@@ -261,8 +265,14 @@ async def http_floor(workdir: pathlib.Path, requests: int = 40) -> dict[str, Any
             await server.wait_ready(client, 30.0)
             body = ChatRequest(0, 1, 0.0, 0, {}).body("floor")
             url = f"{server.base_url}/v1/chat/completions"
-            results = [await send_chat(client, url, body, i, 30.0) for i in range(requests)]
+            yield lambda index: send_chat(client, url, body, index, 30.0)
         finally:
             await asyncio.to_thread(server.stop)
+
+
+async def http_floor(workdir: pathlib.Path, requests: int = 40) -> dict[str, Any]:
+    """The benchmark client's TTFT against a server that answers at once (see echo_server)."""
+    async with open_floor(workdir) as ask:
+        results = [await ask(i) for i in range(requests)]
     ok = [r for r in results[5:] if r.ok]  # the first few warm the connection up
     return {"requests": len(ok), "ttft_s": distribution(r.ttft_s for r in ok)}

@@ -162,6 +162,48 @@ def test_sweep_pool(bench, tiny_gguf: pathlib.Path) -> None:
     )
 
 
+@needs_pool
+def test_paired_turns_of_pool_floor_and_direct(bench, tiny_gguf: pathlib.Path) -> None:
+    code, report = bench(
+        "--model", str(tiny_gguf), "--targets", "pool,direct", "--concurrency", "1",
+        "--requests", "2", "--pairs", "3", "--instances", "1", *TINY_ARGS,
+    )  # fmt: skip
+    assert code == 0
+    paired = report["paired"]
+    assert paired["pairs"] == paired["ok"] == 3
+    for key in ("pool_stream_tok_s", "direct_stream_tok_s", "stream_tok_s_ratio"):
+        assert paired[key]["p50"] > 0
+    assert paired["http_floor_ttft_s"]["p50"] > 0
+    assert paired["routing_overhead_s"]["p50"] > 0
+    summary = report["comparisons"]["paired"]
+    assert summary["pairs"] == 3
+    assert summary["single_stream_ratio_p50"] == paired["stream_tok_s_ratio"]["p50"]
+    beyond = paired["routing_beyond_http_floor_s"]["p50"]
+    assert summary["routing_beyond_http_floor_p50_s"] == beyond
+    assert report["config"]["pairs"] == 3
+
+
+def test_pairs_are_ratios_and_differences_of_one_moment() -> None:
+    from benchmarks.paired import summarize_pairs
+
+    def result(e2e: float, ttft: float, server_ttft: float | None = None) -> RequestResult:
+        r = RequestResult(index=0, ok=True, e2e_s=e2e, ttft_s=ttft, completion_tokens=10)
+        r.server_ttft_s = server_ttft
+        return r
+
+    rows = [
+        # pool, floor, direct: one slow moment of the host slows all three alike.
+        (result(2.0, 0.105, 0.100), result(0.002, 0.002), result(1.9, 0.1)),
+        (result(4.0, 0.210, 0.200), result(0.004, 0.004), result(3.8, 0.2)),
+        (result(1.0, 0.1, 0.1), result(0.002, 0.002), RequestResult(index=0, error="timeout")),
+    ]
+    summary = summarize_pairs(rows)
+    assert summary["pairs"] == 3 and summary["ok"] == 2
+    assert summary["stream_tok_s_ratio"]["p50"] == pytest.approx(0.95)
+    assert summary["routing_overhead_s"]["min"] == pytest.approx(0.005)
+    assert summary["routing_beyond_http_floor_s"]["p50"] == pytest.approx(0.0045)
+
+
 def test_stress_mutex_keeps_the_invariant(bench, tiny_gguf: pathlib.Path) -> None:
     code, report = bench(
         "--model", str(tiny_gguf), "--targets", "mutex", "--stress", "24",
