@@ -232,7 +232,7 @@ def render_sweep(console: Console, report: dict[str, Any]) -> None:
     paired = comparisons.get("paired")
     if paired is not None:
         console.print(
-            f"paired, {paired['pairs']} turns of pool / floor / direct: single stream "
+            f"paired, {paired['pairs']} turns of floor / pool / direct: single stream "
             f"{_ratio(paired['single_stream_ratio_p50'])} (p50 of the per-pair ratios); "
             f"routing overhead {_ms1(paired['routing_overhead_p50_s'])} ms, "
             f"beyond the HTTP floor {_ms1(paired['routing_beyond_http_floor_p50_s'])} ms (p50)"
