@@ -260,9 +260,7 @@ class Broker:
 
     def _on_worker_lost(self, worker: WorkerHandle, reason: str) -> None:
         if worker.channel is not None:
-            # What the worker wrote before it went (a drained worker's last DONE, the
-            # chunks before a crash) is still in the socket: take it before judging.
-            worker.channel.read(to_the_end=True)
+            # The supervisor has read what the worker wrote before it went.
             worker.channel.close()
         self.scheduler.on_worker_lost(worker, reason)
 

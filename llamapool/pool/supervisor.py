@@ -395,7 +395,10 @@ class Supervisor:
         was = w.state
         w.killed = True  # gone: nothing may be dispatched to it while its last words are read
         if w.channel is not None:
-            w.channel.read(to_the_end=True)  # a FATAL in there names the reason
+            # What it wrote before it went (a drained worker's last DONE, the chunks
+            # before a crash, a FATAL naming the reason) is still in the socket: take it
+            # before judging what was lost.
+            w.channel.read(to_the_end=True)
         if w.stop_requested:
             self._transition(w, WorkerState.STOPPED, _describe_exit(code))
             self.workers.pop(w.id, None)
