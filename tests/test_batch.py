@@ -135,7 +135,17 @@ def test_cancel_from_another_thread_during_a_long_prompt(engine):
     long_prompt = "words " * 60  # ~360 tokens of a 512 context
     jobs.put(_chat("long", long_prompt, max_tokens=100))
     jobs.put(None)
-    canceller = threading.Thread(target=lambda: (started.wait(5), engine.cancel("long")))
+    cancel_sent = threading.Event()
+    # On a slow box the canceller may wake only after the prompt: the first chunk waits for
+    # it then, so the request can never run to its end before the cancel.
+    sink.on_chunk[("long", 1)] = lambda: cancel_sent.wait(5)
+
+    def cancel() -> None:
+        started.wait(5)
+        engine.cancel("long")
+        cancel_sent.set()
+
+    canceller = threading.Thread(target=cancel)
     canceller.start()
     engine.serve(jobs, sink)
     canceller.join()

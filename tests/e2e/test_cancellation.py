@@ -14,7 +14,12 @@ def _workers(server) -> list[dict]:
     return server.pool()["workers"]
 
 
-def _idle_within(server, seconds: float) -> float:
+# "At once": far below the seconds the cancelled work would have taken (thousands of tokens
+# at 40-150 tok/s), with room for a loaded 2-core box to deliver the cancel and poll.
+AT_ONCE = 5.0
+
+
+def _idle_within(server, seconds: float = AT_ONCE) -> float:
     """Seconds until every worker is IDLE again; fails past `seconds`."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -52,10 +57,11 @@ def test_stream_disconnect_frees_the_worker_at_once(serve, smollm2_gguf):
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
         skip_to_first_token(r.iter_lines())
     # The connection is closed: the router sends CANCEL, the worker stops at the next token.
-    assert _idle_within(server, 0.5) < 0.5
+    _idle_within(server)
+    assert _workers(server)[0]["served"] == 0  # cancelled, not finished
     t0 = time.monotonic()
     r = chat(server.url)
-    assert r.status_code == 200 and time.monotonic() - t0 < 2.0
+    assert r.status_code == 200 and time.monotonic() - t0 < AT_ONCE
     assert "inconsistent sequence positions" not in server.log_text()
 
 
@@ -65,7 +71,8 @@ def test_non_streamed_disconnect_cancels_generation(serve, smollm2_gguf):
     sock = _raw_post(server, chat_body("m", "story", 1500, logit_bias=SMOLLM2_EOG))
     _busy_cpu(server, worker.pid, 0.3)
     sock.close()
-    assert _idle_within(server, 0.5) < 0.5
+    _idle_within(server)
+    assert _workers(server)[0]["served"] == 0  # cancelled, not finished
 
 
 def test_disconnect_during_a_long_prompt_aborts_the_evaluation(serve, smollm2_gguf):
@@ -75,7 +82,8 @@ def test_disconnect_during_a_long_prompt_aborts_the_evaluation(serve, smollm2_gg
     sock = _raw_post(server, chat_body("m", long_prompt, 1))
     _busy_cpu(server, worker.pid, 0.3)  # well inside the prompt evaluation
     sock.close()
-    assert _idle_within(server, 0.5) < 0.5
+    _idle_within(server)
+    assert _workers(server)[0]["served"] == 0  # cancelled, not finished
     r = chat(server.url)
     assert r.status_code == 200
     assert "inconsistent sequence positions" not in server.log_text()
@@ -93,6 +101,6 @@ def test_disconnect_while_queued_never_reaches_a_worker(serve, smollm2_gguf):
         server.wait_for(lambda: depth() == 1, what="one queued")
         queued.close()
         server.wait_for(lambda: depth() == 0, what="the queue to empty")
-    _idle_within(server, 0.5)
+    _idle_within(server)
     # Only the streamed request was ever served (it was cancelled, so it is not counted).
     assert _workers(server)[0]["served"] == served_before

@@ -11,7 +11,9 @@ import httpx
 import psutil
 from serverutil import SMOLLM2_EOG, chat, model_entry
 
-FAST_HEARTBEAT = {"heartbeat_interval": 0.2, "heartbeat_liveness": 5}
+# 2 s of silence is a death: short for a test, long enough that a loaded box's stalls
+# (a router tick, a replacement's boot) are not mistaken for one.
+FAST_HEARTBEAT = {"heartbeat_interval": 0.2, "heartbeat_liveness": 10}
 
 
 def test_missing_and_corrupt_models_fail_alone(serve, tiny_gguf, tmp_path):
@@ -45,17 +47,19 @@ def test_sigstop_hang_is_detected_and_replaced(serve, tiny_gguf):
     (victim,) = server.workers()
     os.kill(victim.pid, signal.SIGSTOP)
     t0 = time.monotonic()
-    replacement = server.wait_for(
-        lambda: [w for w in server.workers() if w.pid != victim.pid],
-        timeout=10,
-        what="a replacement worker",
+    server.wait_for(
+        lambda: victim.pid not in {w.pid for w in server.workers()},
+        timeout=20,
+        what="the stopped worker killed",
     )
+    detected = time.monotonic() - t0
+    # interval × liveness, plus a supervisor tick and slack for a loaded box. Only the
+    # heartbeats can see a stopped process: without them it would never be replaced.
+    assert detected < 0.2 * 10 + 4, detected
     server.ready()
-    elapsed = time.monotonic() - t0
-    # interval × liveness + 1 s, plus the replacement's boot.
-    assert elapsed < 0.2 * 5 + 1 + 2, elapsed
+    (replacement,) = server.workers()
+    assert replacement.pid != victim.pid
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
-    assert replacement
     assert "missed heartbeats" in server.log_text()
     assert chat(server.url, "m").status_code == 200
 
@@ -92,8 +96,9 @@ def test_failed_model_is_retried_after_the_configured_time(serve, tiny_gguf):
         server.ready()
         os.kill(w.pid, signal.SIGKILL)
         server.wait_for(lambda w=w: w.pid not in {x.pid for x in server.workers()}, what="reap")
-    server.wait_for(lambda: server.model_ready("m")["state"] == "FAILED", what="FAILED")
-    server.ready(timeout=10)
+    # FAILED lasts only the configured second: its log line stays, the state may not.
+    server.wait_for(lambda: "model m FAILED" in server.log_text(), what="FAILED")
+    server.ready(timeout=30)
     assert chat(server.url, "m").status_code == 200
     assert "retrying after 1 s FAILED" in server.log_text()
 
