@@ -47,7 +47,7 @@ class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mmproj_path: str | None = None
     chat_format: str | None = None
     chat_format_template: str | None = None
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     # Sampling defaults; a request's own values win.
     temperature: NonNegativeFloat = 0.8
     top_p: Probability = 0.95

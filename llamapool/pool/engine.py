@@ -13,6 +13,7 @@ import ctypes
 import errno
 import functools
 import logging
+import math
 import os
 import queue
 import random
@@ -128,6 +129,7 @@ class TextOut:
         if cut is not None:
             self._pending = self._pending[:cut]
             self.finish = "stop"
+            self._decoder.reset()  # bytes it holds come after the stop sequence
             return True
         safe = len(self._pending) - _held_back(self._pending, self._stops)
         if safe > 0:
@@ -139,8 +141,7 @@ class TextOut:
         self, n_prompt: int, n_cached: int, started: float, first_token_at: float | None
     ) -> Result:
         """Emit what is held back (never a stop sequence found) and report the request."""
-        if self.finish != "stop" or self._pending:
-            self._pending += self._decoder.decode(b"", final=True)
+        self._pending += self._decoder.decode(b"", final=True)
         if self._pending or self._unsent_tokens:
             self._emit(self._pending, self._unsent_tokens)
         self._pending, self._unsent_tokens = "", 0
@@ -212,7 +213,7 @@ class Engine:
             kwargs["n_threads"] = cfg.n_threads
             kwargs["n_threads_batch"] = cfg.n_threads
         if cfg.seed is not None:
-            kwargs["seed"] = cfg.seed
+            kwargs["seed"] = _llama_seed(cfg.seed)
         if cfg.chat_format is not None:
             try:
                 llama_chat_format.get_chat_completion_handler(cfg.chat_format)
@@ -360,7 +361,9 @@ class Engine:
         llama = self.llama
         if req.kind == "completion":
             text = req.prompt or ""
-            return llama.tokenize(text.encode("utf-8"), add_bos=True, special=False), []
+            # Special tokens written in the prompt are tokens, as in llama-cpp-python's and
+            # llama-server's completions: a hand-templated prompt means what it says.
+            return llama.tokenize(text.encode("utf-8"), add_bos=True, special=True), []
         if self._formatter is None:
             raise RequestFailed(
                 "invalid_request",
@@ -411,11 +414,11 @@ class Engine:
             tokens=tokens,
             max_tokens=max_tokens,
             stops=[s for s in dict.fromkeys(stops) if s],
-            seed=seed if seed is not None else random.getrandbits(31),
+            seed=_llama_seed(seed) if seed is not None else random.getrandbits(31),
             top_k=_pick(p.top_k, cfg.top_k),
             top_p=_pick(p.top_p, cfg.top_p),
             min_p=_pick(p.min_p, cfg.min_p),
-            temperature=_pick(p.temperature, cfg.temperature),
+            temperature=_temperature(_pick(p.temperature, cfg.temperature)),
             repeat_penalty=_pick(p.repeat_penalty, cfg.repeat_penalty),
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
@@ -496,13 +499,13 @@ class Engine:
             messages=req.messages or [],
             stream=True,
             max_tokens=p.max_tokens or cfg.max_tokens,
-            temperature=_pick(p.temperature, cfg.temperature),
+            temperature=_temperature(_pick(p.temperature, cfg.temperature)),
             top_p=_pick(p.top_p, cfg.top_p),
             top_k=_pick(p.top_k, cfg.top_k),
             min_p=_pick(p.min_p, cfg.min_p),
             repeat_penalty=_pick(p.repeat_penalty, cfg.repeat_penalty),
             stop=p.stop if p.stop is not None else cfg.stop_list(),
-            seed=p.seed if p.seed is not None else cfg.seed,
+            seed=_llama_seed(p.seed if p.seed is not None else cfg.seed),
             stopping_criteria=StoppingCriteriaList([stop_when_cancelled]),
         )
         finish = "stop"
@@ -529,8 +532,12 @@ class Engine:
         inputs = req.inputs or []
         vectors: list[list[float]] = []
         n_tokens = 0
-        for text in inputs:
+        for i, text in enumerate(inputs):
             tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=True)
+            if not tokens or not text:
+                raise RequestFailed(
+                    "invalid_request", f"input {i} is empty: nothing to embed", param="input"
+                )
             if len(tokens) > self.n_ctx:
                 raise RequestFailed(
                     "context_length_exceeded",
@@ -544,11 +551,17 @@ class Engine:
             if vec and isinstance(vec[0], list):
                 # No pooling in the model: mean-pool the per-token vectors ourselves.
                 width = len(vec[0])
-                vec = [sum(row[i] for row in vec) / len(vec) for i in range(width)]
-            vectors.append([float(x) for x in vec])
+                vec = [sum(row[j] for row in vec) / len(vec) for j in range(width)]
+            vectors.append(_unit(vec))
         return Result(
             "stop", Usage(prompt_tokens=n_tokens, completion_tokens=0), embeddings=vectors
         )
+
+
+def _unit(vector: list[float]) -> list[float]:
+    """`vector` scaled to length 1, as OpenAI and llama-server return embeddings."""
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [float(x) / norm for x in vector] if norm > 0 else [float(x) for x in vector]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -563,6 +576,22 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+# llama.cpp's seeds are 32-bit and 0xFFFFFFFF means "pick a random one".
+_SEED_MODULUS = 0xFFFFFFFF
+# A temperature this close to 0 divides the logits into overflow (garbage text).
+_GREEDY_BELOW = 1e-5
+
+
+def _llama_seed(seed: int | None) -> int | None:
+    """A client's seed as llama.cpp takes it: any integer, reproducible, never "random"."""
+    return None if seed is None else seed % _SEED_MODULUS
+
+
+def _temperature(value: float) -> float:
+    """The sampling temperature; one too small to divide by means greedy (0)."""
+    return 0.0 if value < _GREEDY_BELOW else value
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

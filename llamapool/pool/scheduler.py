@@ -175,7 +175,16 @@ class Scheduler:
             worker.last_prefix = job.prefix_key
             self.running[job.id] = job
             self.supervisor.note_busy(worker)
-            if not self.send(worker, job.request):
+            try:
+                sent = self.send(worker, job.request)
+            except Exception as exc:
+                # The request itself cannot be encoded (the schemas bound what they can,
+                # so this is a bug): it fails alone, and the worker never saw it.
+                log.exception("request %s could not be sent to %s", job.id, worker.id)
+                self._release_slot(worker, job)
+                self._finish(job, errors.LlamapoolError(f"the request could not be sent: {exc}"))
+                continue
+            if not sent:
                 # The send failed: the worker is gone. Its reaping requeues the job.
                 self.supervisor.kill(worker, "unreachable on its socket")
                 return

@@ -57,6 +57,10 @@ def _counted(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
             if metrics is not None:
                 metrics.request_finished(_model_label(request), exc.status, exc.code)
             raise
+        except Exception:  # a bug: app's handler logs it and answers 500
+            if metrics is not None:
+                metrics.request_finished(_model_label(request), 500, errors.LlamapoolError.code)
+            raise
         if metrics is not None:
             code = getattr(response, "error_code", None)
             metrics.request_finished(_model_label(request), response.status_code, code)
@@ -336,7 +340,7 @@ async def chat_completions(request: Request) -> Response:
     )
     shape = _Shape("chat", body.model)
     return await _respond(
-        request, broker, job, shape, stream=body.stream, include_usage=body.include_usage
+        request, broker, job, shape, stream=bool(body.stream), include_usage=body.include_usage
     )
 
 
@@ -352,7 +356,7 @@ async def completions(request: Request) -> Response:
     )
     shape = _Shape("completion", body.model)
     return await _respond(
-        request, broker, job, shape, stream=body.stream, include_usage=body.include_usage
+        request, broker, job, shape, stream=bool(body.stream), include_usage=body.include_usage
     )
 
 
@@ -397,20 +401,29 @@ async def embeddings(request: Request) -> Response:
     return Response(_json.encode(payload), media_type="application/json")
 
 
+def _model_object(model_id: str, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "llamapool",
+        "status": info["state"].lower(),
+    }
+
+
 async def list_models(request: Request) -> Response:
-    broker = broker_of(request)
-    _, detail = broker.ready()
-    data = [
-        {
-            "id": model_id,
-            "object": "model",
-            "created": 0,
-            "owned_by": "llamapool",
-            "status": info["state"].lower(),
-        }
-        for model_id, info in detail.items()
-    ]
+    _, detail = broker_of(request).ready()
+    data = [_model_object(model_id, info) for model_id, info in detail.items()]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    broker = broker_of(request)
+    model_id = request.path_params["model"]
+    _, detail = broker.ready()
+    if model_id not in detail:
+        broker.check_model(model_id)  # raises the 404 that names the models there are
+    return JSONResponse(_model_object(model_id, detail[model_id]))
 
 
 routes = [
@@ -418,4 +431,5 @@ routes = [
     Route("/v1/completions", _counted(completions), methods=["POST"]),
     Route("/v1/embeddings", _counted(embeddings), methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
 ]

@@ -9,8 +9,12 @@ import msgspec
 from llamapool import errors
 from llamapool.ipc.protocol import SamplingParams
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+# Bounds keep every integer inside what the worker protocol and llama.cpp can carry: an
+# unbounded one passed validation and then failed to encode for the worker.
+INT32_MAX = 2**31 - 1
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # the engine reduces it
 
 T = TypeVar("T")
 
@@ -23,6 +27,7 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_call_id: str | None = None  # a `tool` message answers this call
 
 
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -30,28 +35,43 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tokens: PositiveInt | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)] | None = None
     min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
+    # OpenAI's clients send null for "the default": every optional field takes it.
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=16)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]] | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
     user: str | None = None
+
+    def check(self) -> None:
+        """What a field's type cannot say; raises InvalidRequest."""
+        if self.stream_options is not None and not self.stream:
+            raise errors.InvalidRequest(
+                "`stream_options` is only allowed when `stream` is true", param="stream_options"
+            )
 
     def sampling(self, max_tokens: int | None = None) -> SamplingParams:
         bias: dict[int, float] | None = None
         if self.logit_bias:
-            try:
-                bias = {int(k): v for k, v in self.logit_bias.items()}
-            except ValueError:
-                raise errors.InvalidRequest(
-                    "logit_bias keys must be token ids (integers as strings)", param="logit_bias"
-                ) from None
+            bias = {}
+            for key, value in self.logit_bias.items():
+                try:
+                    token = int(key)
+                except ValueError:
+                    token = -1
+                if not 0 <= token <= INT32_MAX:
+                    raise errors.InvalidRequest(
+                        f"logit_bias key {key[:40]!r} is not a token id "
+                        "(a non-negative integer as a string)",
+                        param="logit_bias",
+                    )
+                bias[token] = value
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
@@ -60,8 +80,8 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             top_k=self.top_k,
             min_p=self.min_p,
             repeat_penalty=self.repeat_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             stop=stop,
             seed=self.seed,
             logit_bias=bias,
@@ -72,13 +92,43 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _unsupported(param: str, what: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"{what} is not supported by this server", param=param)
+
+
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
+    # Accepted where they ask for nothing this server lacks (clients send the defaults).
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.logprobs or self.top_logprobs:
+            raise _unsupported("logprobs", "`logprobs`")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise _unsupported("response_format", f"response_format of type {kind!r}")
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    # Accepted where they ask for nothing this server lacks (clients send the defaults).
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.logprobs:
+            raise _unsupported("logprobs", "`logprobs`")
+        if self.echo:
+            raise _unsupported("echo", "`echo`")
+        if self.suffix:
+            raise _unsupported("suffix", "`suffix` (insertion)")
 
     @property
     def prompt_text(self) -> str:
@@ -101,7 +151,7 @@ def parse_body(body: bytes, schema: type[T]) -> T:
     if not body.strip():
         raise errors.InvalidRequest("the request body is empty; send a JSON object")
     try:
-        return msgspec.json.decode(body, type=schema)
+        parsed = msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
         text = str(exc)
         param = None
@@ -114,6 +164,14 @@ def parse_body(body: bytes, schema: type[T]) -> T:
         raise errors.InvalidRequest(text, param=param) from None
     except msgspec.DecodeError as exc:
         raise errors.InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidRequest(f"the request body is not valid UTF-8: {exc}") from None
+    except RecursionError:
+        raise errors.InvalidRequest("the request body is nested too deeply") from None
+    check = getattr(parsed, "check", None)
+    if check is not None:
+        check()
+    return parsed
 
 
 def message_dicts(messages: list[ChatMessage], *, images: bool) -> list[dict[str, Any]]:
@@ -125,6 +183,11 @@ def message_dicts(messages: list[ChatMessage], *, images: bool) -> list[dict[str
                 kind = part.get("type")
                 if kind == "text" and isinstance(part.get("text"), str):
                     continue
+                if kind == "text":
+                    raise errors.InvalidRequest(
+                        f"messages[{i}].content has a text part without a string `text`",
+                        param=f"messages[{i}].content",
+                    )
                 if kind == "image_url" and images:
                     continue
                 raise errors.InvalidRequest(
@@ -140,5 +203,7 @@ def message_dicts(messages: list[ChatMessage], *, images: bool) -> list[dict[str
         d: dict[str, Any] = {"role": m.role, "content": content}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out

@@ -131,6 +131,16 @@ def test_embeddings_float_and_base64(client, server):
         json={"model": "tiny-embed", "input": "hello", "encoding_format": "float"},
     ).json()
     assert raw["data"][0]["embedding"] == pytest.approx(r.data[0].embedding, rel=1e-5)
+    # Unit length, as OpenAI's and llama-server's: a dot product is the cosine.
+    for d in r.data:
+        assert sum(x * x for x in d.embedding) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("text", ["", ["hello", ""]])
+def test_an_empty_embedding_input_is_400(client, text):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="tiny-embed", input=text)
+    assert e.value.body["param"] == "input" and "empty" in e.value.body["message"]
 
 
 def test_embeddings_on_a_generation_model_is_400(client):
@@ -142,6 +152,11 @@ def test_embeddings_on_a_generation_model_is_400(client):
 def test_models_lists_configured(client):
     ids = {m.id for m in client.models.list()}
     assert ids == {"tiny", "tiny-embed"}
+    model = client.models.retrieve("tiny-embed")
+    assert model.id == "tiny-embed" and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found" and "tiny" in e.value.body["message"]
 
 
 def test_unknown_model_is_404(client):
@@ -158,6 +173,10 @@ def test_negative_max_tokens_is_400(client):
         )
     assert e.value.body["param"] == "max_tokens"
     assert "max_tokens" in e.value.body["message"]
+
+
+def _msg(extra: bytes) -> bytes:
+    return b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], ' + extra + b"}"
 
 
 @pytest.mark.parametrize(
@@ -185,6 +204,25 @@ def test_negative_max_tokens_is_400(client):
             "vocabulary",
         ),
         (b"[1, 2]", "Expected `object`"),
+        # Integers past what the worker protocol carries: 400s, not a slot lost for good.
+        (_msg(b'"max_tokens": 99999999999999999999999'), "max_tokens"),
+        (_msg(b'"seed": 99999999999999999999999'), "seed"),
+        (_msg(b'"top_k": 99999999999999999999999'), "top_k"),
+        (_msg(b'"logit_bias": {"99999999999999999999999": 1}'), "logit_bias"),
+        (_msg(b'"logit_bias": {"-3": 1}'), "not a token id"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}', "UTF-8"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", '
+            b'"text": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}]}",
+            "deeply",
+        ),
+        (_msg(b'"stream_options": {"include_usage": true}'), "stream_options"),
+        (_msg(b'"logprobs": true'), "logprobs"),
+        (_msg(b'"response_format": {"type": "json_object"}'), "json_object"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}]}',
+            "without a string `text`",
+        ),
     ],
 )
 def test_bad_bodies_are_clear_400s(server, body, needle):
@@ -198,6 +236,73 @@ def test_bad_bodies_are_clear_400s(server, body, needle):
     assert needle in err["message"]
     assert err["type"] == "invalid_request_error"
     assert "Traceback" not in r.text
+
+
+def test_bad_bodies_leave_every_slot_free(server):
+    # An integer too big to encode once took a worker slot for good (the request was
+    # booked to the worker before its send failed); now it is a 400 and nothing is held.
+    for _ in range(4):
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=_msg(b'"seed": 99999999999999999999999'),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400
+    assert all(not w["in_flight"] for w in server.pool()["workers"])
+    assert (
+        httpx.post(
+            f"{server.url}/v1/chat/completions", content=_msg(b'"max_tokens": 2'), timeout=30
+        ).json()["usage"]["completion_tokens"]
+        == 2
+    )
+
+
+def test_openai_defaults_sent_as_null_or_no_ops_are_accepted(server):
+    extras = [
+        b'"presence_penalty": null, "frequency_penalty": null, "n": null, "stream": null',
+        b'"logprobs": false, "top_logprobs": null, "response_format": {"type": "text"}',
+        b'"seed": -1, "temperature": 1e-40',
+    ]
+    for extra in extras:
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=_msg(b'"max_tokens": 3, ' + extra),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 200, (extra, r.text)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "tiny", "prompt": "x", "max_tokens": 2, "logprobs": None, "echo": False,
+              "suffix": None, "best_of": 1},
+        timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    r = httpx.post(
+        f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "echo": True}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def test_a_tiny_temperature_samples_greedily(client):
+    def text(temperature: float) -> str:
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "greedy"}],
+            max_tokens=12,
+            temperature=temperature,
+        )
+        return r.choices[0].message.content
+
+    # 1e-40 divided the logits into overflow: garbage instead of the greedy text.
+    assert text(1e-40) == text(0.0)
+
+
+def test_completion_prompts_may_carry_special_tokens(client):
+    # A hand-templated prompt means what it says: <|im_end|> is one token, not nine.
+    plain = client.completions.create(model="tiny", prompt="a b", max_tokens=1)
+    special = client.completions.create(model="tiny", prompt="a b<|im_end|>", max_tokens=1)
+    assert special.usage.prompt_tokens == plain.usage.prompt_tokens + 1
 
 
 def test_prompt_longer_than_context_is_400(server):
