@@ -297,11 +297,12 @@ class Broker:
         for model_id, runtime in self.supervisor.models.items():
             workers = self.supervisor.workers_of(model_id)
             up = sum(1 for w in workers if w.ready)
-            want = runtime.spec.min_instances
+            # An operator's unload is not unreadiness: the model asks for no instance then.
+            want = 0 if runtime.unloaded else runtime.spec.min_instances
             model_ok = runtime.state is not ModelState.FAILED and up >= want
             ok = ok and model_ok
             detail[model_id] = {
-                "state": runtime.state.value,
+                "state": _shown_state(runtime, workers),
                 "instances_ready": up,
                 "min_instances": want,
                 "busy_instances": sum(1 for w in workers if w.in_flight),
@@ -364,7 +365,9 @@ class Broker:
             problems = "; ".join(new.broken.values())
             raise errors.InvalidRequest(f"reload rejected, nothing changed: {problems}")
         old = {mid: rt.spec for mid, rt in self.supervisor.models.items()}
-        result: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        result: dict[str, list[str]] = {
+            "added": [], "removed": [], "changed": [], "unchanged": [], "retried": []
+        }  # fmt: skip
         for model_id, spec in new.models.items():
             if model_id not in old:
                 self._add_model(spec)
@@ -376,6 +379,9 @@ class Broker:
                 result["changed"].append(model_id)
             else:
                 result["unchanged"].append(model_id)
+                if self.supervisor.models[model_id].state is ModelState.FAILED:
+                    self.supervisor.load(model_id)  # its file may be fixed: try it again
+                    result["retried"].append(model_id)
         for model_id in old:
             if model_id not in new.models:
                 self.supervisor.remove_model(model_id)
@@ -383,10 +389,12 @@ class Broker:
                     model_id, errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
                 )
                 result["removed"].append(model_id)
-        warnings = []
-        if new.pool != self.config.pool:
-            warnings.append("the pool: block changed; it takes effect at the next restart")
-        new.pool = self.config.pool
+        warnings = [
+            f"the {block}: block changed; it takes effect at the next restart"
+            for block in ("pool", "server", "admin")
+            if getattr(new, block) != getattr(self.config, block)
+        ]
+        new.pool, new.server, new.admin = self.config.pool, self.config.server, self.config.admin
         self.config = new
         log.info("config reloaded: %s", result)
         return {**result, "warnings": warnings}
@@ -424,7 +432,7 @@ class Broker:
         fp = runtime.footprint
         return {
             "id": model_id,
-            "state": "UNLOADED" if runtime.unloaded else runtime.state.value,
+            "state": _shown_state(runtime, workers),
             "instances": {
                 "wanted": runtime.target,
                 "live": len([w for w in workers if not w.stop_requested]),
@@ -480,3 +488,16 @@ class Broker:
                 }
             )
         return out
+
+
+def _shown_state(runtime: Any, workers: list[WorkerHandle]) -> str:
+    """A model's state as /ready, /v1/models and /admin/pool show it.
+
+    UNLOADED: an operator unloaded it. STANDBY: no instance and none wanted (an on-demand
+    model not started yet); the first request starts one.
+    """
+    if runtime.unloaded:
+        return "UNLOADED"
+    if runtime.state is ModelState.STARTING and not workers and runtime.target == 0:
+        return "STANDBY"
+    return runtime.state.value

@@ -322,14 +322,20 @@ class Scheduler:
                 )
                 self._requeue(job)
             else:
-                self._finish(
-                    job,
-                    errors.WorkerCrashed(
-                        f"the worker serving this request died ({reason}); "
-                        "the pool restarted it — retry the request"
-                    ),
-                )
+                self._finish(job, self._lost_error(job.model_id, reason))
         self.dispatch(worker.model_id)
+
+    def _lost_error(self, model_id: str, reason: str) -> errors.LlamapoolError:
+        """What a request whose worker went mid-way is told."""
+        runtime = self.supervisor.models.get(model_id)
+        if runtime is not None and runtime.unloaded:  # a forced unload, not a crash
+            return errors.ModelUnloaded(
+                f"model {model_id!r} was unloaded by an operator while this request ran"
+            )
+        return errors.WorkerCrashed(
+            f"the worker serving this request died ({reason}); "
+            "the pool restarted it — retry the request"
+        )
 
     def on_model_failed(self, model_id: str, reason: str) -> None:
         self.fail_queued(model_id, errors.ModelFailed(f"model {model_id!r} is failed: {reason}"))

@@ -212,10 +212,7 @@ class Supervisor:
             target=spec.min_instances,
             flap=FlapPolicy(s.restart_attempts, s.restart_window, s.backoff_initial, s.backoff_max),
         )
-        try:
-            runtime.footprint = estimate(spec)
-        except OSError as exc:
-            log.warning("cannot estimate the memory of %s: %s", spec.id, exc)
+        _refresh_footprint(runtime)
         self.models[spec.id] = runtime
         return runtime
 
@@ -584,6 +581,12 @@ class Supervisor:
         """Set a model's instance count; down drains idle instances first, never cuts work."""
         runtime = self.models[model_id]
         spec = runtime.spec
+        if runtime.unloaded:
+            raise errors.InvalidRequest(
+                f"model {model_id!r} is unloaded; load it first "
+                f"(POST /admin/models/{model_id}/load), then scale it",
+                param="model",
+            )
         if instances < spec.min_instances or instances > spec.instance_limit:
             raise errors.InvalidRequest(
                 f"model {model_id!r} allows {spec.min_instances}..{spec.instance_limit} instances "
@@ -633,25 +636,42 @@ class Supervisor:
         return workers
 
     def load(self, model_id: str) -> None:
-        """(Re)start a model: clears FAILED and starts its min_instances (at least one)."""
+        """Start an unloaded or FAILED model: its min_instances (at least one).
+
+        A model that is loaded and not FAILED is left as it is (its scale included).
+        """
         runtime = self.models[model_id]
+        if not runtime.unloaded and runtime.state is not ModelState.FAILED:
+            return
+        self._restart_model(runtime, max(runtime.spec.min_instances, 1))
+
+    def _restart_model(self, runtime: ModelRuntime, target: int) -> None:
+        """Clear a model's failure and unload, re-read its file's size, aim for `target`."""
         runtime.state, runtime.reason = ModelState.STARTING, None
         runtime.memory_blocked = None
         runtime.unloaded = False
         runtime.flap.clear()
         runtime.next_spawn_at = 0.0
-        runtime.target = max(runtime.spec.min_instances, 1)
-        self._reconcile_model(model_id, runtime, time.monotonic())
+        runtime.target = target
+        _refresh_footprint(runtime)  # the file may have been replaced (a FAILED model's fix)
+        self._reconcile_model(runtime.spec.id, runtime, time.monotonic())
 
     def replace_spec(self, spec: ModelSpec) -> None:
-        """A changed model: drain the old instances, start new ones from the new spec."""
+        """A changed model: drain the old instances, start new ones from the new spec.
+
+        The instance count carries over within the new limits; an unloaded model stays
+        unloaded (its next load uses the new spec).
+        """
         runtime = self.models[spec.id]
         for w in self.workers_of(spec.id):
             self.drain(w, "config changed (reload)")
         runtime.spec = spec
-        runtime.footprint = estimate(spec)
-        self.load(spec.id)
-        runtime.target = spec.min_instances
+        if runtime.unloaded:
+            _refresh_footprint(runtime)
+            return
+        self._restart_model(
+            runtime, min(max(runtime.target, spec.min_instances), spec.instance_limit)
+        )
 
     def remove_model(self, model_id: str) -> None:
         """Drain a model's instances; its runtime goes once they are all gone."""
@@ -687,3 +707,11 @@ class Supervisor:
                 w.proc.wait()
             self._transition(w, WorkerState.STOPPED, "pool shut down")
         self.workers.clear()
+
+
+def _refresh_footprint(runtime: ModelRuntime) -> None:
+    """The memory estimate of the model's spec, from its file as it is now."""
+    try:
+        runtime.footprint = estimate(runtime.spec)
+    except OSError as exc:
+        log.warning("cannot estimate the memory of %s: %s", runtime.spec.id, exc)

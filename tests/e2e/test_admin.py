@@ -9,7 +9,7 @@ import sys
 import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from serverutil import ADMIN_TOKEN, SMOLLM2_EOG, chat, model_entry
+from serverutil import ADMIN_TOKEN, SMOLLM2_EOG, chat, model_entry, skip_to_first_token
 
 
 def _metric(server, name: str, **labels) -> float:
@@ -124,6 +124,75 @@ def test_unload_and_load(serve, tiny_gguf):
     assert chat(server.url).status_code == 200
     r = server.admin("POST", "/admin/models/m/unload?force=true")
     assert r.status_code == 200 and r.json()["instances"]["live"] == 0
+
+
+def test_an_unload_holds_until_load(serve, tiny_gguf, tmp_path):
+    server = serve([model_entry("m", tiny_gguf, max_instances=2), model_entry("other", tiny_gguf)])
+    assert server.admin("POST", "/admin/models/m/unload").status_code == 200
+    # Scaling an unloaded model would start workers that serve nothing: refused.
+    r = server.admin("POST", "/admin/models/m/scale", json={"instances": 2})
+    assert r.status_code == 400 and "load it first" in r.json()["error"]["message"]
+    assert not [w for w in server.pool()["workers"] if w["model"] == "m"]
+    # An operator's unload is not unreadiness, and the model says what it is.
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+    assert httpx.get(f"{server.url}/v1/models/m").json()["status"] == "unloaded"
+
+    # A reload that changes it keeps it unloaded, and starts nothing for it.
+    config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
+    data = yaml.safe_load(config_path.read_text())
+    data["models"][0]["max_queue"] = 7
+    config_path.write_text(yaml.safe_dump(data))
+    r = server.admin("POST", "/admin/reload")
+    assert r.status_code == 200 and r.json()["changed"] == ["m"], r.text
+    assert server.model_ready("m")["state"] == "UNLOADED"
+    assert not [w for w in server.pool()["workers"] if w["model"] == "m"]
+
+    assert server.admin("POST", "/admin/models/m/load").status_code == 200
+    server.ready()
+    r = server.admin("POST", "/admin/models/m/scale", json={"instances": 2})
+    assert r.status_code == 200
+    server.wait_for(lambda: server.model_ready("m")["instances_ready"] == 2, what="2 ready")
+    # Loading a loaded model changes nothing: its scale and state stay.
+    r = server.admin("POST", "/admin/models/m/load")
+    assert r.status_code == 200
+    assert r.json()["state"] == "READY" and r.json()["instances"]["wanted"] == 2
+
+
+def test_reload_retries_a_failed_model_whose_file_was_fixed(serve, tiny_gguf, tmp_path):
+    broken = tmp_path / "fixme.gguf"
+    broken.write_bytes(b"GGUF" + bytes(4096))
+    server = serve([model_entry("fixme", broken)], wait_ready=False)
+    server.wait_for(lambda: server.model_ready("fixme")["state"] == "FAILED", what="FAILED")
+    broken.write_bytes(tiny_gguf.read_bytes())
+    r = server.admin("POST", "/admin/reload")
+    assert r.status_code == 200, r.text
+    assert r.json()["unchanged"] == ["fixme"] and r.json()["retried"] == ["fixme"]
+    server.ready()
+    assert chat(server.url, "fixme").status_code == 200
+
+
+def test_a_forced_unload_tells_the_running_request_so(serve, smollm2_gguf):
+    server = serve([model_entry("m", smollm2_gguf, config={"n_ctx": 4096})])
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Write a long story."}],
+        "max_tokens": 3000,
+        "logit_bias": SMOLLM2_EOG,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        skip_to_first_token(lines)
+        assert server.admin("POST", "/admin/models/m/unload?force=true").status_code == 200
+        errors = [line for line in lines if '"error"' in line]
+    assert errors and '"model_unloaded"' in errors[0], errors
+
+
+def test_an_on_demand_model_is_on_standby_until_asked(serve, tiny_gguf):
+    server = serve([model_entry("lazy", tiny_gguf, min_instances=0)])
+    assert httpx.get(f"{server.url}/v1/models/lazy").json()["status"] == "standby"
+    assert chat(server.url, "lazy").status_code == 200
+    assert httpx.get(f"{server.url}/v1/models/lazy").json()["status"] == "ready"
 
 
 def test_reload_keeps_unchanged_replaces_changed_drains_removed(serve, tiny_gguf, tmp_path):
