@@ -1,12 +1,13 @@
 """`llamapool ps | scale | reload`: talk to a running server's admin API.
 
-Exit status: 0 done, 1 the server refused or could not be reached, 2 no admin token.
+Exit status: 0 done, 1 the server refused or could not be reached, 2 no usable admin token.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -32,8 +33,9 @@ class AdminError(Exception):
         self.details = list(details)
 
 
-class TokenNotFound(AdminError):
-    """No admin token in the flag, the environment or the default file."""
+class TokenError(AdminError):
+    """No admin token in the flag, the environment or the default file, or one that an
+    HTTP header cannot carry."""
 
 
 def resolve_token(token_file: str | None) -> str:
@@ -42,19 +44,29 @@ def resolve_token(token_file: str | None) -> str:
     if token_file is None:
         from_env = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
         if from_env:
-            return from_env
+            return _sendable(from_env, f"${ADMIN_TOKEN_ENV}")
     path = Path(token_file) if token_file is not None else DEFAULT_TOKEN_FILE
     try:
         token = path.read_text().strip()
     except FileNotFoundError:
-        raise TokenNotFound(
+        raise TokenError(
             f"no admin token: {path} does not exist; set {ADMIN_TOKEN_ENV} or pass "
             "--token-file (the server logs where it wrote its token at start)"
         ) from None
     except OSError as exc:
-        raise TokenNotFound(f"cannot read admin token file {path}: {exc.strerror}") from None
+        raise TokenError(f"cannot read admin token file {path}: {exc.strerror}") from None
     if not token:
-        raise TokenNotFound(f"admin token file {path} is empty")
+        raise TokenError(f"admin token file {path} is empty")
+    return _sendable(token, f"admin token file {path}")
+
+
+def _sendable(token: str, source: str) -> str:
+    # httpx encodes header values as ASCII; a control character would break the header.
+    if not (token.isascii() and token.isprintable()):
+        raise TokenError(
+            f"the admin token in {source} is not printable ASCII, so it cannot be sent in "
+            "an Authorization header; use a token of letters, digits, - and _"
+        )
     return token
 
 
@@ -269,11 +281,14 @@ def render_pool(pool: dict[str, Any], *, now: float | None = None) -> str:
 
 
 def render_reload(result: dict[str, Any]) -> str:
-    """One line per kind of change in a `POST /admin/reload` body."""
+    """One line per kind of change in a `POST /admin/reload` body, then its warnings."""
     lines = []
     for key in ("added", "removed", "changed", "unchanged"):
         names = result.get(key) or []
         lines.append(f"{key + ':':<10} {', '.join(map(str, names)) if names else '-'}")
+    warnings = result.get("warnings") or []
+    for warning in [warnings] if isinstance(warnings, str) else warnings:
+        lines.append(f"{'warning:':<10} {warning}")
     return "\n".join(lines)
 
 
@@ -292,7 +307,7 @@ def _run(
         token = resolve_token(args.token_file)
         with AdminClient(args.url, token, timeout=args.timeout) as client:
             text = action(client)
-    except TokenNotFound as exc:
+    except TokenError as exc:
         print(f"llamapool: {exc.message}", file=err)
         return 2
     except AdminError as exc:
@@ -347,6 +362,18 @@ def _non_negative(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the timeout must be a finite number of seconds above 0"
+        )
+    return seconds
+
+
 def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `ps`, `scale` and `reload` to a CLI's subparsers; each sets `func(args) -> int`."""
     common = argparse.ArgumentParser(add_help=False)
@@ -356,7 +383,7 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"admin token file (default: ${ADMIN_TOKEN_ENV}, else {DEFAULT_TOKEN_FILE})",
     )
-    common.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    common.add_argument("--timeout", type=_seconds, default=30.0, help="seconds (default 30)")
 
     ps = subparsers.add_parser("ps", parents=[common], help="list the pool's models and workers")
     ps.add_argument("--json", action="store_true", help="print the raw JSON")

