@@ -9,7 +9,14 @@ import sys
 import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from serverutil import ADMIN_TOKEN, SMOLLM2_EOG, chat, model_entry, skip_to_first_token
+from serverutil import (
+    ADMIN_TOKEN,
+    SMOLLM2_EOG,
+    chat,
+    chat_body,
+    model_entry,
+    skip_to_first_token,
+)
 
 
 def _metric(server, name: str, **labels) -> float:
@@ -173,13 +180,7 @@ def test_reload_retries_a_failed_model_whose_file_was_fixed(serve, tiny_gguf, tm
 
 def test_a_forced_unload_tells_the_running_request_so(serve, smollm2_gguf):
     server = serve([model_entry("m", smollm2_gguf, config={"n_ctx": 4096})])
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Write a long story."}],
-        "max_tokens": 3000,
-        "logit_bias": SMOLLM2_EOG,
-        "stream": True,
-    }
+    body = chat_body("m", "Write a long story.", 3000, logit_bias=SMOLLM2_EOG, stream=True)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         skip_to_first_token(lines)
