@@ -19,8 +19,9 @@ import yaml
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+# Finite: YAML's .inf would pass a lower bound alone, and a timer or sleep of inf breaks.
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0, le=1e9)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
 PKG_SCHEME = "pkg://"

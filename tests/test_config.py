@@ -108,6 +108,17 @@ def test_unknown_pool_key_rejects_the_file(tiny_gguf):
         parse_config({"pool": {"heartbeat": 1}, "models": [_model(tiny_gguf)]})
 
 
+def test_infinite_times_are_refused(tiny_gguf, tmp_path):
+    with pytest.raises(ConfigError, match=r"pool.heartbeat_interval: Expected `float` <= "):
+        load_config(_write(tmp_path, {"pool": {"heartbeat_interval": float("inf")},
+                                      "models": [_model(tiny_gguf)]}))  # fmt: skip
+    path = tmp_path / "inf.yaml"
+    path.write_text(
+        f"models:\n- id: m\n  queue_timeout: .inf\n  config: {{model_path: {tiny_gguf}}}\n"
+    )
+    assert "queue_timeout: Expected `float` <= " in load_config(path).broken["m"]
+
+
 def test_a_request_body_limit_over_the_data_frame_is_refused(tiny_gguf):
     models = [{"id": "m", "config": {"model_path": str(tiny_gguf)}}]
     ok = parse_config({"server": {"max_body_bytes": 64 << 20}, "models": models})
