@@ -179,6 +179,7 @@ def test_metrics_route_serves_the_text_format():
         ("something nobody foresaw", "other"),
         ("memory", "memory"),
         ("boot", "boot"),
+        ("admin", "admin"),
     ],
 )
 def test_restart_reason_category(text, category):

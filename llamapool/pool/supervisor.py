@@ -617,6 +617,8 @@ class Supervisor:
         w = self.workers.get(worker_id)
         if w is None or w.state not in LIVE:
             raise errors.NotFound(f"no live worker {worker_id!r}")
+        if w.stop_requested:
+            return w  # already on its way out, its replacement coming: counted once
         self.observer.worker_restarted(w.model_id, "admin")
         self.drain(w, "restart requested by admin")
         return w

@@ -69,7 +69,9 @@ _CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("exit", re.compile(r"\bexit", re.I)),
 )
 
-RESTART_CATEGORIES = frozenset(c for c, _ in _CATEGORIES) | {"other"}
+# `memory` and `admin` restarts are asked for (over max_worker_memory; an operator's
+# restart); the rest are deaths.
+RESTART_CATEGORIES = frozenset(c for c, _ in _CATEGORIES) | {"admin", "other"}
 
 
 def restart_reason_category(text: str) -> str:
@@ -183,7 +185,8 @@ class Metrics(PoolObserver):
         )
         self._restarts = Counter(
             "llamapool_worker_restarts",
-            "Unexpected worker deaths by cause (see restart_reason_category).",
+            "Worker restarts by cause: deaths, memory limits, admin requests "
+            "(see restart_reason_category).",
             ["model", "reason"],
             registry=r,
         )

@@ -79,6 +79,7 @@ def test_pool_view_scale_and_restart(serve, tiny_gguf):
     )
     server.ready()
     assert chat(server.url).status_code == 200
+    assert _metric(server, "llamapool_worker_restarts_total", reason="admin") == 1
     assert server.admin("POST", "/admin/workers/nope/restart").status_code == 404
 
 
