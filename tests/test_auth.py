@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -13,11 +14,11 @@ from starlette.testclient import TestClient
 from llamapool.config import ConfigError
 from llamapool.router.auth import (
     ADMIN_TOKEN_ENV,
+    AdminToken,
     BearerAuth,
     bearer_token,
     check_bearer,
     load_admin_token,
-    write_token_file,
 )
 
 ADMIN = "admin-secret-token"
@@ -36,56 +37,122 @@ def mode(path) -> int:
 # -- load_admin_token -----------------------------------------------------------
 
 
-def test_generated_token_is_written_0600_in_a_0700_dir(tmp_path):
+@pytest.fixture
+def load():
+    """`load_admin_token`, releasing every generated file's lock after the test."""
+    loaded = []
+
+    def load(*args, **kwargs):
+        admin = load_admin_token(*args, **kwargs)
+        loaded.append(admin)
+        return admin
+
+    yield load
+    for admin in loaded:
+        admin.release()
+
+
+def test_generated_token_is_written_0600_in_a_0700_dir(tmp_path, load):
     state = tmp_path / "state" / "llamapool"
-    token, path = load_admin_token(None, state_dir=state)
-    assert path == state / "admin.token"
-    assert path.read_text().strip() == token
-    assert len(token) >= 40
-    assert mode(path) == 0o600
+    admin = load(None, state_dir=state)
+    assert admin.path == state / "admin.token"
+    assert admin.path.read_text().strip() == admin.token
+    assert len(admin.token) >= 40
+    assert mode(admin.path) == 0o600
     assert mode(state) == 0o700
-    assert [p.name for p in state.iterdir()] == ["admin.token"]  # no temp file left
+    assert [p.name for p in state.iterdir()] == ["admin.token"]  # nothing else left
 
 
-def test_generated_token_is_fresh_at_every_start(tmp_path):
-    first, path = load_admin_token(None, state_dir=tmp_path)
-    second, again = load_admin_token(None, state_dir=tmp_path)
-    assert first != second and path == again
-    assert path.read_text().strip() == second
+def test_generated_token_is_fresh_at_every_start(tmp_path, load):
+    first = load(None, state_dir=tmp_path, port=8080)
+    first.release()  # the first server has exited
+    second = load(None, state_dir=tmp_path, port=8080)
+    assert first.token != second.token and first.path == second.path
+    assert second.path.read_text().strip() == second.token
 
 
-def test_rewrite_tightens_a_loose_old_file(tmp_path):
+def test_a_dead_servers_loose_file_is_rewritten_0600(tmp_path, load):
     path = tmp_path / "admin.token"
-    path.write_text("old")
+    path.write_text("an old, longer token of a server that has exited")
     path.chmod(0o644)
-    write_token_file(path, "new")
-    assert path.read_text() == "new\n"
+    admin = load(None, state_dir=tmp_path)
+    assert path.read_text() == admin.token + "\n"
     assert mode(path) == 0o600
 
 
-def test_token_file_is_read_and_stripped(tmp_path):
+def test_a_live_servers_token_file_is_never_replaced(tmp_path, load):
+    first = load(None, state_dir=tmp_path, port=8080)
+    second = load(None, state_dir=tmp_path, port=8081)
+    assert second.path == tmp_path / "admin-8081.token"
+    assert second.path.read_text().strip() == second.token
+    assert first.path.read_text().strip() == first.token
+    # A third server on port 8081 (another host address) finds both files taken.
+    with pytest.raises(ConfigError, match="running llamapool servers hold"):
+        load(None, state_dir=tmp_path, port=8081)
+    assert first.path.read_text().strip() == first.token
+    assert second.path.read_text().strip() == second.token
+    first.release()
+    third = load(None, state_dir=tmp_path, port=8082)
+    assert third.path == tmp_path / "admin.token"
+    assert third.path.read_text().strip() == third.token
+
+
+def test_a_symlinked_token_file_is_not_written_through(tmp_path, load):
+    target = tmp_path / "elsewhere"
+    target.write_text("keep me")
+    (tmp_path / "admin.token").symlink_to(target)
+    with pytest.raises(ConfigError, match="cannot write admin token file"):
+        load(None, state_dir=tmp_path)
+    assert target.read_text() == "keep me"
+
+
+def test_unusable_state_dirs(tmp_path, load):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(
+        ConfigError, match=re.escape(f"admin.state_dir {a_file} is not a directory")
+    ):
+        load(None, state_dir=a_file)
+    with pytest.raises(ConfigError, match="admin.state_dir .*/a-file/sub is not a directory"):
+        load(None, state_dir=a_file / "sub")
+    with pytest.raises(ConfigError, match="cannot create admin.state_dir /proc/llamapool-nope"):
+        load(None, state_dir="/proc/llamapool-nope")
+    assert a_file.read_text() == "x"
+
+
+def test_token_file_is_read_and_stripped(tmp_path, load):
     f = tmp_path / "token"
     f.write_text("  from-file \n")
     f.chmod(0o600)
-    assert load_admin_token(str(f), state_dir=tmp_path / "unused") == ("from-file", None)
+    assert load(str(f), state_dir=tmp_path / "unused") == AdminToken("from-file")
     assert not (tmp_path / "unused").exists()
 
 
-def test_token_file_errors(tmp_path):
+def test_token_file_errors(tmp_path, load):
     with pytest.raises(ConfigError, match="does not exist"):
-        load_admin_token(str(tmp_path / "nope"), state_dir=tmp_path)
+        load(str(tmp_path / "nope"), state_dir=tmp_path)
     empty = tmp_path / "empty"
     empty.write_text(" \n")
     with pytest.raises(ConfigError, match="is empty"):
-        load_admin_token(str(empty), state_dir=tmp_path)
+        load(str(empty), state_dir=tmp_path)
 
 
-def test_env_wins_over_the_file(tmp_path, monkeypatch):
+def test_a_token_no_header_can_carry_is_refused(tmp_path, monkeypatch, load):
+    f = tmp_path / "token"
+    f.write_text("tökén")
+    with pytest.raises(ConfigError, match=r"in file .*token is not printable ASCII"):
+        load(str(f), state_dir=tmp_path)
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "a\tb")
+    with pytest.raises(ConfigError, match=r"in \$LLAMAPOOL_ADMIN_TOKEN is not printable"):
+        load(None, state_dir=tmp_path)
+
+
+def test_env_wins_over_the_file(tmp_path, monkeypatch, load):
     f = tmp_path / "token"
     f.write_text("from-file")
     monkeypatch.setenv(ADMIN_TOKEN_ENV, "from-env")
-    assert load_admin_token(str(f), state_dir=tmp_path) == ("from-env", None)
-    assert load_admin_token(None, state_dir=tmp_path / "s") == ("from-env", None)
+    assert load(str(f), state_dir=tmp_path) == AdminToken("from-env")
+    assert load(None, state_dir=tmp_path / "s") == AdminToken("from-env")
     assert not (tmp_path / "s").exists()
 
 

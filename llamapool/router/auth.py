@@ -1,12 +1,15 @@
 """Bearer tokens: the admin token (from env, a file, or generated at start) and API keys.
 
 A generated admin token is new at every start (a leaked token dies with the process) and is
-written to `<state_dir>/admin.token` with mode 0600, where `llamapool ps` finds it. To keep
-one token across restarts, set `LLAMAPOOL_ADMIN_TOKEN` or point at a token file.
+written to `<state_dir>/admin.token` with mode 0600, where `llamapool ps` finds it. The
+server holds an exclusive lock on the file while it runs, so a second server sharing the
+state dir never replaces a live server's token: it writes `admin-<port>.token` instead. To
+keep one token across restarts, set `LLAMAPOOL_ADMIN_TOKEN` or point at a token file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
 import logging
@@ -14,6 +17,7 @@ import os
 import secrets
 import stat
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -33,20 +37,104 @@ ADMIN_PREFIX = "/admin"
 API_PREFIX = "/v1"
 
 
-def load_admin_token(token_file: str | None, *, state_dir: str | Path) -> tuple[str, Path | None]:
-    """The admin token and, when it was generated here, the file it was written to.
+@dataclass
+class AdminToken:
+    """The admin token; `path` is the file it was generated into, locked while we live."""
 
-    Order: `$LLAMAPOOL_ADMIN_TOKEN`, then `token_file` (must exist and not be empty), else a
-    fresh `secrets.token_urlsafe(32)` written to `<state_dir>/admin.token` (mode 0600).
-    Raises `ConfigError` for a missing, unreadable or empty token file.
+    token: str
+    path: Path | None = None
+    _fd: int | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Unlock the generated file, so the next server may take it over."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def load_admin_token(
+    token_file: str | None, *, state_dir: str | Path, port: int | None = None
+) -> AdminToken:
+    """The admin token: `$LLAMAPOOL_ADMIN_TOKEN`, then `token_file` (must exist and not be
+    empty), else a fresh `secrets.token_urlsafe(32)` written to `<state_dir>/admin.token`.
+
+    A generated token goes to the first of `admin.token` and `admin-<port>.token` that no
+    live server has locked. Raises `ConfigError` for a missing, unreadable or empty token
+    file, an unusable state dir, or when both files belong to live servers.
     """
     from_env = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
     if from_env:
-        return from_env, None
+        return AdminToken(_usable(from_env, f"${ADMIN_TOKEN_ENV}"))
     if token_file is not None:
-        return _read_token_file(Path(token_file)), None
+        return AdminToken(_usable(_read_token_file(Path(token_file)), f"file {token_file}"))
+    state_dir = Path(state_dir)
+    _make_state_dir(state_dir)
+    names = [ADMIN_TOKEN_FILE] if port is None else [ADMIN_TOKEN_FILE, f"admin-{port}.token"]
     token = secrets.token_urlsafe(32)
-    return token, write_token_file(Path(state_dir) / ADMIN_TOKEN_FILE, token)
+    for name in names:
+        path = state_dir / name
+        fd = _claim(path)
+        if fd is not None:
+            _write_claimed(fd, path, token)
+            return AdminToken(token, path, fd)
+    taken = " and ".join(str(state_dir / name) for name in names)
+    raise ConfigError(
+        f"running llamapool servers hold the admin token file(s) {taken}; give this one "
+        f"its own admin.state_dir, or set admin.token_file or {ADMIN_TOKEN_ENV}"
+    )
+
+
+def _make_state_dir(state_dir: Path) -> None:
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"admin.state_dir {state_dir} is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create admin.state_dir {state_dir}: {exc.strerror}; point it at a "
+            "writable directory"
+        ) from None
+
+
+def _claim(path: Path) -> int | None:
+    """An fd holding an exclusive lock on `path`, or None when a live process holds one."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot write admin token file {path}: {exc.strerror}") from None
+    try:
+        # flock, not fcntl locks: it belongs to this open file, so it lasts exactly as long
+        # as the fd, and the kernel drops it when the process dies, however it dies.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_claimed(fd: int, path: Path, token: str) -> None:
+    # Written in place, not swapped in by rename: the lock lives on this inode. Whatever
+    # the file held was the token of a server that is gone.
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (token + "\n").encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"cannot write admin token file {path}: {exc.strerror}") from None
+
+
+def _usable(token: str, where: str) -> str:
+    """`token`, if a client can send it: HTTP headers carry printable ASCII."""
+    if not (token.isascii() and token.isprintable()):
+        raise ConfigError(
+            f"the admin token in {where} is not printable ASCII, so no Authorization "
+            "header could carry it; use letters, digits and punctuation"
+        )
+    return token
 
 
 def _read_token_file(path: Path) -> str:
@@ -63,23 +151,6 @@ def _read_token_file(path: Path) -> str:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("admin token file %s is readable by others; chmod 600 it", path)
     return token
-
-
-def write_token_file(path: Path, token: str) -> Path:
-    """Write `token` to `path` with mode 0600, replacing any old file atomically."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    # A fresh O_EXCL file gets 0600 from the start (an existing file would keep its old
-    # mode under O_TRUNC); os.replace then swaps it in, so no reader sees half a token.
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def bearer_token(header: str | None) -> str | None:

@@ -1,8 +1,21 @@
-"""`llamapool serve` flags: log files, log levels."""
+"""`llamapool serve` flags and start-up: log files, log levels, the port, the admin token
+file, unusable directories, the shutdown grace."""
 
 from __future__ import annotations
 
-from serverutil import chat, model_entry
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from serverutil import TAG_ENV, chat, is_content_line, model_entry, tagged_processes
 
 
 def test_log_dir_gets_router_and_worker_logs(serve, tiny_gguf, tmp_path):
@@ -29,3 +42,179 @@ def test_access_log_only_when_asked(serve, tiny_gguf):
         lambda: '"POST /v1/chat/completions HTTP/1.1" 200' in loud.log_text(),
         what="the access log line",
     )
+
+
+# -- a serve that should not get far -------------------------------------------
+
+
+def _serve_once(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run `llamapool serve` (no admin token in the environment) until it exits, and fail
+    if any process it started outlives it."""
+    config_path = tmp_path / f"once-{uuid.uuid4().hex[:8]}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    tag = f"lp-once-{uuid.uuid4().hex[:12]}"
+    env = {**os.environ, TAG_ENV: tag, "LLAMAPOOL_ADMIN_TOKEN": ""}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "llamapool", "serve", "--config", str(config_path), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+    finally:
+        left = tagged_processes(tag)
+        for proc in left:
+            proc.kill()
+        assert not left, f"processes left behind: {[p.pid for p in left]}"
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _pool_status(url: str, token: str) -> int:
+    return httpx.get(f"{url}/admin/pool", headers=_bearer(token), timeout=10).status_code
+
+
+# -- the admin token file -------------------------------------------------------
+
+
+def test_a_second_server_on_a_taken_port_leaves_the_token_file_alone(serve, tiny_gguf, tmp_path):
+    state = tmp_path / "state"
+    models = [model_entry("m", tiny_gguf)]
+    admin = {"admin": {"state_dir": str(state)}}
+    server = serve(models, extra=admin, env={"LLAMAPOOL_ADMIN_TOKEN": ""})
+    token = (state / "admin.token").read_text().strip()
+    assert _pool_status(server.url, token) == 200
+
+    second = _serve_once(tmp_path, {"models": models, **admin}, "--port", str(server.port))
+    assert second.returncode == 3, second.stderr
+    assert f"cannot listen on 127.0.0.1:{server.port}: Address already in use" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert (state / "admin.token").read_text().strip() == token
+    assert sorted(p.name for p in state.iterdir()) == ["admin.token"]
+    assert _pool_status(server.url, token) == 200
+
+
+def test_servers_sharing_a_state_dir_keep_their_own_tokens(serve, tiny_gguf, tmp_path):
+    # The default state dir, as `llamapool ps` finds it.
+    env = {"LLAMAPOOL_ADMIN_TOKEN": "", "XDG_STATE_HOME": str(tmp_path)}
+    state = tmp_path / "llamapool"
+    models = [model_entry("m", tiny_gguf)]
+    first = serve(models, env=env)
+    first_token = (state / "admin.token").read_text().strip()
+    second = serve(models, env=env)
+    own_file = state / f"admin-{second.port}.token"
+    assert f"`llamapool ps --url {second.url} --token-file {own_file}`" in second.log_text()
+    second_token = own_file.read_text().strip()
+    assert (state / "admin.token").read_text().strip() == first_token
+    assert _pool_status(first.url, first_token) == 200
+    assert _pool_status(second.url, second_token) == 200
+    assert _pool_status(first.url, second_token) == 401
+
+    # `llamapool ps` with its default token file reaches the first server.
+    ps = subprocess.run(
+        [sys.executable, "-m", "llamapool", "ps", "--url", first.url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+    assert ps.returncode == 0, ps.stderr
+
+    # A dead server's file is free again: the next server takes admin.token over.
+    assert first.stop() == 0
+    third = serve(models, env=env)
+    third_token = (state / "admin.token").read_text().strip()
+    assert third_token != first_token
+    assert _pool_status(third.url, third_token) == 200
+    assert own_file.read_text().strip() == second_token
+
+
+# -- flags and directories ------------------------------------------------------
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_a_port_outside_0_to_65535_is_a_usage_error(tmp_path, tiny_gguf, port):
+    run = _serve_once(tmp_path, {"models": [model_entry("m", tiny_gguf)]}, "--port", port)
+    assert run.returncode == 2
+    assert "argument --port" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_port_0_serves_on_a_free_port_and_says_which(serve, tiny_gguf):
+    server = serve([model_entry("m", tiny_gguf)], args=["--port", "0"], wait_ready=False)
+    found = server.wait_for(
+        lambda: re.search(r"serving on http://127\.0\.0\.1:(\d+) ", server.log_text()),
+        what="the serving line",
+    )
+    server.port = int(found.group(1))
+    assert server.port != 0
+    server.ready()
+    assert chat(server.url).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("where", "path"),
+    [
+        ("state_dir", "a-file"),
+        ("state_dir", "/proc/llamapool-nope"),
+        ("log_dir", "a-file"),
+        ("log_dir", "/proc/llamapool-nope"),
+    ],
+)
+def test_an_unusable_directory_is_a_one_line_error(tmp_path, tiny_gguf, where, path):
+    if path == "a-file":
+        path = str(tmp_path / "a-file")
+        Path(path).write_text("not a directory")
+    config = {"models": [model_entry("m", tiny_gguf)]}
+    args = ["--port", "0"]
+    if where == "state_dir":
+        config["admin"] = {"state_dir": path}
+    else:
+        args += ["--log-dir", path]
+    run = _serve_once(tmp_path, config, *args)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("llamapool: ") and path in lines[0]
+
+
+# -- SIGTERM's grace --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grace", [0, 0.5])
+def test_a_grace_under_a_second_is_honoured(serve, tiny_gguf, tmp_path, grace):
+    # The worker's engine stalls after the first chunk: the request runs until the stall
+    # watchdog (120 s), so only the grace can end the router's wait for it.
+    server = serve(
+        [model_entry("m", tiny_gguf)],
+        pool={"grace": grace},
+        env={"LLAMAPOOL_TEST_FAULT": "stall:1", "LLAMAPOOL_TEST_FAULT_FILE": str(tmp_path / "f")},
+    )
+    streaming = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 64}
+        try:
+            with httpx.stream(
+                "POST",
+                f"{server.url}/v1/chat/completions",
+                json={**body, "stream": True},
+                timeout=60,
+            ) as r:
+                for line in r.iter_lines():
+                    if is_content_line(line):
+                        streaming.set()
+        except httpx.HTTPError:
+            pass  # the server cut it, as it should
+
+    client = threading.Thread(target=stream, daemon=True)
+    client.start()
+    assert streaming.wait(30), server.log_text()
+    server.proc.send_signal(signal.SIGTERM)
+    # Measured: 0.3 s with grace 0, 1.4 s with 0.5; waiting forever would take 120 s.
+    assert server.proc.wait(15) == 0, server.log_text()
+    client.join(10)
