@@ -54,7 +54,9 @@ def _listen(host: str, port: int) -> socket.socket:
     One address, as uvicorn binds one for its own workers: IPv6 when `host` has a colon.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)
+    # The backlog uvicorn listens with itself: a burst of connections (the 200-request
+    # stress) must queue, not see its SYNs dropped and retried a second later.
+    return socket.create_server((host, port), family=family, backlog=2048)
 
 
 def _url(sock: socket.socket) -> str:
