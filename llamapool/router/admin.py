@@ -13,9 +13,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from llamapool import errors
 from llamapool.pool.broker import Broker
 from llamapool.router.openai import read_body
 from llamapool.router.schemas import parse_body
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -40,7 +43,12 @@ async def load(request: Request) -> Response:
 
 
 async def unload(request: Request) -> Response:
-    force = request.query_params.get("force", "false").lower() in ("1", "true", "yes")
+    value = request.query_params.get("force", "false").lower()
+    if value not in _BOOLEANS:
+        raise errors.InvalidRequest(
+            f"force must be true or false, not {value[:20]!r}", param="force"
+        )
+    force = _BOOLEANS[value]
     return JSONResponse(await _broker(request).unload(request.path_params["model"], force=force))
 
 

@@ -130,6 +130,9 @@ def test_unload_and_load(serve, tiny_gguf):
     assert r.status_code == 200
     server.ready()
     assert chat(server.url).status_code == 200
+    r = server.admin("POST", "/admin/models/m/unload?force=maybe")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "force"
+    assert server.model_ready("m")["state"] == "READY"  # a bad flag changes nothing
     r = server.admin("POST", "/admin/models/m/unload?force=true")
     assert r.status_code == 200 and r.json()["instances"]["live"] == 0
 
