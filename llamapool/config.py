@@ -223,6 +223,16 @@ def _model_file(label: str, key: str, value: str, base_dir: Path | None, check: 
         raise ConfigError(f"{label}: config.{key}: {exc}") from None
     if check and not path.is_file():
         raise ConfigError(f"{label}: config.{key}: file not found: {path}")
+    if check:
+        try:
+            with path.open("rb") as fh:
+                magic = fh.read(4)
+        except OSError as exc:
+            raise ConfigError(
+                f"{label}: config.{key}: cannot read {path}: {exc.strerror}"
+            ) from None
+        if magic != b"GGUF":
+            raise ConfigError(f"{label}: config.{key}: {path} is not a GGUF file")
     return str(path)
 
 

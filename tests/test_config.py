@@ -409,3 +409,10 @@ def test_n_parallel_is_bounded(tiny_gguf):
     cfg = {"model_path": str(tiny_gguf), "n_parallel": 0}
     config = parse_config({"models": [{"id": "e", "config": cfg}]})
     assert "config.n_parallel" in config.broken["e"]
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path):
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model")
+    config = parse_config({"models": [{"id": "m", "config": {"model_path": str(text)}}]})
+    assert config.broken["m"] == f"model 'm': config.model_path: {text} is not a GGUF file"
