@@ -286,6 +286,8 @@ def render_reload(result: dict[str, Any]) -> str:
     for key in ("added", "removed", "changed", "unchanged"):
         names = result.get(key) or []
         lines.append(f"{key + ':':<10} {', '.join(map(str, names)) if names else '-'}")
+    if result.get("retried"):  # FAILED models tried again
+        lines.append(f"{'retried:':<10} {', '.join(map(str, result['retried']))}")
     warnings = result.get("warnings") or []
     for warning in [warnings] if isinstance(warnings, str) else warnings:
         lines.append(f"{'warning:':<10} {warning}")

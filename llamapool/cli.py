@@ -51,9 +51,14 @@ def _log_dir_error(path: str, exc: OSError) -> str:
 def _listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on `host:port`.
 
-    One address, as uvicorn binds one for its own workers: IPv6 when `host` has a colon.
+    One address, as uvicorn binds one for its own workers: a name's IPv4 address where it
+    has one (so "localhost" is 127.0.0.1), else its first (an IPv6-only name, "::1").
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        families = [info[0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    except socket.gaierror:
+        families = []  # create_server says why
+    family = socket.AF_INET if socket.AF_INET in families or not families else families[0]
     # The backlog uvicorn listens with itself: a burst of connections (the 200-request
     # stress) must queue, not see its SYNs dropped and retried a second later.
     return socket.create_server((host, port), family=family, backlog=2048)

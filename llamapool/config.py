@@ -28,7 +28,10 @@ PKG_SCHEME = "pkg://"
 # A top-level package: find_spec on a dotted name would import the parent packages.
 _PACKAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # YAML 1.2 floats; PyYAML (YAML 1.1) reads `1e3` and `1.0e3` as strings.
-_YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
+# A point or an exponent is required: `0800` stays what PyYAML made of it.
+_YAML12_FLOAT = re.compile(
+    r"^[-+]?(?:(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$"
+)
 
 T = TypeVar("T")
 

@@ -329,3 +329,11 @@ def test_render_pool_tolerates_missing_fields():
     assert text.splitlines()[1].split() == ["m", "-", "-/-", "-", "-", "-"]
     assert text.splitlines()[-1].split()[0] == "w"
     assert render_pool({}, now=NOW) == "no models\n\nno workers"
+
+
+def test_reload_names_the_failed_models_it_retried():
+    from llamapool.admin_client import render_reload
+
+    body = {"added": [], "removed": [], "changed": [], "unchanged": ["a", "b"], "retried": ["b"]}
+    assert render_reload(body).splitlines()[-1] == "retried:   b"
+    assert "retried" not in render_reload({**body, "retried": []})

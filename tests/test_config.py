@@ -317,13 +317,13 @@ def test_yaml_12_floats(tmp_path, tiny_gguf):
     text = (
         "pool: {grace: 2.5e1, heartbeat_interval: 5E-1}\n"
         f"models:\n  - id: m\n    queue_timeout: 1e3\n    min_instances: 2\n"
-        f"    config: {{model_path: {tiny_gguf}, stop: 1.2.3}}\n"
+        f"    config: {{model_path: {tiny_gguf}, stop: [1.2.3, 0800]}}\n"
     )
     config = load_config(_write(tmp_path, text))
     spec = config.models["m"]
     assert spec.queue_timeout == 1000.0 and spec.min_instances == 2
     assert (config.pool.grace, config.pool.heartbeat_interval) == (25.0, 0.5)
-    assert spec.config.stop == "1.2.3"
+    assert spec.config.stop == ["1.2.3", "0800"]  # no point, no exponent: not a float
 
 
 def test_relative_path_resolves_against_the_config_file(tmp_path, tiny_gguf):

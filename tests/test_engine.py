@@ -229,10 +229,11 @@ def test_a_split_character_at_the_end_is_replaced_not_lost():
 
 
 def test_seeds_and_temperatures_as_llama_cpp_takes_them():
-    # 32-bit seeds; 0xFFFFFFFF would mean "random": every client seed maps below it.
+    # 32-bit seeds; 0xFFFFFFFF would mean "random": every other seed maps below it.
     assert _llama_seed(None) is None
     assert _llama_seed(5) == 5
     assert _llama_seed(0xFFFFFFFF) == 0 and _llama_seed(0xFFFFFFFF + 7) == 7
-    assert 0 <= _llama_seed(-1) < 0xFFFFFFFF
+    assert _llama_seed(-1) is None  # random, as in llama-cpp-python
+    assert 0 <= _llama_seed(-2) < 0xFFFFFFFF
     assert _temperature(1e-40) == 0.0 and _temperature(0.0) == 0.0
     assert _temperature(0.7) == 0.7

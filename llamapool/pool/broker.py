@@ -299,7 +299,7 @@ class Broker:
             up = sum(1 for w in workers if w.ready)
             # An operator's unload is not unreadiness: the model asks for no instance then.
             want = 0 if runtime.unloaded else runtime.spec.min_instances
-            model_ok = runtime.state is not ModelState.FAILED and up >= want
+            model_ok = runtime.unloaded or (runtime.state is not ModelState.FAILED and up >= want)
             ok = ok and model_ok
             detail[model_id] = {
                 "state": _shown_state(runtime, workers),
@@ -379,7 +379,8 @@ class Broker:
                 result["changed"].append(model_id)
             else:
                 result["unchanged"].append(model_id)
-                if self.supervisor.models[model_id].state is ModelState.FAILED:
+                runtime = self.supervisor.models[model_id]
+                if runtime.state is ModelState.FAILED and not runtime.unloaded:
                     self.supervisor.load(model_id)  # its file may be fixed: try it again
                     result["retried"].append(model_id)
         for model_id in old:
@@ -494,10 +495,11 @@ def _shown_state(runtime: Any, workers: list[WorkerHandle]) -> str:
     """A model's state as /ready, /v1/models and /admin/pool show it.
 
     UNLOADED: an operator unloaded it. STANDBY: no instance and none wanted (an on-demand
-    model not started yet); the first request starts one.
+    model not started yet, or scaled or evicted to none); the first request starts one.
     """
     if runtime.unloaded:
         return "UNLOADED"
-    if runtime.state is ModelState.STARTING and not workers and runtime.target == 0:
+    serving = [w for w in workers if not w.stop_requested]
+    if runtime.state is not ModelState.FAILED and runtime.target == 0 and not serving:
         return "STANDBY"
     return runtime.state.value

@@ -409,12 +409,12 @@ class Engine:
         default_max = 16 if req.kind == "completion" else room
         max_tokens = min(p.max_tokens or cfg.max_tokens or default_max, room)
         stops = template_stops + [s for s in (p.stop if p.stop is not None else cfg.stop_list())]
-        seed = p.seed if p.seed is not None else cfg.seed
+        seed = _llama_seed(p.seed if p.seed is not None else cfg.seed)
         return Prepared(
             tokens=tokens,
             max_tokens=max_tokens,
             stops=[s for s in dict.fromkeys(stops) if s],
-            seed=_llama_seed(seed) if seed is not None else random.getrandbits(31),
+            seed=seed if seed is not None else random.getrandbits(31),
             top_k=_pick(p.top_k, cfg.top_k),
             top_p=_pick(p.top_p, cfg.top_p),
             min_p=_pick(p.min_p, cfg.min_p),
@@ -585,8 +585,12 @@ _GREEDY_BELOW = 1e-5
 
 
 def _llama_seed(seed: int | None) -> int | None:
-    """A client's seed as llama.cpp takes it: any integer, reproducible, never "random"."""
-    return None if seed is None else seed % _SEED_MODULUS
+    """A seed as llama.cpp takes it; None for a random one.
+
+    -1 is random, as in llama-cpp-python and llama-server; any other integer is reduced to
+    32 bits so that it is reproducible (never llama.cpp's "random" 0xFFFFFFFF).
+    """
+    return None if seed is None or seed == -1 else seed % _SEED_MODULUS
 
 
 def _temperature(value: float) -> float:

@@ -638,12 +638,13 @@ class Supervisor:
         return workers
 
     def load(self, model_id: str) -> None:
-        """Start an unloaded or FAILED model: its min_instances (at least one).
+        """Start an unloaded, FAILED or on-standby model: its min_instances (at least one).
 
-        A model that is loaded and not FAILED is left as it is (its scale included).
+        A model that is loaded and has instances is left as it is (its scale included).
         """
         runtime = self.models[model_id]
-        if not runtime.unloaded and runtime.state is not ModelState.FAILED:
+        serving = [w for w in self.workers_of(model_id) if not w.stop_requested]
+        if not runtime.unloaded and runtime.state is not ModelState.FAILED and serving:
             return
         self._restart_model(runtime, max(runtime.spec.min_instances, 1))
 

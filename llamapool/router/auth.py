@@ -109,6 +109,8 @@ def _claim(path: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as exc:  # a filesystem without locks: the file is ours, unguarded
+        log.warning("cannot lock admin token file %s (%s); writing it unlocked", path, exc)
     except BaseException:
         os.close(fd)
         raise

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -56,6 +56,8 @@ def _counted(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
         except errors.LlamapoolError as exc:
             if metrics is not None:
                 metrics.request_finished(_model_label(request), exc.status, exc.code)
+            raise
+        except ClientDisconnect:  # the client left mid-body: nobody to answer, no bug
             raise
         except Exception:  # a bug: app's handler logs it and answers 500
             if metrics is not None:

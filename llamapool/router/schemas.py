@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -138,7 +138,7 @@ class CompletionRequest(_Sampling, kw_only=True):
 class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1)]
     input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=2048)]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = None
 
     @property

@@ -194,10 +194,39 @@ def test_a_forced_unload_tells_the_running_request_so(serve, smollm2_gguf):
 
 
 def test_an_on_demand_model_is_on_standby_until_asked(serve, tiny_gguf):
-    server = serve([model_entry("lazy", tiny_gguf, min_instances=0)])
-    assert httpx.get(f"{server.url}/v1/models/lazy").json()["status"] == "standby"
+    server = serve([model_entry("lazy", tiny_gguf, min_instances=0, max_instances=1)])
+
+    def status() -> str:
+        return httpx.get(f"{server.url}/v1/models/lazy").json()["status"]
+
+    assert status() == "standby"
     assert chat(server.url, "lazy").status_code == 200
-    assert httpx.get(f"{server.url}/v1/models/lazy").json()["status"] == "ready"
+    assert status() == "ready"
+    assert server.admin("POST", "/admin/models/lazy/scale", json={"instances": 0}).is_success
+    server.wait_for(lambda: not server.workers(), what="scaled to none")
+    assert status() == "standby"
+    # load warms an on-demand model: one instance, without a request.
+    r = server.admin("POST", "/admin/models/lazy/load")
+    assert r.status_code == 200 and r.json()["instances"]["wanted"] == 1
+    server.wait_for(lambda: server.model_ready("lazy")["instances_ready"] == 1, what="warm")
+    assert status() == "ready"
+
+
+def test_a_failed_model_unloaded_stays_out_of_the_way(serve, tiny_gguf, tmp_path):
+    broken = tmp_path / "fixme.gguf"
+    broken.write_bytes(b"GGUF" + bytes(4096))
+    server = serve([model_entry("fixme", broken), model_entry("ok", tiny_gguf)], wait_ready=False)
+    server.wait_for(lambda: server.model_ready("fixme")["state"] == "FAILED", what="FAILED")
+    assert httpx.get(f"{server.url}/ready").status_code == 503
+    assert server.admin("POST", "/admin/models/fixme/unload").status_code == 200
+    server.ready()  # unloaded, the failed model no longer holds /ready at 503
+    broken.write_bytes(tiny_gguf.read_bytes())
+    r = server.admin("POST", "/admin/reload")
+    assert r.status_code == 200 and r.json()["retried"] == [], r.text
+    assert server.model_ready("fixme")["state"] == "UNLOADED"
+    assert server.admin("POST", "/admin/models/fixme/load").status_code == 200
+    server.wait_for(lambda: server.model_ready("fixme")["instances_ready"] == 1, what="loaded")
+    assert chat(server.url, "fixme").status_code == 200
 
 
 def test_reload_keeps_unchanged_replaces_changed_drains_removed(serve, tiny_gguf, tmp_path):

@@ -262,6 +262,7 @@ def test_openai_defaults_sent_as_null_or_no_ops_are_accepted(server):
         b'"presence_penalty": null, "frequency_penalty": null, "n": null, "stream": null',
         b'"logprobs": false, "top_logprobs": null, "response_format": {"type": "text"}',
         b'"seed": -1, "temperature": 1e-40',
+        b'"stream": true, "stream_options": {"include_usage": null}',
     ]
     for extra in extras:
         r = httpx.post(
@@ -278,6 +279,12 @@ def test_openai_defaults_sent_as_null_or_no_ops_are_accepted(server):
         timeout=30,
     )  # fmt: skip
     assert r.status_code == 200, r.text
+    r = httpx.post(
+        f"{server.url}/v1/embeddings",
+        json={"model": "tiny-embed", "input": "x", "encoding_format": None},
+        timeout=30,
+    )
+    assert r.status_code == 200 and isinstance(r.json()["data"][0]["embedding"], list)
     r = httpx.post(
         f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "echo": True}
     )
