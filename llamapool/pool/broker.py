@@ -302,7 +302,7 @@ class Broker:
             model_ok = runtime.unloaded or (runtime.state is not ModelState.FAILED and up >= want)
             ok = ok and model_ok
             detail[model_id] = {
-                "state": _shown_state(runtime, workers),
+                "state": _shown_state(runtime, self.supervisor.serving(model_id)),
                 "instances_ready": up,
                 "min_instances": want,
                 "busy_instances": sum(1 for w in workers if w.in_flight),
@@ -429,14 +429,15 @@ class Broker:
     def model_status(self, model_id: str) -> dict[str, Any]:
         runtime = self.supervisor.models[model_id]
         workers = self.supervisor.workers_of(model_id)
+        serving = self.supervisor.serving(model_id)
         queue = self.scheduler.queues[model_id].jobs
         fp = runtime.footprint
         return {
             "id": model_id,
-            "state": _shown_state(runtime, workers),
+            "state": _shown_state(runtime, serving),
             "instances": {
                 "wanted": runtime.target,
-                "live": len([w for w in workers if not w.stop_requested]),
+                "live": len(serving),
                 "ready": len([w for w in workers if w.ready]),
                 "min": runtime.spec.min_instances,
                 "max": runtime.spec.instance_limit,
@@ -491,7 +492,7 @@ class Broker:
         return out
 
 
-def _shown_state(runtime: Any, workers: list[WorkerHandle]) -> str:
+def _shown_state(runtime: Any, serving: list[WorkerHandle]) -> str:
     """A model's state as /ready, /v1/models and /admin/pool show it.
 
     UNLOADED: an operator unloaded it. STANDBY: no instance and none wanted (an on-demand
@@ -499,7 +500,6 @@ def _shown_state(runtime: Any, workers: list[WorkerHandle]) -> str:
     """
     if runtime.unloaded:
         return "UNLOADED"
-    serving = [w for w in workers if not w.stop_requested]
     if runtime.state is not ModelState.FAILED and runtime.target == 0 and not serving:
         return "STANDBY"
     return runtime.state.value

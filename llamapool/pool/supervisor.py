@@ -230,6 +230,10 @@ class Supervisor:
     def workers_of(self, model_id: str, states: tuple = LIVE) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.model_id == model_id and w.state in states]
 
+    def serving(self, model_id: str) -> list[WorkerHandle]:
+        """A model's live workers that are not on their way out (draining, stopping)."""
+        return [w for w in self.workers_of(model_id) if not w.stop_requested]
+
     def ensure_capacity(self, model_id: str) -> None:
         """Start a model on demand; raise InsufficientMemory if no instance can ever fit now."""
         runtime = self.models[model_id]
@@ -453,8 +457,7 @@ class Supervisor:
             runtime.flap.clear()
         if runtime.state is ModelState.FAILED or self.stopping:
             return
-        live = [w for w in self.workers_of(model_id) if not w.stop_requested]
-        if len(live) < runtime.target and now >= runtime.next_spawn_at:
+        if len(self.serving(model_id)) < runtime.target and now >= runtime.next_spawn_at:
             if self.make_room(model_id):
                 self.spawn(model_id)
 
@@ -513,9 +516,7 @@ class Supervisor:
     def _eviction_candidates(self, model_id: str) -> list[Candidate]:
         # Never a busy instance, never below a model's min_instances.
         spare = {
-            mid: sum(1 for w in self.workers_of(mid) if not w.stop_requested)
-            - rt.spec.min_instances
-            for mid, rt in self.models.items()
+            mid: len(self.serving(mid)) - rt.spec.min_instances for mid, rt in self.models.items()
         }
         idle = sorted(
             (
@@ -593,7 +594,7 @@ class Supervisor:
                 f"(min_instances..max_instances); got {instances}",
                 param="instances",
             )
-        live = [w for w in self.workers_of(model_id) if not w.stop_requested]
+        live = self.serving(model_id)
         if instances > len(live) and runtime.footprint is not None:
             needed = sum(
                 runtime.footprint.cost(len(live) + i) for i in range(instances - len(live))
@@ -643,7 +644,7 @@ class Supervisor:
         A model that is loaded and has instances is left as it is (its scale included).
         """
         runtime = self.models[model_id]
-        serving = [w for w in self.workers_of(model_id) if not w.stop_requested]
+        serving = self.serving(model_id)
         if not runtime.unloaded and runtime.state is not ModelState.FAILED and serving:
             return
         self._restart_model(runtime, max(runtime.spec.min_instances, 1))
