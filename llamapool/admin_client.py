@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import httpx
 
+from llamapool.config import header_safe
 from llamapool.router.auth import ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE, DEFAULT_STATE_DIR
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -62,7 +63,7 @@ def resolve_token(token_file: str | None) -> str:
 
 def _sendable(token: str, source: str) -> str:
     # httpx encodes header values as ASCII; a control character would break the header.
-    if not (token.isascii() and token.isprintable()):
+    if not header_safe(token):
         raise TokenError(
             f"the admin token in {source} is not printable ASCII, so it cannot be sent in "
             "an Authorization header; use a token of letters, digits, - and _"

@@ -321,6 +321,11 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
     )
 
 
+def header_safe(token: str) -> bool:
+    """Whether an HTTP Authorization header can carry `token`: printable ASCII."""
+    return token.isascii() and token.isprintable()
+
+
 def _check_api_keys(keys: list[str], where: str) -> None:
     """Refuse api_keys that would turn auth off or could never match a bearer token."""
     if not keys:
@@ -333,7 +338,7 @@ def _check_api_keys(keys: list[str], where: str) -> None:
             raise ConfigError(f"{where}: api_keys[{i}]: the key is empty or blank")
         # Clients' bearer tokens are stripped and HTTP headers carry ASCII, so such a
         # key could never match.
-        if key != key.strip() or not (key.isascii() and key.isprintable()):
+        if key != key.strip() or not header_safe(key):
             raise ConfigError(
                 f"{where}: api_keys[{i}]: a key must be printable ASCII with no "
                 "leading or trailing spaces"

@@ -23,7 +23,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llamapool import errors
-from llamapool.config import ConfigError
+from llamapool.config import ConfigError, header_safe
 
 log = logging.getLogger("llamapool.auth")
 
@@ -131,7 +131,7 @@ def _write_claimed(fd: int, path: Path, token: str) -> None:
 
 def _usable(token: str, where: str) -> str:
     """`token`, if a client can send it: HTTP headers carry printable ASCII."""
-    if not (token.isascii() and token.isprintable()):
+    if not header_safe(token):
         raise ConfigError(
             f"the admin token in {where} is not printable ASCII, so no Authorization "
             "header could carry it; use letters, digits and punctuation"
