@@ -41,17 +41,32 @@ class ChatRequest:
     logit_bias: dict[int, float]
 
     def body(self, model_name: str) -> dict[str, Any]:
-        return {
-            "model": model_name,
-            "messages": [{"role": "user", "content": PROMPTS[self.index % len(PROMPTS)]}],
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "seed": self.seed,
-            # OpenAI's wire format has string keys.
-            "logit_bias": {str(k): v for k, v in self.logit_bias.items()},
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        messages = [{"role": "user", "content": PROMPTS[self.index % len(PROMPTS)]}]
+        return chat_body(
+            model_name, messages, self.max_tokens, self.temperature, self.seed, self.logit_bias
+        )
+
+
+def chat_body(
+    model_name: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    logit_bias: dict[int, float],
+) -> dict[str, Any]:
+    """A streamed chat request body, with usage in the stream."""
+    return {
+        "model": model_name,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        # OpenAI's wire format has string keys.
+        "logit_bias": {str(k): v for k, v in logit_bias.items()},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def make_requests(
@@ -82,16 +97,25 @@ class RequestResult:
     decode_s: float | None = None
     completion_tokens: int = 0
     prompt_tokens: int | None = None
+    # Prompt tokens the server evaluated and those it took from its cache: llama-server's
+    # and llamapool's `timings.prompt_n` / `cache_n`, else OpenAI's
+    # `usage.prompt_tokens_details.cached_tokens` (evaluated = prompt_tokens - cached).
+    prompt_evaluated: int | None = None
+    prompt_cached: int | None = None
     tokens_source: str = "chunks"
     chunks: int = 0
     finish_reason: str | None = None
     done: bool = False
+    # The answer's text, kept only when asked (a chat replay sends it back next turn).
+    content: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if not data["extra"]:
             del data["extra"]
+        if data["content"] is None:
+            del data["content"]
         return data
 
 
@@ -112,9 +136,13 @@ async def send_chat(
     index: int,
     timeout: float,
     clock_origin: float = 0.0,
+    keep_content: bool = False,
 ) -> RequestResult:
-    """POST one streamed chat request and classify how it ended; never raises."""
-    result = RequestResult(index=index)
+    """POST one streamed chat request and classify how it ended; never raises.
+
+    With `keep_content`, the streamed text is kept in `result.content`.
+    """
+    result = RequestResult(index=index, content="" if keep_content else None)
     t0 = time.perf_counter()
     result.start_s = t0 - clock_origin
     try:
@@ -134,7 +162,18 @@ async def send_chat(
             result.error_message = "stream ended without data: [DONE]"
         else:
             result.ok = True
+    _derive_evaluated(result)
     return result
+
+
+def _derive_evaluated(result: RequestResult) -> None:
+    """Evaluated prompt tokens from the cached count, for servers that send only that."""
+    if (
+        result.prompt_evaluated is None
+        and result.prompt_cached is not None
+        and isinstance(result.prompt_tokens, int)
+    ):
+        result.prompt_evaluated = result.prompt_tokens - result.prompt_cached
 
 
 async def _exchange(
@@ -148,6 +187,7 @@ async def _exchange(
             await _read_error_body(response, result)
             return
         last_token_at = None
+        pieces: list[str] = []
         async for line in response.aiter_lines():
             # Cheap prefilter: only "data:" lines matter; comments and "event:" lines are skipped.
             if not line.startswith("data:"):
@@ -175,20 +215,40 @@ async def _exchange(
                         result.ttft_s = now - t0
                     last_token_at = now
                     result.chunks += 1
+                    if result.content is not None:
+                        pieces.append(delta["content"])
                 if choice.get("finish_reason"):
                     result.finish_reason = choice["finish_reason"]
             timings = obj.get("timings")
-            if isinstance(timings, dict) and isinstance(timings.get("prompt_ms"), int | float):
-                result.server_ttft_s = timings["prompt_ms"] / 1000
+            if isinstance(timings, dict):
+                _read_timings(timings, result)
             usage = obj.get("usage")
             if usage:
                 result.completion_tokens = int(usage.get("completion_tokens") or 0)
                 result.prompt_tokens = usage.get("prompt_tokens")
                 result.tokens_source = "usage"
+                details = usage.get("prompt_tokens_details")
+                cached = details.get("cached_tokens") if isinstance(details, dict) else None
+                if isinstance(cached, int) and result.prompt_cached is None:
+                    result.prompt_cached = cached
+        if result.content is not None:
+            result.content = "".join(pieces)
         if result.tokens_source != "usage":
             result.completion_tokens = result.chunks
         if result.ttft_s is not None and last_token_at is not None:
             result.decode_s = last_token_at - t0 - result.ttft_s
+
+
+def _read_timings(timings: dict[str, Any], result: RequestResult) -> None:
+    """llama-server's `timings` extension: the server's prompt time and token counts."""
+    if isinstance(timings.get("prompt_ms"), int | float):
+        result.server_ttft_s = timings["prompt_ms"] / 1000
+    if isinstance(timings.get("prompt_n"), int):
+        result.prompt_evaluated = timings["prompt_n"]
+    # The cache count of `timings` wins over usage's: both come from the server, and
+    # `timings` is what llama-server always sends.
+    if isinstance(timings.get("cache_n"), int):
+        result.prompt_cached = timings["cache_n"]
 
 
 async def _read_error_body(response: httpx.Response, result: RequestResult) -> None:

@@ -283,7 +283,9 @@ USAGE = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "t
 SSE = {"content-type": "text/event-stream"}
 
 
-def _send(response: httpx.Response | None, timeout: float = 5.0) -> RequestResult:
+def _send(
+    response: httpx.Response | None, timeout: float = 5.0, keep_content: bool = False
+) -> RequestResult:
     async def handler(request: httpx.Request) -> httpx.Response:
         if response is None:
             await asyncio.sleep(10)
@@ -292,7 +294,10 @@ def _send(response: httpx.Response | None, timeout: float = 5.0) -> RequestResul
 
     async def go() -> RequestResult:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await send_chat(client, "http://127.0.0.1/v1/chat/completions", {}, 7, timeout)
+            return await send_chat(
+                client, "http://127.0.0.1/v1/chat/completions", {}, 7, timeout,
+                keep_content=keep_content,
+            )  # fmt: skip
 
     return asyncio.run(go())
 
@@ -304,6 +309,36 @@ def test_client_ok_stream_counts_usage_tokens() -> None:
     assert (result.completion_tokens, result.tokens_source, result.chunks) == (2, "usage", 2)
     assert result.ttft_s is not None and result.e2e_s >= result.ttft_s
     assert result.index == 7
+
+
+def test_client_reads_the_servers_prompt_counts_and_keeps_the_text() -> None:
+    timings = {"prompt_n": 3, "cache_n": 40, "prompt_ms": 12.5, "predicted_n": 2}
+    final = {**_chunk(finish="length"), "timings": timings}
+    usage = {"choices": [], "usage": {"prompt_tokens": 43, "completion_tokens": 2,
+             "prompt_tokens_details": {"cached_tokens": 40}}}  # fmt: skip
+    body = _sse(_chunk("Hel"), _chunk("lo"), final, usage, "[DONE]")
+    result = _send(httpx.Response(200, headers=SSE, content=body), keep_content=True)
+    assert result.ok
+    assert (result.prompt_tokens, result.prompt_evaluated, result.prompt_cached) == (43, 3, 40)
+    assert result.server_ttft_s == pytest.approx(0.0125)
+    assert result.content == "Hello" and result.as_dict()["content"] == "Hello"
+
+
+def test_client_derives_evaluated_tokens_from_openais_cached_tokens() -> None:
+    usage = {"choices": [], "usage": {"prompt_tokens": 50, "completion_tokens": 2,
+             "prompt_tokens_details": {"cached_tokens": 32}}}  # fmt: skip
+    body = _sse(_chunk("a"), _chunk(finish="length"), usage, "[DONE]")
+    result = _send(httpx.Response(200, headers=SSE, content=body))
+    assert (result.prompt_evaluated, result.prompt_cached) == (18, 32)
+    # Not asked for: the text is not kept.
+    assert result.content is None and "content" not in result.as_dict()
+
+
+def test_client_without_timings_or_cached_tokens_knows_no_evaluated_count() -> None:
+    body = _sse(_chunk("a"), _chunk(finish="length"), USAGE, "[DONE]")
+    result = _send(httpx.Response(200, headers=SSE, content=body))
+    assert result.prompt_tokens == 5
+    assert result.prompt_evaluated is None and result.prompt_cached is None
 
 
 def test_client_counts_chunks_without_usage() -> None:
