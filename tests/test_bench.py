@@ -21,7 +21,7 @@ from serverutil import TAG_ENV, tagged_processes
 
 from benchmarks.cli import configure_parser, run
 from benchmarks.client import RequestResult, send_chat
-from benchmarks.modelfile import end_of_generation_ids
+from benchmarks.modelfile import end_of_generation_ids, token_counter
 from benchmarks.queue_wait import find_queue_wait, level_queue_wait, parse_samples
 from benchmarks.servers import loopback_base_url
 from benchmarks.stats import distribution, percentile
@@ -264,6 +264,14 @@ def test_end_of_generation_ids_of_the_tiny_model(tiny_gguf: pathlib.Path) -> Non
     from tinymodel import EOS_ID, IM_END_ID
 
     assert {EOS_ID, IM_END_ID} <= set(end_of_generation_ids(tiny_gguf))
+
+
+def test_token_counter_of_the_tiny_model(tiny_gguf: pathlib.Path) -> None:
+    with token_counter(tiny_gguf) as count:
+        assert count("") == 0
+        # The tiny vocabulary has one piece per character, and a word-start marker.
+        assert count("abc") == len("abc") + 1
+        assert count("abc " * 50) > 150
 
 
 # -- client: how each kind of ending is classified -----------------------------------------
