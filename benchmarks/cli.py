@@ -25,12 +25,24 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks.modelfile import ModelFileError, default_model_path, end_of_generation_ids
+from benchmarks.chat_replay import (
+    ReplaySettings,
+    fit_system_prompt,
+    prompt_estimate,
+    run_chat_replay,
+)
+from benchmarks.modelfile import (
+    ModelFileError,
+    default_model_path,
+    end_of_generation_ids,
+    token_counter,
+)
 from benchmarks.paired import run_paired
 from benchmarks.plot import plot_sweep
 from benchmarks.report import (
     SCHEMA,
     machine_info,
+    render_chat_replay,
     render_stress,
     render_sweep,
     versions,
@@ -44,6 +56,10 @@ from benchmarks.targets import TARGET_NAMES, TargetSettings, http_floor
 DEFAULT_OUT_DIR = pathlib.Path(__file__).resolve().parent / "results"
 SWEEP_TARGETS = ["mutex", "pool", "direct"]
 EOG_BIAS = -100.0
+# Sweep and stress requests are long enough to measure decoding; chat-replay answers are
+# short, so that prompts (what caches save) dominate, and greedy, as agents run them.
+MAX_TOKENS = {"sweep": 128, "stress": 128, "chat-replay": 32}
+TEMPERATURE = {"sweep": 0.8, "stress": 0.8, "chat-replay": 0.0}
 
 
 def _levels(text: str) -> list[int]:
@@ -89,7 +105,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--targets", type=_targets, default=None,
         help="comma list of mutex, pool, direct, url (default: mutex,pool,direct; "
-        "with --url: url; with --stress: pool)",
+        "with --url: url; with --stress or --chat-replay: pool)",
     )  # fmt: skip
     what.add_argument(
         "--model",
@@ -129,10 +145,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--max-tokens",
         type=_positive(int),
-        default=128,
-        help="tokens generated per request; EOS is suppressed (default: 128)",
+        default=None,
+        help="tokens generated per request; EOS is suppressed (default: 128; "
+        "with --chat-replay: 32)",
     )
-    load.add_argument("--temperature", type=float, default=0.8)
+    load.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="(default: 0.8; with --chat-replay: 0, greedy)",
+    )
     load.add_argument(
         "--seed",
         type=int,
@@ -236,6 +258,30 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "counts as hung (default: 120)",
     )
 
+    replay = parser.add_argument_group("chat-replay scenario")
+    replay.add_argument(
+        "--chat-replay",
+        action="store_true",
+        help="instead of the sweep: concurrent multi-turn conversations sharing one long "
+        "system prompt, each turn resending the history; reports per turn the prompt "
+        "tokens the server evaluated against those it was sent",
+    )
+    replay.add_argument(
+        "--conversations",
+        type=_positive(int),
+        default=16,
+        help="conversations in flight at once, each its turns in order (default: 16)",
+    )
+    replay.add_argument(
+        "--turns", type=_positive(int), default=4, help="turns per conversation (default: 4)"
+    )
+    replay.add_argument(
+        "--system-tokens",
+        type=_positive(int),
+        default=1000,
+        help="length of the shared system prompt in the model file's tokens (default: 1000)",
+    )
+
     output = parser.add_argument_group("output")
     output.add_argument(
         "--out-dir",
@@ -244,42 +290,76 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="where the JSON and PNG go (default: benchmarks/results)",
     )
     output.add_argument(
-        "--name", default=None, help="file name stem (default: bench-<time> or stress-<time>)"
+        "--name",
+        default=None,
+        help="file name stem (default: bench-<time>, stress-<time> or chat-replay-<time>)",
     )
     output.add_argument("--no-plot", action="store_true", help="skip the PNG")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _choose_targets(args: argparse.Namespace) -> list[str]:
+def _kind(args: argparse.Namespace) -> str:
+    if args.stress is not None and args.chat_replay:
+        raise ValueError("--stress and --chat-replay are two runs: choose one")
+    return "stress" if args.stress is not None else "chat-replay" if args.chat_replay else "sweep"
+
+
+def _choose_targets(args: argparse.Namespace, kind: str) -> list[str]:
     if args.targets is not None:
         targets = list(args.targets)
         if args.url and "url" not in targets:
             targets.append("url")
     elif args.url:
         targets = ["url"]
-    elif args.stress:
+    elif kind != "sweep":
         targets = ["pool"]
     else:
         targets = list(SWEEP_TARGETS)
     if "url" in targets and not args.url:
         raise ValueError("the url target needs --url")
-    if args.stress and "direct" in targets:
-        raise ValueError("stress mode needs an HTTP target (mutex, pool or url), not direct")
+    if kind != "sweep" and "direct" in targets:
+        what = "stress mode" if kind == "stress" else "chat-replay"
+        raise ValueError(f"{what} needs an HTTP target (mutex, pool or url), not direct")
     return targets
 
 
+def _replay_settings(
+    args: argparse.Namespace, model_path: pathlib.Path, targets: list[str], max_tokens: int
+) -> ReplaySettings:
+    """The shared system prompt, sized with the model's tokenizer; refuses one that cannot
+    fit the context of the servers the harness starts."""
+    with token_counter(model_path) as count:
+        text = fit_system_prompt(args.system_tokens, count)
+        tokens = count(text)
+        needed = prompt_estimate(tokens, args.turns, max_tokens, count)
+    started = [name for name in targets if name != "url"]
+    if started and needed > args.n_ctx:
+        raise ValueError(
+            f"the last turn needs about {needed} tokens of context ({tokens} of system prompt, "
+            f"{args.turns} turns of up to {max_tokens} tokens); --n-ctx is {args.n_ctx}: raise "
+            "it or lower --system-tokens, --turns or --max-tokens"
+        )
+    return ReplaySettings(args.conversations, args.turns, text, tokens)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep (or the stress test) the flags describe; the process exit code."""
+    """Run the sweep (or the stress test, or the chat replay) the flags describe; the
+    process exit code."""
     console = Console()
     if not console.is_terminal:
         # Piped to a file or CI log: rich would wrap the table at 80 columns.
         console = Console(width=160)
+    replay = None
     try:
-        targets = _choose_targets(args)
+        kind = _kind(args)
+        targets = _choose_targets(args, kind)
         if args.url:
             loopback_base_url(args.url)
         model_path = (args.model or default_model_path()).resolve()
         eog_ids = end_of_generation_ids(model_path)
+        max_tokens = args.max_tokens or MAX_TOKENS[kind]
+        if kind == "chat-replay":
+            replay = _replay_settings(args, model_path, targets, max_tokens)
     except (ValueError, ModelFileError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
@@ -305,15 +385,14 @@ def run(args: argparse.Namespace) -> int:
         levels=args.concurrency,
         requests=args.requests,
         warmup=warmup,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
+        max_tokens=max_tokens,
+        temperature=TEMPERATURE[kind] if args.temperature is None else args.temperature,
         seed=args.seed,
         logit_bias=dict.fromkeys(eog_ids, EOG_BIAS),
         request_timeout=args.request_timeout,
     )
-    kind = "stress" if stressing else "sweep"
     started = datetime.datetime.now(datetime.timezone.utc)
-    stem = args.name or f"{'stress' if stressing else 'bench'}-{started:%Y%m%d-%H%M%S}"
+    stem = args.name or f"{'bench' if kind == 'sweep' else kind}-{started:%Y%m%d-%H%M%S}"
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "kind": kind,
@@ -351,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
             }
             if stressing
             else None,
+            "chat_replay": replay.describe() if replay is not None else None,
         },
         "targets": {},
     }
@@ -371,17 +451,19 @@ def run(args: argparse.Namespace) -> int:
         if stressing:
             stress = StressSettings(requests=args.stress, client_timeout=args.stress_timeout)
             coro = run_stress(targets, settings, load, stress, workdir, progress)
+        elif replay is not None:
+            coro = run_chat_replay(targets, settings, load, replay, workdir, progress)
         else:
             coro = run_sweep(targets, settings, load, workdir, progress)
         report["targets"] = asyncio.run(coro)
-        if not stressing and "pool" in targets:
+        if kind == "sweep" and "pool" in targets:
             floor = progress.add_task("http floor", total=None)
             try:
                 report["http_floor"] = asyncio.run(http_floor(workdir))
             except (ServerStartError, OSError) as exc:
                 report["http_floor"] = {"error": str(exc)}
             progress.remove_task(floor)
-        if not stressing and {"pool", "direct"} <= set(targets) and args.pairs > 0:
+        if kind == "sweep" and {"pool", "direct"} <= set(targets) and args.pairs > 0:
             try:
                 report["paired"] = asyncio.run(
                     run_paired(settings, load, workdir, args.pairs, progress)
@@ -395,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
     # Other work on the machine skews every number: a high load here says to rerun.
     report["machine"]["load_average_end"] = list(os.getloadavg())
 
-    if not stressing:
+    if kind == "sweep":
         report["comparisons"] = compare(
             report["targets"], report.get("http_floor"), report.get("paired")
         )
@@ -408,6 +490,12 @@ def run(args: argparse.Namespace) -> int:
             entry.get("error") or not entry["invariant"]["holds"]
             for entry in report["targets"].values()
         )
+    elif kind == "chat-replay":
+        render_chat_replay(console, report)
+        failed = any(
+            entry.get("error") or entry["failed"] or entry["skipped"]
+            for entry in report["targets"].values()
+        )
     else:
         render_sweep(console, report)
         failed = any(
@@ -415,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
             for entry in report["targets"].values()
         )
     console.print(f"results: {json_path}")
-    if not stressing and not args.no_plot:
+    if kind == "sweep" and not args.no_plot:
         png_path = args.out_dir / f"{stem}.png"
         if plot_sweep(report, png_path):
             console.print(f"plot:    {png_path}")

@@ -268,3 +268,79 @@ def render_stress(console: Console, report: dict[str, Any]) -> None:
         else:
             for violation in entry["invariant"]["violations"]:
                 console.print(f"[red]{name}:[/] {violation}")
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def render_chat_replay(console: Console, report: dict[str, Any]) -> None:
+    """One row per target and turn, and one for the whole replay: TTFT, tok/s, and the
+    prompt tokens the server evaluated against those it was sent."""
+    config = report["config"]
+    replay = config["chat_replay"]
+    table = Table(
+        title=f"chat replay: {replay['conversations']} conversations x {replay['turns']} turns, "
+        f"{replay['system_prompt_tokens']}-token system prompt, {config['max_tokens']} tokens "
+        f"per answer, {pathlib.Path(config['model_path']).name}, {_cores(report['machine'])}",
+        caption="tok/s: generated tokens per second, all streams (over the turn's span) / one "
+        "stream (p50); prompt: tokens sent, evaluated by the server, cached; "
+        "eval %: evaluated / sent",
+    )
+    for column in ("target", "turn", "ok/n", "TTFT ms p50 / p95", "tok/s", "tok/s/stream",
+                   "prompt sent", "evaluated", "cached", "eval %", "errors"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("target", "errors") else "right")
+    for name, entry in report["targets"].items():
+        if entry.get("error"):
+            table.add_row(name, *["-"] * 9, "[red]failed to run[/]")
+            table.add_section()
+            continue
+        for turn in entry["per_turn"]:
+            prompt = turn["prompt_tokens"]
+            table.add_row(
+                name,
+                str(turn["turn"]),
+                f"{turn['ok']}/{turn['requests'] + turn['skipped']}",
+                " / ".join(_ms(turn["ttft_s"][q]) for q in ("p50", "p95")),
+                _num(turn["aggregate_tok_s"]),
+                _num(turn["stream_tok_s"]["p50"]),
+                _count(prompt["sent"]),
+                _count(prompt["evaluated"]),
+                _count(prompt["cached"]),
+                _fraction(prompt["evaluated_fraction"]),
+                _errors(turn["errors_by_type"]),
+            )
+        prompt = entry["prompt_tokens"]
+        table.add_row(
+            f"[bold]{name}[/]",
+            "all",
+            f"{entry['ok']}/{entry['requests']}",
+            " / ".join(_ms(entry["ttft_s"][q]) for q in ("p50", "p95")),
+            _num(entry["aggregate_tok_s"]),
+            "",
+            _count(prompt["sent"]),
+            _count(prompt["evaluated"]),
+            _count(prompt["cached"]),
+            _fraction(prompt["evaluated_fraction"]),
+            _errors(entry["errors_by_type"]),
+        )
+        table.add_section()
+    console.print(table)
+    for name, entry in report["targets"].items():
+        if entry.get("error"):
+            console.print(f"[red]{name} failed:[/] {entry['error']}")
+            continue
+        if entry["skipped"]:
+            console.print(
+                f"[yellow]{name}:[/] {entry['skipped']} turn(s) not sent: their conversation "
+                "had failed"
+            )
+        if entry["ok"] and entry["prompt_tokens"]["evaluated"] is None:
+            console.print(
+                f"[yellow]{name}:[/] the server reports neither timings.prompt_n nor "
+                "usage.prompt_tokens_details.cached_tokens: evaluated tokens unknown"
+            )

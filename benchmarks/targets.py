@@ -102,6 +102,18 @@ class HttpTarget:
             self.server.note_descendants()
         return sorted(results, key=lambda r: r.index), wall
 
+    async def send(
+        self, body: dict[str, Any], index: int, timeout: float, clock_origin: float
+    ) -> RequestResult:
+        """One streamed chat request with `body` as is, its answer's text kept."""
+        url = f"{self.base_url}/v1/chat/completions"
+        result = await send_chat(
+            self.client, url, body, index, timeout, clock_origin, keep_content=True
+        )
+        if self.server is not None:
+            self.server.note_descendants()
+        return result
+
     async def queue_histogram(self) -> queue_wait.Histogram | None:
         return await queue_wait.scrape(self.client, self.base_url, self.model_name)
 

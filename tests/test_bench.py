@@ -246,6 +246,75 @@ def test_stress_pool_rejects_past_its_queue(bench, tiny_gguf: pathlib.Path) -> N
     assert report["config"]["max_queue"] == 2
 
 
+@needs_pool
+def test_chat_replay_pool(bench, tiny_gguf: pathlib.Path) -> None:
+    code, report = bench(
+        "--model", str(tiny_gguf), "--chat-replay", "--conversations", "2", "--turns", "2",
+        "--system-tokens", "300", "--instances", "1", "--threads-per-instance", "1",
+        "--parallel", "1", *TINY_ARGS, "--n-ctx", "1024",
+    )  # fmt: skip
+    entry = report["targets"]["pool"]
+    assert code == 0, entry.get("error") or entry["errors_by_type"]
+    assert report["kind"] == "chat-replay"
+    assert list(report["targets"]) == ["pool"]
+    replay = report["config"]["chat_replay"]
+    assert (replay["conversations"], replay["turns"]) == (2, 2)
+    # The tiny model's tokens are single characters: 300 tokens is about 300 bytes.
+    assert 300 <= replay["system_prompt_tokens"] < 400
+    assert report["config"]["temperature"] == 0.0
+    assert (entry["requests"], entry["ok"], entry["failed"], entry["skipped"]) == (4, 4, 0, 0)
+    assert entry["completion_tokens"] == 4 * 8 and entry["short_completions"] == 0
+    assert entry["aggregate_tok_s"] > 0
+    turns = entry["per_turn"]
+    assert [t["turn"] for t in turns] == [1, 2]
+    for turn in turns:
+        assert turn["ok"] == 2 and turn["ttft_s"]["p50"] > 0 and turn["aggregate_tok_s"] > 0
+        prompt = turn["prompt_tokens"]
+        # The system prompt, a user message and the template, at least; the pool reports
+        # what it evaluated, never more than it was sent.
+        assert prompt["sent"] > 2 * 300
+        assert 0 < prompt["evaluated"] <= prompt["sent"]
+        assert prompt["evaluated"] + prompt["cached"] == prompt["sent"]
+    assert turns[1]["prompt_tokens"]["sent"] > turns[0]["prompt_tokens"]["sent"]
+    details = entry["requests_detail"]
+    assert sorted((d["extra"]["conversation"], d["extra"]["turn"]) for d in details) == [
+        (0, 1), (0, 2), (1, 1), (1, 2),
+    ]  # fmt: skip
+    assert all(d["content"] and d["prompt_evaluated"] <= d["prompt_tokens"] for d in details)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--chat-replay", "--stress", "4"], "choose one"),
+        (["--chat-replay", "--targets", "direct"], "HTTP target"),
+        (["--chat-replay", "--n-ctx", "256", "--system-tokens", "300"], "--n-ctx is 256"),
+    ],
+)
+def test_chat_replay_usage_errors(
+    tiny_gguf: pathlib.Path,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    needle: str,
+) -> None:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(["--model", str(tiny_gguf), "--out-dir", str(tmp_path), *flags])
+    assert run(args) == 2
+    assert needle in " ".join(capsys.readouterr().out.split())
+    assert not list(tmp_path.iterdir()), "a refused run writes no results"
+
+
+@pytest.mark.parametrize("flag", ["--conversations", "--turns", "--system-tokens"])
+def test_chat_replay_counts_must_be_positive(flag: str) -> None:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--chat-replay", flag, "0"])
+    assert exc.value.code == 2
+
+
 def test_missing_model_is_a_usage_error(tmp_path: pathlib.Path) -> None:
     parser = argparse.ArgumentParser()
     configure_parser(parser)
