@@ -9,17 +9,8 @@ from tinymodel import IM_END_ID, N_EMBD
 
 from llamapool.config import parse_config
 from llamapool.ipc.protocol import Request, SamplingParams
-from llamapool.pool.engine import (
-    Cancelled,
-    Engine,
-    Prepared,
-    RequestFailed,
-    TextOut,
-    _find_stop,
-    _held_back,
-    _llama_seed,
-    _temperature,
-)
+from llamapool.pool.engine import Cancelled, Engine
+from llamapool.pool.prepare import RequestFailed
 
 
 def _engine(path, **config) -> Engine:
@@ -162,13 +153,13 @@ def test_custom_jinja_template(tiny_gguf, tmp_path):
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
     )
     eng = _engine(tiny_gguf, chat_format_template=template)
-    prompt = eng._formatter(messages=[{"role": "user", "content": "hey"}]).prompt
+    prompt = eng.preparer.formatter(messages=[{"role": "user", "content": "hey"}]).prompt
     assert prompt == "[user] hey\n[assistant] "
     path = tmp_path / "t.jinja"
     path.write_text(template)
     eng = _engine(tiny_gguf, chat_format_template=str(path))
     assert (
-        eng._formatter(messages=[{"role": "user", "content": "x"}]).prompt
+        eng.preparer.formatter(messages=[{"role": "user", "content": "x"}]).prompt
         == "[user] x\n[assistant] "
     )
 
@@ -176,64 +167,3 @@ def test_custom_jinja_template(tiny_gguf, tmp_path):
 def test_unknown_chat_format_fails_to_boot(tiny_gguf):
     with pytest.raises(ValueError, match="unknown chat_format"):
         _engine(tiny_gguf, chat_format="no-such-format")
-
-
-def test_stop_helpers():
-    assert _find_stop("hello world", ["wor", "lo"]) == 3
-    assert _find_stop("hello", ["xyz"]) is None
-    assert _held_back("hello wo", ["world"]) == 2
-    assert _held_back("hello", ["world"]) == 0
-    assert _held_back("abc", ["c", "bcd"]) == 2
-
-
-class _Pieces:
-    """Token ids standing for byte strings: what TextOut needs of an engine, for text cases
-    no vocabulary here can produce (a stop sequence and a split character in one token)."""
-
-    def __init__(self, pieces: dict[int, bytes]):
-        self.llama = self
-        self._pieces = pieces
-
-    def detokenize(self, tokens: list[int]) -> bytes:
-        return b"".join(self._pieces[t] for t in tokens)
-
-    def is_eog(self, token: int) -> bool:
-        return token == 0
-
-
-def _text_out(pieces: dict[int, bytes], stops: list[str]):
-    emitted: list[str] = []
-    prep = Prepared(
-        tokens=[], max_tokens=10, stops=stops, seed=0, top_k=40, top_p=1.0, min_p=0.0,
-        temperature=0.0, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
-        logit_bias={},
-    )  # fmt: skip
-    return TextOut(_Pieces(pieces), prep, lambda text, n: emitted.append(text)), emitted
-
-
-def test_bytes_after_a_stop_sequence_are_dropped():
-    out, emitted = _text_out({1: b"abX", 2: b"Y\xf0\x9f"}, ["XZ", "Y"])
-    assert not out.push(1)
-    assert out.push(2)
-    out.result(1, 0, 0.0, None)
-    assert "".join(emitted) == "abX"  # no U+FFFD from the emoji's first half after "Y"
-    assert out.finish == "stop"
-
-
-def test_a_split_character_at_the_end_is_replaced_not_lost():
-    out, emitted = _text_out({1: b"ok\xf0\x9f", 0: b""}, [])
-    assert not out.push(1)
-    assert out.push(0)  # end of generation with half a character held
-    out.result(1, 0, 0.0, None)
-    assert "".join(emitted) == "ok\ufffd"
-
-
-def test_seeds_and_temperatures_as_llama_cpp_takes_them():
-    # 32-bit seeds; 0xFFFFFFFF would mean "random": every other seed maps below it.
-    assert _llama_seed(None) is None
-    assert _llama_seed(5) == 5
-    assert _llama_seed(0xFFFFFFFF) == 0 and _llama_seed(0xFFFFFFFF + 7) == 7
-    assert _llama_seed(-1) is None  # random, as in llama-cpp-python
-    assert 0 <= _llama_seed(-2) < 0xFFFFFFFF
-    assert _temperature(1e-40) == 0.0 and _temperature(0.0) == 0.0
-    assert _temperature(0.7) == 0.7

@@ -22,15 +22,16 @@ from typing import Any
 
 from llamapool.config import ModelSpec
 from llamapool.ipc.protocol import Request
-from llamapool.pool.engine import (
-    Engine,
+from llamapool.pool.engine import AbortFlag
+from llamapool.pool.prepare import (
     Prepared,
+    Preparer,
     RequestFailed,
-    Result,
     Sink,
     TextOut,
     common_prefix,
     is_broken_pipe,
+    load_llama,
 )
 
 log = logging.getLogger(__name__)
@@ -58,17 +59,21 @@ class _Slot:
     logits_at: int = -1  # index in the current batch whose logits this slot samples
 
 
-class BatchEngine(Engine):
+class BatchEngine:
     """Serves up to `n_parallel` chat and completion requests at once from one context."""
 
     def __init__(self, spec: ModelSpec):
-        super().__init__(spec, llama_n_ctx=_TOKENIZER_CTX)
+        import llama_cpp
         from llama_cpp import _internals
 
-        llama_cpp, cfg = self._llama_cpp, self.cfg
+        self._llama_cpp = llama_cpp
+        self.spec = spec
+        self.cfg = cfg = spec.config
         self.capacity = cfg.n_parallel
         self.n_ctx = cfg.n_ctx  # per request: each sequence has its own n_ctx cells
         self.n_batch = cfg.n_batch
+        self.llama = load_llama(spec, n_ctx=_TOKENIZER_CTX)
+        self.preparer = Preparer(self.llama, spec, n_ctx=cfg.n_ctx)
         base = self.llama.context_params
         params = type(base).from_buffer_copy(base)
         params.n_ctx = cfg.n_ctx * cfg.n_parallel
@@ -79,17 +84,16 @@ class BatchEngine(Engine):
         # and 162 vs 136 tok/s in paired runs).
         params.kv_unified = False
         self.ctx = _internals.LlamaContext(model=self.llama._model, params=params, verbose=False)
-        # The tokenizer context keeps pointing at the first flag: keep it alive.
-        self._tokenizer_abort_flag = self._abort_flag
-        self._abort_flag = self._install_abort(self.ctx.ctx)
+        self._abort_flag = AbortFlag(self.ctx.ctx)
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
         self.slots = [_Slot(seq=i) for i in range(cfg.n_parallel)]
         self._n_vocab = self.llama.n_vocab()
         self._internals = _internals
-
-    def run(self, req: Request, emit: Any, cancelled: Any) -> Result:
-        raise TypeError("a BatchEngine serves through serve(); run() belongs to Engine")
+        self._cancelled_ids: set[str] = set()
+        # time.monotonic() of the engine's last decode step; the I/O thread's stall watchdog
+        # reads it (a float assignment is atomic under the GIL).
+        self.progress_at = time.monotonic()
 
     def close(self) -> None:
         """Free the batch and the context (the process exit would too)."""
@@ -124,11 +128,21 @@ class BatchEngine(Engine):
                 self._step(sink)
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request at the next step; abort the decode if it is all that runs."""
+        """Stop a request at the next step; abort the decode if it is all that runs.
+
+        Called from the worker's I/O thread as well as the engine's.
+        """
         self._cancelled_ids.add(request_id)
         running = {s.rid for s in self.slots if s.rid}
         if request_id in running and running <= self._cancelled_ids:
-            self.abort()
+            self._abort_flag.set()
+
+    def forget(self, request_id: str) -> None:
+        """The request has ended: drop a cancel that arrived after its last step."""
+        self._cancelled_ids.discard(request_id)
+
+    def _failure(self, exc: Exception) -> str:
+        return f"generation failed in model {self.spec.id!r}: {exc}"
 
     # -- admission ------------------------------------------------------------
 
@@ -141,9 +155,7 @@ class BatchEngine(Engine):
             sink.error(rid, "cancelled", "request cancelled")
             return
         try:
-            if req.kind == "embedding":
-                self._embed(req)  # raises: a batching model never serves embeddings
-            prep = self.prepare(req)
+            prep = self.preparer.prepare(req)
             sampler = self._make_sampler(prep)
         except RequestFailed as exc:
             sink.error(rid, exc.code, exc.message, exc.param)
@@ -163,7 +175,7 @@ class BatchEngine(Engine):
         slot.pending = prep.tokens[keep:]
         slot.next_token = None
         slot.sampler = sampler
-        slot.out = TextOut(self, prep, lambda text, n: sink.chunk(rid, text, n))
+        slot.out = TextOut(self.preparer, prep, lambda text, n: sink.chunk(rid, text, n))
         slot.n_prompt, slot.n_reused = len(prep.tokens), keep
         slot.started, slot.first_token_at = started, None
 
@@ -214,9 +226,8 @@ class BatchEngine(Engine):
             in_batch.append((slot, chunk))
             budget -= len(chunk)
 
-        self._abort_flag[0] = b"\x00"
-        if {s.rid for s, _ in in_batch} <= self._cancelled_ids:
-            self._abort_flag[0] = b"\x01"  # a cancel that came before the flag was cleared
+        # A cancel of everything in the batch may have come before the flag was lowered.
+        self._abort_flag.set({s.rid for s, _ in in_batch} <= self._cancelled_ids)
         status = self._llama_cpp.llama_decode(self.ctx.ctx, batch)
         if status != 0:
             for slot, _ in in_batch:  # drop whatever part of the batch reached the cache

@@ -37,7 +37,9 @@ import zmq
 from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.ipc.sockets import dealer_socket
-from llamapool.pool.engine import Engine, Result, chats_through_handler, is_broken_pipe
+from llamapool.pool.batch import BatchEngine
+from llamapool.pool.engine import Engine
+from llamapool.pool.prepare import Result, chats_through_handler, is_broken_pipe
 
 log = logging.getLogger("llamapool.worker")
 
@@ -252,7 +254,7 @@ class _Sink:
         self.worker.notify(_FINISHED)
 
 
-def make_engine(spec: ModelSpec) -> Engine:
+def make_engine(spec: ModelSpec) -> Engine | BatchEngine:
     """A batching engine for text generation; the one-at-a-time engine for the rest."""
     cfg = spec.config
     if cfg.embedding or chats_through_handler(cfg):
@@ -262,8 +264,6 @@ def make_engine(spec: ModelSpec) -> Engine:
                 "one request at a time; set n_parallel: 1"
             )
         return Engine(spec)
-    from llamapool.pool.batch import BatchEngine
-
     return BatchEngine(spec)
 
 

@@ -1,0 +1,401 @@
+"""What both engines do around a request: prepare it, and turn its tokens into output.
+
+`Preparer` formats a chat with llama-cpp-python's formatters, tokenizes, validates against
+the context, and resolves sampling defaults into a `Prepared`; `TextOut` turns sampled
+tokens into emitted text (EOG, stop sequences with hold-back, max_tokens, UTF-8) and the
+request's `Result`. The batching engine and the one-at-a-time engine each hold a `Preparer`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from llamapool.config import ModelSpec
+from llamapool.ipc.protocol import Request, Timings, Usage
+
+EmitFn = Callable[[str, int], None]
+
+
+class Sink(Protocol):
+    """Where an engine reports each request's start, text, and end (the worker's socket)."""
+
+    def start(self, request_id: str) -> None: ...
+
+    def chunk(self, request_id: str, text: str, tokens: int) -> None: ...
+
+    def done(self, request_id: str, result: Result) -> None: ...
+
+    def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None: ...
+
+
+def is_broken_pipe(exc: BaseException) -> bool:
+    """Whether `exc` means the data socket to the router is gone (the worker must die)."""
+    return isinstance(exc, BrokenPipeError) or (
+        isinstance(exc, OSError) and exc.errno == errno.EPIPE
+    )
+
+
+class RequestFailed(Exception):
+    """A request the engine refuses or cannot finish; carries the client-facing code."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+def embeddings_refused(model_id: str) -> RequestFailed:
+    """The refusal of an embedding request by a model without `embedding: true`."""
+    return RequestFailed(
+        "invalid_request",
+        f"model {model_id!r} does not serve embeddings (set `embedding: true`)",
+        param="model",
+    )
+
+
+class Result:
+    """What a finished request reports in DONE."""
+
+    __slots__ = ("finish_reason", "usage", "timings", "embeddings")
+
+    def __init__(
+        self,
+        finish_reason: str,
+        usage: Usage,
+        timings: Timings | None = None,
+        embeddings: list[list[float]] | None = None,
+    ):
+        self.finish_reason = finish_reason
+        self.usage = usage
+        self.timings = timings
+        self.embeddings = embeddings
+
+
+@dataclass
+class Prepared:
+    """A validated generation request: prompt tokens, limits and sampling, all resolved."""
+
+    tokens: list[int]
+    max_tokens: int
+    stops: list[str]
+    seed: int
+    top_k: int
+    top_p: float
+    min_p: float
+    temperature: float
+    repeat_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
+    logit_bias: dict[int, float]
+
+
+class Detokenizer(Protocol):
+    """What `TextOut` needs of a model: a token's bytes and whether it ends generation."""
+
+    def detokenize(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+
+class TextOut:
+    """Turns sampled tokens into emitted text: EOG, stop sequences, max_tokens, UTF-8.
+
+    Text that may be the start of a stop sequence is held back until it cannot be.
+    """
+
+    def __init__(self, vocab: Detokenizer, prep: Prepared, emit: EmitFn):
+        self._detokenize = vocab.detokenize
+        self._is_eog = vocab.is_eog
+        self._stops = prep.stops
+        self._max_tokens = prep.max_tokens
+        self._emit = emit
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""  # decoded text held back because it may start a stop sequence
+        self._unsent_tokens = 0
+        self.produced = 0
+        self.finish = "length"
+
+    def push(self, token: int) -> bool:
+        """Take one sampled token; True when the request is finished."""
+        if self._is_eog(token):
+            self.finish = "stop"
+            return True
+        self.produced += 1
+        self._unsent_tokens += 1
+        self._pending += self._decoder.decode(self._detokenize(token))
+        cut = _find_stop(self._pending, self._stops)
+        if cut is not None:
+            self._pending = self._pending[:cut]
+            self.finish = "stop"
+            self._decoder.reset()  # bytes it holds come after the stop sequence
+            return True
+        safe = len(self._pending) - _held_back(self._pending, self._stops)
+        if safe > 0:
+            self._emit(self._pending[:safe], self._unsent_tokens)
+            self._pending, self._unsent_tokens = self._pending[safe:], 0
+        return self.produced >= self._max_tokens
+
+    def result(
+        self, n_prompt: int, n_cached: int, started: float, first_token_at: float | None
+    ) -> Result:
+        """Emit what is held back (never a stop sequence found) and report the request."""
+        self._pending += self._decoder.decode(b"", final=True)
+        if self._pending or self._unsent_tokens:
+            self._emit(self._pending, self._unsent_tokens)
+        self._pending, self._unsent_tokens = "", 0
+        ended = time.perf_counter()
+        first = first_token_at or ended
+        return Result(
+            self.finish,
+            Usage(prompt_tokens=n_prompt, completion_tokens=self.produced, cached_tokens=n_cached),
+            Timings(
+                prompt_ms=(first - started) * 1000,
+                generate_ms=(ended - first) * 1000,
+                cached_tokens=n_cached,
+            ),
+        )
+
+
+def chats_through_handler(cfg: Any) -> bool:
+    """Whether chat runs through a llama-cpp-python handler (no formatter we can drive)."""
+    if cfg.mmproj_path is not None:
+        return True
+    if cfg.chat_format is None:
+        return False
+    from llama_cpp import llama_chat_format
+
+    try:
+        handler = llama_chat_format.get_chat_completion_handler(cfg.chat_format)
+    except Exception:
+        return False  # an unknown name: the engine refuses it with a clear error
+    return _formatter_from_handler(handler) is None
+
+
+def _formatter_from_handler(handler: Any) -> Any | None:
+    # llama-cpp-python registers named chat formats only as completion handlers
+    # wrapping a formatter; the formatter is what we need to run our own loop.
+    code = getattr(handler, "__code__", None)
+    if code is None or handler.__closure__ is None:
+        return None
+    for name, cell in zip(code.co_freevars, handler.__closure__, strict=True):
+        if name == "chat_formatter":
+            return cell.cell_contents
+    return None
+
+
+def load_llama(spec: ModelSpec, *, n_ctx: int | None = None) -> Any:
+    """The model's `llama_cpp.Llama` with a context of `n_ctx` (default: the model's)."""
+    import llama_cpp
+    from llama_cpp import llama_chat_format
+
+    cfg = spec.config
+    kwargs: dict[str, Any] = {
+        "model_path": cfg.model_path,
+        "n_ctx": n_ctx or cfg.n_ctx,
+        "n_gpu_layers": cfg.n_gpu_layers,
+        "n_batch": min(cfg.n_batch, n_ctx or cfg.n_batch),
+        "use_mmap": cfg.use_mmap,
+        "use_mlock": cfg.use_mlock,
+        "embedding": cfg.embedding,
+        "verbose": False,
+    }
+    if cfg.n_threads is not None:
+        kwargs["n_threads"] = cfg.n_threads
+        kwargs["n_threads_batch"] = cfg.n_threads
+    if cfg.seed is not None:
+        kwargs["seed"] = llama_seed(cfg.seed)
+    if cfg.chat_format is not None:
+        try:
+            llama_chat_format.get_chat_completion_handler(cfg.chat_format)
+        except Exception:
+            raise ValueError(f"unknown chat_format {cfg.chat_format!r}") from None
+        kwargs["chat_format"] = cfg.chat_format
+    if cfg.mmproj_path is not None:
+        kwargs["chat_handler"] = llama_chat_format.Llava15ChatHandler(
+            clip_model_path=cfg.mmproj_path, verbose=False
+        )
+    return llama_cpp.Llama(**kwargs)
+
+
+class Preparer:
+    """Turns a model's chat and completion requests into `Prepared`, or refuses them."""
+
+    def __init__(self, llama: Any, spec: ModelSpec, *, n_ctx: int):
+        import llama_cpp
+        from llama_cpp import llama_chat_format
+
+        self._llama_cpp = llama_cpp
+        self.llama = llama
+        self.spec = spec
+        self.cfg = spec.config
+        self.n_ctx = n_ctx  # per request
+        self._vocab = llama._model.vocab
+        # None: chat only through llama-cpp-python's own handler (multimodal models).
+        self.formatter = self._make_formatter(llama_chat_format)
+
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends generation (EOS, EOT, ...)."""
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def detokenize(self, token: int) -> bytes:
+        """The bytes of one token (maybe part of a character)."""
+        return self.llama.detokenize([token])
+
+    def _make_formatter(self, llama_chat_format: Any) -> Any | None:
+        if self.cfg.mmproj_path is not None:
+            return None  # images are embedded by the Llava handler itself
+        llama = self.llama
+        eos_id, bos_id = llama.token_eos(), llama.token_bos()
+        eos = llama._model.token_get_text(eos_id) if eos_id != -1 else ""
+        bos = llama._model.token_get_text(bos_id) if bos_id != -1 else ""
+        if self.cfg.chat_format_template is not None:
+            template = self.cfg.chat_format_template
+            if os.path.isfile(template):
+                with open(template, encoding="utf-8") as fh:
+                    template = fh.read()
+            return llama_chat_format.Jinja2ChatFormatter(
+                template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
+            )
+        name = llama.chat_format
+        if name in llama._chat_handlers:
+            # Built by Llama.__init__ from the GGUF's embedded template.
+            template = llama.metadata.get("tokenizer.chat_template")
+            if name == "chat_template.default" and template:
+                return llama_chat_format.Jinja2ChatFormatter(
+                    template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
+                )
+            return _formatter_from_handler(llama._chat_handlers[name])
+        return _formatter_from_handler(llama_chat_format.get_chat_completion_handler(name))
+
+    def _prompt_tokens(self, req: Request) -> tuple[list[int], list[str]]:
+        llama = self.llama
+        if req.kind == "completion":
+            text = req.prompt or ""
+            # Special tokens written in the prompt are tokens, as in llama-cpp-python's and
+            # llama-server's completions: a hand-templated prompt means what it says.
+            return llama.tokenize(text.encode("utf-8"), add_bos=True, special=True), []
+        if self.formatter is None:
+            raise RequestFailed(
+                "invalid_request",
+                f"model {self.spec.id!r} chats only through its multimodal handler",
+            )
+        try:
+            result = self.formatter(messages=req.messages or [])
+        except Exception as exc:  # a template's raise_exception, or a bad message shape
+            raise RequestFailed(
+                "invalid_request", f"chat template rejected the messages: {exc}", param="messages"
+            ) from None
+        stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
+        tokens = llama.tokenize(
+            result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
+        )
+        return tokens, [s for s in stops if s]
+
+    def prepare(self, req: Request) -> Prepared:
+        """Tokenize and validate a chat or completion request; raise RequestFailed if bad."""
+        if req.kind == "embedding":
+            raise embeddings_refused(self.spec.id)
+        cfg, p = self.cfg, req.params
+        tokens, template_stops = self._prompt_tokens(req)
+        n_prompt = len(tokens)
+        room = self.n_ctx - n_prompt
+        if n_prompt == 0:
+            raise RequestFailed("invalid_request", "the prompt is empty", param="prompt")
+        if room < 1:
+            raise RequestFailed(
+                "context_length_exceeded",
+                f"the prompt is {n_prompt} tokens but model {self.spec.id!r} has a context of "
+                f"{self.n_ctx} tokens; shorten the prompt by at least {n_prompt - self.n_ctx + 1}",
+                param="messages" if req.kind == "chat" else "prompt",
+            )
+        if p.logit_bias:
+            n_vocab = self.llama.n_vocab()
+            for token_id in p.logit_bias:
+                if not 0 <= token_id < n_vocab:
+                    raise RequestFailed(
+                        "invalid_request",
+                        f"logit_bias names token {token_id}, outside the vocabulary "
+                        f"(0..{n_vocab - 1})",
+                        param="logit_bias",
+                    )
+        default_max = 16 if req.kind == "completion" else room
+        max_tokens = min(p.max_tokens or cfg.max_tokens or default_max, room)
+        stops = template_stops + [s for s in (p.stop if p.stop is not None else cfg.stop_list())]
+        seed = llama_seed(p.seed if p.seed is not None else cfg.seed)
+        return Prepared(
+            tokens=tokens,
+            max_tokens=max_tokens,
+            stops=[s for s in dict.fromkeys(stops) if s],
+            seed=seed if seed is not None else random.getrandbits(31),
+            top_k=pick(p.top_k, cfg.top_k),
+            top_p=pick(p.top_p, cfg.top_p),
+            min_p=pick(p.min_p, cfg.min_p),
+            temperature=temperature(pick(p.temperature, cfg.temperature)),
+            repeat_penalty=pick(p.repeat_penalty, cfg.repeat_penalty),
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            logit_bias=p.logit_bias or {},
+        )
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def pick(value: Any, default: Any) -> Any:
+    """A request's value, or the model's default when the request sets none."""
+    return default if value is None else value
+
+
+# llama.cpp's seeds are 32-bit and 0xFFFFFFFF means "pick a random one".
+_SEED_MODULUS = 0xFFFFFFFF
+# A temperature this close to 0 divides the logits into overflow (garbage text).
+_GREEDY_BELOW = 1e-5
+
+
+def llama_seed(seed: int | None) -> int | None:
+    """A seed as llama.cpp takes it; None for a random one.
+
+    -1 is random, as in llama-cpp-python and llama-server; any other integer is reduced to
+    32 bits so that it is reproducible (never llama.cpp's "random" 0xFFFFFFFF).
+    """
+    return None if seed is None or seed == -1 else seed % _SEED_MODULUS
+
+
+def temperature(value: float) -> float:
+    """The sampling temperature; one too small to divide by means greedy (0)."""
+    return 0.0 if value < _GREEDY_BELOW else value
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    best: int | None = None
+    for stop in stops:
+        i = text.find(stop)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop sequence."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:n]):
+                keep = n
+                break
+    return keep
