@@ -22,9 +22,8 @@ from typing import Any
 
 from llamapool.config import ModelSpec
 from llamapool.ipc.protocol import Request
-from llamapool.pool.engine import AbortFlag
+from llamapool.pool.llama_adapter import DECODE_ABORTED, BatchContext, Sampler
 from llamapool.pool.prepare import (
-    Prepared,
     Preparer,
     RequestFailed,
     Sink,
@@ -38,8 +37,6 @@ log = logging.getLogger(__name__)
 
 # The Llama object only tokenizes and formats here; its own context stays this small.
 _TOKENIZER_CTX = 64
-# llama_decode's status when the abort callback stopped it.
-_ABORTED = 2
 _NO_REQUEST = object()
 
 
@@ -50,7 +47,7 @@ class _Slot:
     rid: str | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
     next_token: int | None = None  # sampled, not yet decoded
-    sampler: Any = None
+    sampler: Sampler | None = None
     out: TextOut | None = None
     n_prompt: int = 0
     n_reused: int = 0
@@ -63,10 +60,6 @@ class BatchEngine:
     """Serves up to `n_parallel` chat and completion requests at once from one context."""
 
     def __init__(self, spec: ModelSpec):
-        import llama_cpp
-        from llama_cpp import _internals
-
-        self._llama_cpp = llama_cpp
         self.spec = spec
         self.cfg = cfg = spec.config
         self.capacity = cfg.n_parallel
@@ -74,22 +67,14 @@ class BatchEngine:
         self.n_batch = cfg.n_batch
         self.llama = load_llama(spec, n_ctx=_TOKENIZER_CTX)
         self.preparer = Preparer(self.llama, spec, n_ctx=cfg.n_ctx)
-        base = self.llama.context_params
-        params = type(base).from_buffer_copy(base)
-        params.n_ctx = cfg.n_ctx * cfg.n_parallel
-        params.n_batch = params.n_ubatch = cfg.n_batch
-        params.n_seq_max = cfg.n_parallel
-        # Split KV streams: attention then reads only a sequence's own cells, which is
-        # what makes batching unrelated requests pay (8 sequences, 2 cores: 202 vs 167
-        # and 162 vs 136 tok/s in paired runs).
-        params.kv_unified = False
-        self.ctx = _internals.LlamaContext(model=self.llama._model, params=params, verbose=False)
-        self._abort_flag = AbortFlag(self.ctx.ctx)
-        self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
-        self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
+        self.context = BatchContext(
+            self.llama,
+            n_ctx=cfg.n_ctx * cfg.n_parallel,
+            n_batch=cfg.n_batch,
+            n_seq_max=cfg.n_parallel,
+        )
         self.slots = [_Slot(seq=i) for i in range(cfg.n_parallel)]
-        self._n_vocab = self.llama.n_vocab()
-        self._internals = _internals
+        self.n_vocab = self.llama.n_vocab()
         self._cancelled_ids: set[str] = set()
         # time.monotonic() of the engine's last decode step; the I/O thread's stall watchdog
         # reads it (a float assignment is atomic under the GIL).
@@ -97,8 +82,7 @@ class BatchEngine:
 
     def close(self) -> None:
         """Free the batch and the context (the process exit would too)."""
-        self._llama_cpp.llama_batch_free(self._batch)
-        self.ctx.close()
+        self.context.close()
 
     # -- the worker's entry points --------------------------------------------
 
@@ -135,7 +119,7 @@ class BatchEngine:
         self._cancelled_ids.add(request_id)
         running = {s.rid for s in self.slots if s.rid}
         if request_id in running and running <= self._cancelled_ids:
-            self._abort_flag.set()
+            self.context.abort.set()
 
     def forget(self, request_id: str) -> None:
         """The request has ended: drop a cancel that arrived after its last step."""
@@ -156,7 +140,7 @@ class BatchEngine:
             return
         try:
             prep = self.preparer.prepare(req)
-            sampler = self._make_sampler(prep)
+            sampler = Sampler(prep, self.n_vocab)
         except RequestFailed as exc:
             sink.error(rid, exc.code, exc.message, exc.param)
             return
@@ -175,7 +159,7 @@ class BatchEngine:
         slot.pending = prep.tokens[keep:]
         slot.next_token = None
         slot.sampler = sampler
-        slot.out = TextOut(self.preparer, prep, lambda text, n: sink.chunk(rid, text, n))
+        slot.out = TextOut(self.preparer.vocab, prep, lambda text, n: sink.chunk(rid, text, n))
         slot.n_prompt, slot.n_reused = len(prep.tokens), keep
         slot.started, slot.first_token_at = started, None
 
@@ -183,33 +167,11 @@ class BatchEngine:
         free = [s for s in self.slots if s.rid is None]
         return max(free, key=lambda s: common_prefix(s.cached, tokens))
 
-    def _make_sampler(self, prep: Prepared) -> Any:
-        # The chain llama-cpp-python's Llama builds, in the same order.
-        sampler = self._internals.LlamaSampler()
-        if prep.logit_bias:
-            sampler.add_logit_bias(self._n_vocab, prep.logit_bias)
-        sampler.add_penalties(
-            n_vocab=self._n_vocab,
-            penalty_last_n=64,
-            penalty_repeat=prep.repeat_penalty,
-            penalty_freq=prep.frequency_penalty,
-            penalty_present=prep.presence_penalty,
-        )
-        if prep.temperature == 0.0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_k(prep.top_k)
-            sampler.add_top_p(prep.top_p, 1)
-            sampler.add_min_p(prep.min_p, 1)
-            sampler.add_temp(prep.temperature)
-            sampler.add_dist(prep.seed)
-        return sampler
-
     # -- one decode step --------------------------------------------------------
 
     def _step(self, sink: Sink) -> None:
-        batch, budget = self._batch, self.n_batch
-        batch.n_tokens = 0
+        budget = self.n_batch
+        self.context.clear()
         in_batch: list[tuple[_Slot, list[int]]] = []
         for slot in self.slots:
             if slot.rid is not None and slot.next_token is not None:
@@ -227,12 +189,12 @@ class BatchEngine:
             budget -= len(chunk)
 
         # A cancel of everything in the batch may have come before the flag was lowered.
-        self._abort_flag.set({s.rid for s, _ in in_batch} <= self._cancelled_ids)
-        status = self._llama_cpp.llama_decode(self.ctx.ctx, batch)
+        self.context.abort.set({s.rid for s, _ in in_batch} <= self._cancelled_ids)
+        status = self.context.decode()
         if status != 0:
             for slot, _ in in_batch:  # drop whatever part of the batch reached the cache
                 self._trim(slot, len(slot.cached))
-            if status == _ABORTED:
+            if status == DECODE_ABORTED:
                 return  # every slot in it was cancelled; _drop_cancelled ends them
             for slot, _ in in_batch:
                 self._finish_error(
@@ -260,7 +222,7 @@ class BatchEngine:
                 self._finish_error(slot, sink, "generation_failed", self._failure(exc))
 
     def _sample(self, slot: _Slot, sink: Sink) -> None:
-        token = slot.sampler.sample(self.ctx, slot.logits_at)  # also accepts it
+        token = slot.sampler.sample(self.context, slot.logits_at)  # also accepts it
         if slot.first_token_at is None:
             slot.first_token_at = time.perf_counter()
         assert slot.out is not None
@@ -271,27 +233,15 @@ class BatchEngine:
 
     def _add(self, slot: _Slot, tokens: list[int], *, logits: bool) -> int:
         """Append `tokens` of `slot` to the batch; the index of the last one."""
-        batch, pos = self._batch, len(slot.cached)
-        i = batch.n_tokens
-        for j, token in enumerate(tokens):
-            batch.token[i + j] = token
-            batch.pos[i + j] = pos + j
-            batch.n_seq_id[i + j] = 1
-            batch.seq_id[i + j][0] = slot.seq
-            batch.logits[i + j] = False
-        last = i + len(tokens) - 1
-        batch.logits[last] = logits
-        batch.n_tokens = last + 1
-        return last
+        return self.context.add(tokens, pos=len(slot.cached), seq=slot.seq, logits=logits)
 
     def _trim(self, slot: _Slot, keep: int) -> None:
         """Cut the slot's sequence to its first `keep` tokens; `slot.cached` follows.
 
         A memory that cannot cut a sequence in the middle (recurrent, hybrid) is cleared.
         """
-        rm = self._llama_cpp.llama_memory_seq_rm
-        if not rm(self._memory, slot.seq, keep, -1):
-            rm(self._memory, slot.seq, -1, -1)
+        if not self.context.keep(slot.seq, keep):
+            self.context.clear_seq(slot.seq)
             keep = 0
         slot.cached = slot.cached[:keep]
 

@@ -10,17 +10,21 @@ half-evaluated batch leaves the cache out of step with `n_tokens` (the source of
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import math
 import queue
 import threading
 import time
-from typing import Any
 
 from llamapool.config import ModelSpec
 from llamapool.ipc.protocol import Request, Usage
+from llamapool.pool.llama_adapter import (
+    AbortFlag,
+    evaluated_tokens,
+    logit_bias_processor,
+    stopping_criteria,
+)
 from llamapool.pool.prepare import (
     EmitFn,
     Preparer,
@@ -42,28 +46,6 @@ log = logging.getLogger(__name__)
 
 class Cancelled(Exception):
     """The router asked this request to stop."""
-
-
-class AbortFlag:
-    """A flag that makes a context's decodes stop at the next graph node once raised.
-
-    llama.cpp polls `bool cb(void *data)` between graph nodes. libc's strlen over a
-    one-byte flag string is exactly that, in C: no Python callback (and no GIL) on
-    the hot path, so it can stay installed.
-    """
-
-    def __init__(self, ctx: Any):
-        import llama_cpp
-
-        self._flag = ctypes.create_string_buffer(2)
-        libc = ctypes.CDLL(None)
-        # Kept referenced: llama.cpp holds only the raw pointers.
-        self._cb = ctypes.cast(libc.strlen, llama_cpp.ggml_abort_callback)
-        llama_cpp.llama_set_abort_callback(ctx, self._cb, ctypes.cast(self._flag, ctypes.c_void_p))
-
-    def set(self, raised: bool = True) -> None:
-        """Raise (or lower) the flag; any thread may call it."""
-        self._flag[0] = b"\x01" if raised else b"\x00"
 
 
 class Engine:
@@ -169,11 +151,11 @@ class Engine:
         llama.set_seed(prep.seed)
         logits_processor = None
         if prep.logit_bias:
-            logits_processor = self._logit_bias_processor(prep.logit_bias)
+            logits_processor = logit_bias_processor(prep.logit_bias)
 
         cached = self._cached_prefix(prep.tokens)
         first_token_at: float | None = None
-        out = TextOut(self.preparer, prep, emit)
+        out = TextOut(self.preparer.vocab, prep, emit)
         gen = llama.generate(
             prep.tokens,
             top_k=prep.top_k,
@@ -199,21 +181,7 @@ class Engine:
         return out.result(len(prep.tokens), cached, started, first_token_at)
 
     def _cached_prefix(self, tokens: list[int]) -> int:
-        llama = self.llama
-        return common_prefix(llama._input_ids[: llama.n_tokens].tolist(), tokens)
-
-    def _logit_bias_processor(self, bias: dict[int, float]) -> Any:
-        import numpy as np
-        from llama_cpp import LogitsProcessorList
-
-        ids = np.fromiter(bias.keys(), dtype=np.intc)
-        values = np.fromiter(bias.values(), dtype=np.single)
-
-        def apply(_input_ids: Any, scores: Any) -> Any:
-            scores[ids] += values
-            return scores
-
-        return LogitsProcessorList([apply])
+        return common_prefix(evaluated_tokens(self.llama), tokens)
 
     def _generate_with_handler(
         self, req: Request, emit: EmitFn, cancelled: threading.Event
@@ -222,13 +190,11 @@ class Engine:
         cfg, p = self.cfg, req.params
         produced = 0
 
-        def stop_when_cancelled(_ids: Any, _logits: Any) -> bool:
+        def stop_when_cancelled() -> bool:
             nonlocal produced
             produced += 1
             self.progress_at = time.monotonic()
             return cancelled.is_set()
-
-        from llama_cpp import StoppingCriteriaList
 
         stream = self.llama.create_chat_completion(
             messages=req.messages or [],
@@ -241,7 +207,7 @@ class Engine:
             repeat_penalty=pick(p.repeat_penalty, cfg.repeat_penalty),
             stop=p.stop if p.stop is not None else cfg.stop_list(),
             seed=llama_seed(p.seed if p.seed is not None else cfg.seed),
-            stopping_criteria=StoppingCriteriaList([stop_when_cancelled]),
+            stopping_criteria=stopping_criteria(stop_when_cancelled),
         )
         finish = "stop"
         for chunk in stream:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import codecs
 import errno
-import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from llamapool.config import ModelSpec
+from llamapool.config import LlamaSettings, ModelSpec
 from llamapool.ipc.protocol import Request, Timings, Usage
+from llamapool.pool import llama_adapter
 
 EmitFn = Callable[[str, int], None]
 
@@ -164,116 +164,34 @@ class TextOut:
         )
 
 
-def chats_through_handler(cfg: Any) -> bool:
+def chats_through_handler(cfg: LlamaSettings) -> bool:
     """Whether chat runs through a llama-cpp-python handler (no formatter we can drive)."""
     if cfg.mmproj_path is not None:
         return True
-    if cfg.chat_format is None:
-        return False
-    from llama_cpp import llama_chat_format
-
-    try:
-        handler = llama_chat_format.get_chat_completion_handler(cfg.chat_format)
-    except Exception:
-        return False  # an unknown name: the engine refuses it with a clear error
-    return _formatter_from_handler(handler) is None
-
-
-def _formatter_from_handler(handler: Any) -> Any | None:
-    # llama-cpp-python registers named chat formats only as completion handlers
-    # wrapping a formatter; the formatter is what we need to run our own loop.
-    code = getattr(handler, "__code__", None)
-    if code is None or handler.__closure__ is None:
-        return None
-    for name, cell in zip(code.co_freevars, handler.__closure__, strict=True):
-        if name == "chat_formatter":
-            return cell.cell_contents
-    return None
+    return cfg.chat_format is not None and llama_adapter.handler_only(cfg.chat_format)
 
 
 def load_llama(spec: ModelSpec, *, n_ctx: int | None = None) -> Any:
     """The model's `llama_cpp.Llama` with a context of `n_ctx` (default: the model's)."""
-    import llama_cpp
-    from llama_cpp import llama_chat_format
-
-    cfg = spec.config
-    kwargs: dict[str, Any] = {
-        "model_path": cfg.model_path,
-        "n_ctx": n_ctx or cfg.n_ctx,
-        "n_gpu_layers": cfg.n_gpu_layers,
-        "n_batch": min(cfg.n_batch, n_ctx or cfg.n_batch),
-        "use_mmap": cfg.use_mmap,
-        "use_mlock": cfg.use_mlock,
-        "embedding": cfg.embedding,
-        "verbose": False,
-    }
-    if cfg.n_threads is not None:
-        kwargs["n_threads"] = cfg.n_threads
-        kwargs["n_threads_batch"] = cfg.n_threads
-    if cfg.seed is not None:
-        kwargs["seed"] = llama_seed(cfg.seed)
-    if cfg.chat_format is not None:
-        try:
-            llama_chat_format.get_chat_completion_handler(cfg.chat_format)
-        except Exception:
-            raise ValueError(f"unknown chat_format {cfg.chat_format!r}") from None
-        kwargs["chat_format"] = cfg.chat_format
-    if cfg.mmproj_path is not None:
-        kwargs["chat_handler"] = llama_chat_format.Llava15ChatHandler(
-            clip_model_path=cfg.mmproj_path, verbose=False
-        )
-    return llama_cpp.Llama(**kwargs)
+    return llama_adapter.open_llama(spec.config, n_ctx=n_ctx, seed=llama_seed(spec.config.seed))
 
 
 class Preparer:
     """Turns a model's chat and completion requests into `Prepared`, or refuses them."""
 
     def __init__(self, llama: Any, spec: ModelSpec, *, n_ctx: int):
-        import llama_cpp
-        from llama_cpp import llama_chat_format
-
-        self._llama_cpp = llama_cpp
         self.llama = llama
         self.spec = spec
         self.cfg = spec.config
         self.n_ctx = n_ctx  # per request
-        self._vocab = llama._model.vocab
-        # None: chat only through llama-cpp-python's own handler (multimodal models).
-        self.formatter = self._make_formatter(llama_chat_format)
-
-    def is_eog(self, token: int) -> bool:
-        """Whether `token` ends generation (EOS, EOT, ...)."""
-        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
-
-    def detokenize(self, token: int) -> bytes:
-        """The bytes of one token (maybe part of a character)."""
-        return self.llama.detokenize([token])
-
-    def _make_formatter(self, llama_chat_format: Any) -> Any | None:
-        if self.cfg.mmproj_path is not None:
-            return None  # images are embedded by the Llava handler itself
-        llama = self.llama
-        eos_id, bos_id = llama.token_eos(), llama.token_bos()
-        eos = llama._model.token_get_text(eos_id) if eos_id != -1 else ""
-        bos = llama._model.token_get_text(bos_id) if bos_id != -1 else ""
-        if self.cfg.chat_format_template is not None:
-            template = self.cfg.chat_format_template
-            if os.path.isfile(template):
-                with open(template, encoding="utf-8") as fh:
-                    template = fh.read()
-            return llama_chat_format.Jinja2ChatFormatter(
-                template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
-            )
-        name = llama.chat_format
-        if name in llama._chat_handlers:
-            # Built by Llama.__init__ from the GGUF's embedded template.
-            template = llama.metadata.get("tokenizer.chat_template")
-            if name == "chat_template.default" and template:
-                return llama_chat_format.Jinja2ChatFormatter(
-                    template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
-                )
-            return _formatter_from_handler(llama._chat_handlers[name])
-        return _formatter_from_handler(llama_chat_format.get_chat_completion_handler(name))
+        self.vocab = llama_adapter.Vocab(llama)
+        # None: chat only through llama-cpp-python's own handler (multimodal models, whose
+        # images the Llava handler embeds itself).
+        self.formatter = (
+            None
+            if self.cfg.mmproj_path is not None
+            else llama_adapter.chat_formatter(llama, self.cfg.chat_format_template)
+        )
 
     def _prompt_tokens(self, req: Request) -> tuple[list[int], list[str]]:
         llama = self.llama

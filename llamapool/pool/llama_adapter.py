@@ -1,0 +1,294 @@
+"""Everything llamapool asks of llama-cpp-python, in one module.
+
+The engines need a few things `llama_cpp.Llama` keeps private: its model pointer (to make
+a second context and read the vocabulary), its chat handlers (to find the formatter
+inside one), its evaluated tokens, its internal context and sampler wrappers. Each use is
+a small named function or class here, so an upgrade of llama-cpp-python (pinned in
+pyproject.toml) is checked against this file alone. No other llamapool module imports
+llama_cpp (tests/test_llama_adapter.py holds them to it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llamapool.config import LlamaSettings
+    from llamapool.pool.prepare import Prepared
+
+# llama_decode's status when the abort callback stopped it.
+DECODE_ABORTED = 2
+# The sampler chain's repetition window, as in llama-cpp-python's Llama.
+_PENALTY_LAST_N = 64
+
+
+def open_llama(cfg: LlamaSettings, *, n_ctx: int | None = None, seed: int | None = None) -> Any:
+    """The model's `llama_cpp.Llama` with a context of `n_ctx` (default: the model's).
+
+    Raises ValueError for a chat_format llama-cpp-python does not know.
+    """
+    import llama_cpp
+    from llama_cpp import llama_chat_format
+
+    kwargs: dict[str, Any] = {
+        "model_path": cfg.model_path,
+        "n_ctx": n_ctx or cfg.n_ctx,
+        "n_gpu_layers": cfg.n_gpu_layers,
+        "n_batch": min(cfg.n_batch, n_ctx or cfg.n_batch),
+        "use_mmap": cfg.use_mmap,
+        "use_mlock": cfg.use_mlock,
+        "embedding": cfg.embedding,
+        "verbose": False,
+    }
+    if cfg.n_threads is not None:
+        kwargs["n_threads"] = cfg.n_threads
+        kwargs["n_threads_batch"] = cfg.n_threads
+    if seed is not None:
+        kwargs["seed"] = seed
+    if cfg.chat_format is not None:
+        if _registered_handler(cfg.chat_format) is None:
+            raise ValueError(f"unknown chat_format {cfg.chat_format!r}")
+        kwargs["chat_format"] = cfg.chat_format
+    if cfg.mmproj_path is not None:
+        kwargs["chat_handler"] = llama_chat_format.Llava15ChatHandler(
+            clip_model_path=cfg.mmproj_path, verbose=False
+        )
+    return llama_cpp.Llama(**kwargs)
+
+
+# -- chat formatting -----------------------------------------------------------
+
+
+def _registered_handler(name: str) -> Any | None:
+    from llama_cpp import llama_chat_format
+
+    try:
+        return llama_chat_format.get_chat_completion_handler(name)
+    except Exception:
+        return None
+
+
+def _formatter_in(handler: Any) -> Any | None:
+    # llama-cpp-python registers named chat formats only as completion handlers
+    # wrapping a formatter; the formatter is what we need to run our own loop.
+    code = getattr(handler, "__code__", None)
+    if code is None or handler.__closure__ is None:
+        return None
+    for name, cell in zip(code.co_freevars, handler.__closure__, strict=True):
+        if name == "chat_formatter":
+            return cell.cell_contents
+    return None
+
+
+def handler_only(chat_format: str) -> bool:
+    """Whether a registered chat format exists only as a handler (no formatter to drive).
+
+    An unknown name is not: loading the model refuses it with a clear error.
+    """
+    handler = _registered_handler(chat_format)
+    return handler is not None and _formatter_in(handler) is None
+
+
+def chat_formatter(llama: Any, template: str | None = None) -> Any | None:
+    """The formatter a `Llama` chats with: `template` (inline, or a file's path) if given,
+    else its chat_format's (the GGUF's template by default); None if there is none."""
+    from llama_cpp import llama_chat_format
+
+    eos_id, bos_id = llama.token_eos(), llama.token_bos()
+    eos = llama._model.token_get_text(eos_id) if eos_id != -1 else ""
+    bos = llama._model.token_get_text(bos_id) if bos_id != -1 else ""
+    if template is not None:
+        if os.path.isfile(template):
+            with open(template, encoding="utf-8") as fh:
+                template = fh.read()
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
+        )
+    name = llama.chat_format
+    if name in llama._chat_handlers:
+        # Built by Llama.__init__ from the GGUF's embedded template.
+        embedded = llama.metadata.get("tokenizer.chat_template")
+        if name == "chat_template.default" and embedded:
+            return llama_chat_format.Jinja2ChatFormatter(
+                template=embedded, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
+            )
+        return _formatter_in(llama._chat_handlers[name])
+    return _formatter_in(llama_chat_format.get_chat_completion_handler(name))
+
+
+# -- the vocabulary and a Llama's own state ---------------------------------------
+
+
+class Vocab:
+    """A model's vocabulary: a token's bytes, and whether it ends generation."""
+
+    def __init__(self, llama: Any):
+        import llama_cpp
+
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._vocab = llama._model.vocab
+        self._detokenize = llama.detokenize
+
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends generation (EOS, EOT, ...)."""
+        return bool(self._is_eog(self._vocab, token))
+
+    def detokenize(self, token: int) -> bytes:
+        """The bytes of one token (maybe part of a character)."""
+        return self._detokenize([token])
+
+
+def evaluated_tokens(llama: Any) -> list[int]:
+    """The tokens a `Llama`'s context holds now (what `generate` will reuse)."""
+    return llama._input_ids[: llama.n_tokens].tolist()
+
+
+def logit_bias_processor(bias: dict[int, float]) -> Any:
+    """A `Llama.generate` logits processor that adds `bias` to the named tokens."""
+    import numpy as np
+    from llama_cpp import LogitsProcessorList
+
+    ids = np.fromiter(bias.keys(), dtype=np.intc)
+    values = np.fromiter(bias.values(), dtype=np.single)
+
+    def apply(_input_ids: Any, scores: Any) -> Any:
+        scores[ids] += values
+        return scores
+
+    return LogitsProcessorList([apply])
+
+
+def stopping_criteria(stop: Callable[[], bool]) -> Any:
+    """Stopping criteria for `create_chat_completion`: asked after every token."""
+    from llama_cpp import StoppingCriteriaList
+
+    return StoppingCriteriaList([lambda _ids, _logits: stop()])
+
+
+class AbortFlag:
+    """A flag that makes a context's decodes stop at the next graph node once raised.
+
+    llama.cpp polls `bool cb(void *data)` between graph nodes. libc's strlen over a
+    one-byte flag string is exactly that, in C: no Python callback (and no GIL) on
+    the hot path, so it can stay installed.
+    """
+
+    def __init__(self, ctx: Any):
+        import llama_cpp
+
+        self._flag = ctypes.create_string_buffer(2)
+        libc = ctypes.CDLL(None)
+        # Kept referenced: llama.cpp holds only the raw pointers.
+        self._cb = ctypes.cast(libc.strlen, llama_cpp.ggml_abort_callback)
+        llama_cpp.llama_set_abort_callback(ctx, self._cb, ctypes.cast(self._flag, ctypes.c_void_p))
+
+    def set(self, raised: bool = True) -> None:
+        """Raise (or lower) the flag; any thread may call it."""
+        self._flag[0] = b"\x01" if raised else b"\x00"
+
+
+# -- the batching engine's context ------------------------------------------------
+
+
+class BatchContext:
+    """A second context on a `Llama`'s model, for `n_seq_max` sequences, and its batch.
+
+    It copies the Llama's context parameters (threads, RoPE, ...), then sizes it: `n_ctx`
+    cells in all, `n_batch` tokens per decode, split KV streams.
+    """
+
+    def __init__(self, llama: Any, *, n_ctx: int, n_batch: int, n_seq_max: int):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._llama_cpp = llama_cpp
+        base = llama.context_params
+        params = type(base).from_buffer_copy(base)
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        # Split KV streams: attention then reads only a sequence's own cells, which is
+        # what makes batching unrelated requests pay (8 sequences, 2 cores: 202 vs 167
+        # and 162 vs 136 tok/s in paired runs).
+        params.kv_unified = False
+        self._context = _internals.LlamaContext(model=llama._model, params=params, verbose=False)
+        self.abort = AbortFlag(self._context.ctx)
+        self._memory = llama_cpp.llama_get_memory(self._context.ctx)
+        self._tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_tokens = 0  # tokens in the batch being built
+
+    def clear(self) -> None:
+        """Start building the next batch."""
+        self.n_tokens = 0
+
+    def add(self, tokens: list[int], *, pos: int, seq: int, logits: bool) -> int:
+        """Append `tokens` of sequence `seq` from position `pos`; the index of the last one.
+
+        Only the last token's logits are computed, and only when `logits`.
+        """
+        batch, i = self._tokens, self.n_tokens
+        for j, token in enumerate(tokens):
+            batch.token[i + j] = token
+            batch.pos[i + j] = pos + j
+            batch.n_seq_id[i + j] = 1
+            batch.seq_id[i + j][0] = seq
+            batch.logits[i + j] = False
+        last = i + len(tokens) - 1
+        batch.logits[last] = logits
+        self.n_tokens = last + 1
+        return last
+
+    def decode(self) -> int:
+        """Decode the batch built since `clear`; llama_decode's status (0: done)."""
+        self._tokens.n_tokens = self.n_tokens
+        return self._llama_cpp.llama_decode(self._context.ctx, self._tokens)
+
+    def keep(self, seq: int, n: int) -> bool:
+        """Cut sequence `seq` to its first `n` tokens; False if the memory cannot (then
+        nothing changed: recurrent and hybrid memories only drop whole sequences)."""
+        return bool(self._llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1))
+
+    def clear_seq(self, seq: int) -> None:
+        """Drop everything sequence `seq` holds."""
+        self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+    def close(self) -> None:
+        """Free the batch and the context (the process exit would too)."""
+        self._llama_cpp.llama_batch_free(self._tokens)
+        self._context.close()
+
+
+class Sampler:
+    """One request's native sampler chain, in the order llama-cpp-python's Llama builds it:
+    logit bias → penalties → top-k → top-p → min-p → temperature → seeded dist, or greedy
+    at temperature 0."""
+
+    def __init__(self, prep: Prepared, n_vocab: int):
+        from llama_cpp import _internals
+
+        chain = _internals.LlamaSampler()
+        if prep.logit_bias:
+            chain.add_logit_bias(n_vocab, prep.logit_bias)
+        chain.add_penalties(
+            n_vocab=n_vocab,
+            penalty_last_n=_PENALTY_LAST_N,
+            penalty_repeat=prep.repeat_penalty,
+            penalty_freq=prep.frequency_penalty,
+            penalty_present=prep.presence_penalty,
+        )
+        if prep.temperature == 0.0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(prep.top_k)
+            chain.add_top_p(prep.top_p, 1)
+            chain.add_min_p(prep.min_p, 1)
+            chain.add_temp(prep.temperature)
+            chain.add_dist(prep.seed)
+        self._chain = chain
+
+    def sample(self, context: BatchContext, index: int) -> int:
+        """Sample (and accept) a token from the logits at `index` of the last batch."""
+        return self._chain.sample(context._context, index)
