@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 
 import pytest
+from tinymodel import IM_END_ID
 
 from llamapool.config import parse_config
 from llamapool.ipc.protocol import Request, SamplingParams
-from llamapool.pool.batch import BatchEngine
+from llamapool.pool.batch import BatchEngine, SlotState, SlotStateError
 
 
 def _spec(path, **config):
@@ -221,3 +223,37 @@ def test_an_unexpected_failure_ends_only_its_own_request(engine):
     assert sink.end("other")[2].usage.completion_tokens == 30
     # The engine goes on serving.
     assert _serve(engine, _chat("after", max_tokens=4)).end("after")[2].usage.completion_tokens == 4
+
+
+def _walks(caplog, rid):
+    """The slot transitions the engine logged for request `rid`, in order."""
+    return [
+        (r.args[1], r.args[2])
+        for r in caplog.records
+        if r.name == "llamapool.pool.batch" and r.msg.startswith("slot ") and r.args[4] == rid
+    ]
+
+
+def test_a_request_walks_idle_prompt_generating_idle(engine, caplog):
+    caplog.set_level(logging.DEBUG, logger="llamapool.pool.batch")
+    _serve(
+        engine,
+        _chat("walk", max_tokens=3),
+        _chat("eos", max_tokens=3, logit_bias={IM_END_ID: 100.0}),
+    )
+    assert _walks(caplog, "walk") == [
+        ("IDLE", "PROMPT"),
+        ("PROMPT", "GENERATING"),
+        ("GENERATING", "IDLE"),
+    ]
+    # Ended by its first sampled token: never generating.
+    assert _walks(caplog, "eos") == [("IDLE", "PROMPT"), ("PROMPT", "IDLE")]
+    assert all(slot.state is SlotState.IDLE for slot in engine.slots)
+
+
+def test_an_illegal_slot_transition_raises(engine):
+    slot = engine.slots[0]
+    assert slot.state is SlotState.IDLE
+    with pytest.raises(SlotStateError, match="from IDLE to GENERATING"):
+        engine._set_state(slot, SlotState.GENERATING, "a test")
+    assert slot.state is SlotState.IDLE

@@ -7,6 +7,10 @@ chain. Requests join and leave between steps, so a new request never waits for
 the others to finish, and a slot keeps its tokens when idle, so the next request
 with the same prefix (a chat's next turn) skips evaluating it again.
 
+A slot's lifecycle is one `SlotState` (see `_ALLOWED`): IDLE → PROMPT (admitted, prompt
+tokens pending) → GENERATING (a sampled token waits for the next step) → IDLE; a request
+that ends at its first token, fails or is cancelled goes from PROMPT straight to IDLE.
+
 The KV cache stays consistent by construction: a slot's `cached` list is exactly
 what its sequence holds; after a failed or aborted decode the batch's new cells
 are removed again.
@@ -14,6 +18,7 @@ are removed again.
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import time
@@ -40,13 +45,34 @@ _TOKENIZER_CTX = 64
 _NO_REQUEST = object()
 
 
+class SlotState(enum.Enum):
+    """Where a slot is in serving a request (llama.cpp's server slots have the same)."""
+
+    IDLE = "idle"  # no request; the sequence keeps its tokens for the next one's prefix
+    PROMPT = "prompt"  # evaluating the prompt, `n_batch` tokens at most per step
+    GENERATING = "generating"  # one sampled token decoded per step
+
+
+# Every transition a slot may make; anything else is a bug in the engine.
+_ALLOWED: dict[SlotState, frozenset[SlotState]] = {
+    SlotState.IDLE: frozenset({SlotState.PROMPT}),
+    SlotState.PROMPT: frozenset({SlotState.GENERATING, SlotState.IDLE}),
+    SlotState.GENERATING: frozenset({SlotState.IDLE}),
+}
+
+
+class SlotStateError(RuntimeError):
+    """A slot was asked to make a transition `_ALLOWED` does not list."""
+
+
 @dataclass(eq=False)
 class _Slot:
     seq: int
+    state: SlotState = SlotState.IDLE
     cached: list[int] = field(default_factory=list)  # exactly what this sequence's KV holds
-    rid: str | None = None
-    pending: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
-    next_token: int | None = None  # sampled, not yet decoded
+    rid: str | None = None  # the request, unless IDLE
+    pending: list[int] = field(default_factory=list)  # PROMPT: prompt tokens not decoded yet
+    next_token: int | None = None  # GENERATING: sampled, not yet decoded
     sampler: Sampler | None = None
     out: TextOut | None = None
     n_prompt: int = 0
@@ -90,7 +116,7 @@ class BatchEngine:
         """Admit requests from `jobs` between decode steps; after a None, finish and return."""
         stopping = False
         while True:
-            busy = any(s.rid for s in self.slots)
+            busy = self._busy()
             if stopping and not busy:
                 return
             try:
@@ -108,8 +134,11 @@ class BatchEngine:
                     req = _NO_REQUEST
             self.progress_at = time.monotonic()
             self._drop_cancelled(sink)
-            if any(s.rid for s in self.slots):
+            if self._busy():
                 self._step(sink)
+
+    def _busy(self) -> bool:
+        return any(s.state is not SlotState.IDLE for s in self.slots)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step; abort the decode if it is all that runs.
@@ -117,7 +146,7 @@ class BatchEngine:
         Called from the worker's I/O thread as well as the engine's.
         """
         self._cancelled_ids.add(request_id)
-        running = {s.rid for s in self.slots if s.rid}
+        running = {s.rid for s in self.slots if s.state is not SlotState.IDLE}
         if request_id in running and running <= self._cancelled_ids:
             self.context.abort.set()
 
@@ -157,14 +186,14 @@ class BatchEngine:
         keep = len(slot.cached)
         slot.rid = rid
         slot.pending = prep.tokens[keep:]
-        slot.next_token = None
         slot.sampler = sampler
         slot.out = TextOut(self.preparer.vocab, prep, lambda text, n: sink.chunk(rid, text, n))
         slot.n_prompt, slot.n_reused = len(prep.tokens), keep
         slot.started, slot.first_token_at = started, None
+        self._set_state(slot, SlotState.PROMPT, f"admitted, {keep} of {len(prep.tokens)} cached")
 
     def _pick_slot(self, tokens: list[int]) -> _Slot:
-        free = [s for s in self.slots if s.rid is None]
+        free = [s for s in self.slots if s.state is SlotState.IDLE]
         return max(free, key=lambda s: common_prefix(s.cached, tokens))
 
     # -- one decode step --------------------------------------------------------
@@ -174,12 +203,13 @@ class BatchEngine:
         self.context.clear()
         in_batch: list[tuple[_Slot, list[int]]] = []
         for slot in self.slots:
-            if slot.rid is not None and slot.next_token is not None:
+            if slot.state is SlotState.GENERATING:
+                assert slot.next_token is not None
                 slot.logits_at = self._add(slot, [slot.next_token], logits=True)
                 in_batch.append((slot, [slot.next_token]))
                 budget -= 1
         for slot in self.slots:
-            if slot.rid is None or not slot.pending or budget <= 0:
+            if slot.state is not SlotState.PROMPT or budget <= 0:
                 continue
             chunk = slot.pending[:budget]
             last = len(chunk) == len(slot.pending)
@@ -207,7 +237,7 @@ class BatchEngine:
 
         for slot, tokens in in_batch:
             slot.cached.extend(tokens)
-            if slot.next_token is not None:  # a generating slot: its token is decoded now
+            if slot.state is SlotState.GENERATING:  # its token is decoded now
                 slot.next_token = None
             else:
                 del slot.pending[: len(tokens)]
@@ -228,8 +258,10 @@ class BatchEngine:
         assert slot.out is not None
         if slot.out.push(token):
             self._finish(slot, sink)
-        else:
-            slot.next_token = token
+            return
+        slot.next_token = token
+        if slot.state is SlotState.PROMPT:
+            self._set_state(slot, SlotState.GENERATING, "prompt evaluated")
 
     def _add(self, slot: _Slot, tokens: list[int], *, logits: bool) -> int:
         """Append `tokens` of `slot` to the batch; the index of the last one."""
@@ -250,22 +282,39 @@ class BatchEngine:
     def _finish(self, slot: _Slot, sink: Sink) -> None:
         assert slot.out is not None and slot.rid is not None
         result = slot.out.result(slot.n_prompt, slot.n_reused, slot.started, slot.first_token_at)
-        rid = self._release(slot)
+        rid = self._release(slot, f"finished ({result.finish_reason})")
         sink.done(rid, result)
 
     def _finish_error(self, slot: _Slot, sink: Sink, code: str, message: str) -> None:
-        rid = self._release(slot)
+        rid = self._release(slot, code)
         sink.error(rid, code, message)
 
-    def _release(self, slot: _Slot) -> str:
+    def _release(self, slot: _Slot, reason: str) -> str:
         rid = slot.rid
         assert rid is not None
         self._cancelled_ids.discard(rid)
+        self._set_state(slot, SlotState.IDLE, reason)
         slot.rid, slot.sampler, slot.out = None, None, None
         slot.pending, slot.next_token = [], None
         return rid
 
+    def _set_state(self, slot: _Slot, state: SlotState, reason: str) -> None:
+        """Move `slot` to `state` if `_ALLOWED` lets it (else SlotStateError), and log why."""
+        if state not in _ALLOWED[slot.state]:
+            raise SlotStateError(
+                f"slot {slot.seq} cannot go from {slot.state.name} to {state.name} ({reason})"
+            )
+        log.debug(
+            "slot %d %s -> %s: %s (request %s)",
+            slot.seq,
+            slot.state.name,
+            state.name,
+            reason,
+            slot.rid,
+        )
+        slot.state = state
+
     def _drop_cancelled(self, sink: Sink) -> None:
         for slot in self.slots:
-            if slot.rid is not None and slot.rid in self._cancelled_ids:
+            if slot.state is not SlotState.IDLE and slot.rid in self._cancelled_ids:
                 self._finish_error(slot, sink, "cancelled", "request cancelled")
