@@ -10,6 +10,7 @@ import pytest
 from tinymodel import IM_END_ID
 
 from llamapool.config import parse_config
+from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request, SamplingParams
 from llamapool.pool.batch import BatchEngine, SlotState, SlotStateError
 
@@ -187,9 +188,10 @@ def test_bad_requests_fail_alone(engine):
         Request(request_id="emb", kind="embedding", inputs=["x"]),
     )
     assert sink.end("ok")[2].usage.completion_tokens == 10
-    assert sink.end("huge")[2][0] == "context_length_exceeded"
-    assert sink.end("bias")[2][0] == "invalid_request"
-    assert sink.end("emb")[2][0] == "invalid_request"
+    # Typed codes: what the wire carries is the ErrorCode's string.
+    assert sink.end("huge")[2][0] is ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    assert sink.end("bias")[2][0] is ErrorCode.INVALID_REQUEST
+    assert sink.end("emb")[2][0] is ErrorCode.INVALID_REQUEST
 
 
 def test_same_seed_same_text_when_alone(engine):

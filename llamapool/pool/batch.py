@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamapool.config import ModelSpec
+from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request
 from llamapool.pool.llama_adapter import DECODE_ABORTED, BatchContext, Sampler
 from llamapool.pool.prepare import (
@@ -165,7 +166,7 @@ class BatchEngine:
         sink.start(rid)
         if rid in self._cancelled_ids:
             self._cancelled_ids.discard(rid)
-            sink.error(rid, "cancelled", "request cancelled")
+            sink.error(rid, ErrorCode.CANCELLED, "request cancelled")
             return
         try:
             prep = self.preparer.prepare(req)
@@ -177,7 +178,7 @@ class BatchEngine:
             if is_broken_pipe(exc):
                 raise
             log.exception("request %s failed at admission", rid)
-            sink.error(rid, "generation_failed", self._failure(exc))
+            sink.error(rid, ErrorCode.GENERATION_FAILED, self._failure(exc))
             return
         slot = self._pick_slot(prep.tokens)
         keep = 0 if self.cfg.reset_each_request else common_prefix(slot.cached, prep.tokens)
@@ -230,7 +231,7 @@ class BatchEngine:
                 self._finish_error(
                     slot,
                     sink,
-                    "generation_failed",
+                    ErrorCode.GENERATION_FAILED,
                     f"llama_decode failed with status {status} in model {self.spec.id!r}",
                 )
             return
@@ -249,7 +250,7 @@ class BatchEngine:
                 if is_broken_pipe(exc):
                     raise
                 log.exception("request %s failed", slot.rid)
-                self._finish_error(slot, sink, "generation_failed", self._failure(exc))
+                self._finish_error(slot, sink, ErrorCode.GENERATION_FAILED, self._failure(exc))
 
     def _sample(self, slot: _Slot, sink: Sink) -> None:
         token = slot.sampler.sample(self.context, slot.logits_at)  # also accepts it
@@ -285,7 +286,7 @@ class BatchEngine:
         rid = self._release(slot, f"finished ({result.finish_reason})")
         sink.done(rid, result)
 
-    def _finish_error(self, slot: _Slot, sink: Sink, code: str, message: str) -> None:
+    def _finish_error(self, slot: _Slot, sink: Sink, code: ErrorCode, message: str) -> None:
         rid = self._release(slot, code)
         sink.error(rid, code, message)
 
@@ -317,4 +318,4 @@ class BatchEngine:
     def _drop_cancelled(self, sink: Sink) -> None:
         for slot in self.slots:
             if slot.state is not SlotState.IDLE and slot.rid in self._cancelled_ids:
-                self._finish_error(slot, sink, "cancelled", "request cancelled")
+                self._finish_error(slot, sink, ErrorCode.CANCELLED, "request cancelled")

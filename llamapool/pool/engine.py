@@ -18,6 +18,7 @@ import threading
 import time
 
 from llamapool.config import ModelSpec
+from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request, Usage
 from llamapool.pool.llama_adapter import (
     AbortFlag,
@@ -91,14 +92,14 @@ class Engine:
                 emit = functools.partial(sink.chunk, rid)
                 result = self.run(req, emit, self._cancel)
             except Cancelled:
-                sink.error(rid, "cancelled", "request cancelled")
+                sink.error(rid, ErrorCode.CANCELLED, "request cancelled")
             except RequestFailed as exc:
                 sink.error(rid, exc.code, exc.message, exc.param)
             except Exception as exc:
                 if is_broken_pipe(exc):
                     raise
                 log.exception("request %s failed", rid)
-                sink.error(rid, "generation_failed", self._failure(exc))
+                sink.error(rid, ErrorCode.GENERATION_FAILED, self._failure(exc))
             else:
                 sink.done(rid, result)
             finally:
@@ -233,11 +234,13 @@ class Engine:
             tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=True)
             if not tokens or not text:
                 raise RequestFailed(
-                    "invalid_request", f"input {i} is empty: nothing to embed", param="input"
+                    ErrorCode.INVALID_REQUEST,
+                    f"input {i} is empty: nothing to embed",
+                    param="input",
                 )
             if len(tokens) > self.n_ctx:
                 raise RequestFailed(
-                    "context_length_exceeded",
+                    ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                     f"an input is {len(tokens)} tokens; model {self.spec.id!r} has a context "
                     f"of {self.n_ctx} tokens",
                     param="input",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llamapool.config import LlamaSettings, ModelSpec
+from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request, Timings, Usage
 from llamapool.pool import llama_adapter
 
@@ -32,7 +33,9 @@ class Sink(Protocol):
 
     def done(self, request_id: str, result: Result) -> None: ...
 
-    def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None: ...
+    def error(
+        self, request_id: str, code: ErrorCode, message: str, param: str | None = None
+    ) -> None: ...
 
 
 def is_broken_pipe(exc: BaseException) -> bool:
@@ -45,7 +48,7 @@ def is_broken_pipe(exc: BaseException) -> bool:
 class RequestFailed(Exception):
     """A request the engine refuses or cannot finish; carries the client-facing code."""
 
-    def __init__(self, code: str, message: str, *, param: str | None = None):
+    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -55,7 +58,7 @@ class RequestFailed(Exception):
 def embeddings_refused(model_id: str) -> RequestFailed:
     """The refusal of an embedding request by a model without `embedding: true`."""
     return RequestFailed(
-        "invalid_request",
+        ErrorCode.INVALID_REQUEST,
         f"model {model_id!r} does not serve embeddings (set `embedding: true`)",
         param="model",
     )
@@ -202,14 +205,16 @@ class Preparer:
             return llama.tokenize(text.encode("utf-8"), add_bos=True, special=True), []
         if self.formatter is None:
             raise RequestFailed(
-                "invalid_request",
+                ErrorCode.INVALID_REQUEST,
                 f"model {self.spec.id!r} chats only through its multimodal handler",
             )
         try:
             result = self.formatter(messages=req.messages or [])
         except Exception as exc:  # a template's raise_exception, or a bad message shape
             raise RequestFailed(
-                "invalid_request", f"chat template rejected the messages: {exc}", param="messages"
+                ErrorCode.INVALID_REQUEST,
+                f"chat template rejected the messages: {exc}",
+                param="messages",
             ) from None
         stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
         tokens = llama.tokenize(
@@ -226,10 +231,10 @@ class Preparer:
         n_prompt = len(tokens)
         room = self.n_ctx - n_prompt
         if n_prompt == 0:
-            raise RequestFailed("invalid_request", "the prompt is empty", param="prompt")
+            raise RequestFailed(ErrorCode.INVALID_REQUEST, "the prompt is empty", param="prompt")
         if room < 1:
             raise RequestFailed(
-                "context_length_exceeded",
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 f"the prompt is {n_prompt} tokens but model {self.spec.id!r} has a context of "
                 f"{self.n_ctx} tokens; shorten the prompt by at least {n_prompt - self.n_ctx + 1}",
                 param="messages" if req.kind == "chat" else "prompt",
@@ -239,7 +244,7 @@ class Preparer:
             for token_id in p.logit_bias:
                 if not 0 <= token_id < n_vocab:
                     raise RequestFailed(
-                        "invalid_request",
+                        ErrorCode.INVALID_REQUEST,
                         f"logit_bias names token {token_id}, outside the vocabulary "
                         f"(0..{n_vocab - 1})",
                         param="logit_bias",

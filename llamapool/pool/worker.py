@@ -35,6 +35,7 @@ import msgspec
 import zmq
 
 from llamapool.config import ModelSpec
+from llamapool.errors import ErrorCode
 from llamapool.ipc import protocol as P
 from llamapool.ipc.sockets import dealer_socket
 from llamapool.pool.batch import BatchEngine
@@ -244,11 +245,13 @@ class _Sink:
             self.inbox.send(done)
         except ValueError as exc:  # over the frame limit (a huge embedding batch); nothing sent
             self.inbox.send(
-                P.Error(request_id=request_id, code="generation_failed", message=str(exc))
+                P.Error(request_id=request_id, code=ErrorCode.GENERATION_FAILED, message=str(exc))
             )
         self.worker.notify(_FINISHED)
 
-    def error(self, request_id: str, code: str, message: str, param: str | None = None) -> None:
+    def error(
+        self, request_id: str, code: ErrorCode, message: str, param: str | None = None
+    ) -> None:
         self.worker.finished(request_id)
         self.inbox.send(P.Error(request_id=request_id, code=code, message=message, param=param))
         self.worker.notify(_FINISHED)
@@ -377,7 +380,7 @@ class Worker:
             inbox.send(
                 P.Error(
                     request_id=msg.request_id,
-                    code="worker_busy",
+                    code=ErrorCode.WORKER_BUSY,
                     message=f"worker {self.worker_id} is {why}",
                     retryable=True,
                 )
@@ -396,8 +399,10 @@ class Worker:
             self.active.discard(request_id)
             self.engine.forget(request_id)
 
-    def begin_drain(self, drain: bool) -> bool:
+    def stop_accepting(self, drain: bool) -> bool:
         """SHUTDOWN (I/O thread): refuse new work; True when the worker may exit now.
+
+        With `drain` the worker first lets the requests it has run to their end.
 
         Under the lock that `accept` takes: a request that reached the engine just before
         the SHUTDOWN (they travel on different sockets) is either in `active` already, and
@@ -406,6 +411,9 @@ class Worker:
         with self.active_lock:
             self.draining = True
             return not drain or not self.active
+
+    # The old name, still called by tests/test_channel.py (not this change's file).
+    begin_drain = stop_accepting
 
     def stop_engine(self) -> None:
         """Let the engine thread return once it is idle (I/O thread)."""
@@ -456,7 +464,7 @@ class Worker:
             for sock, _ in poller.poll(timeout_ms):
                 if sock is self.sock:
                     router_seen = time.monotonic()
-                    code = self._drain_router()
+                    code = self._read_control()
                 else:
                     code = self._read_notices()
                 if code is not None:
@@ -475,7 +483,8 @@ class Worker:
             f"(engine_stall_timeout {self.args.stall_timeout:g} s)"
         )
 
-    def _drain_router(self) -> int | None:
+    def _read_control(self) -> int | None:
+        """Handle every message waiting on the control socket; an exit status to stop."""
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -490,7 +499,7 @@ class Worker:
                 # The engine reads its own copy between steps; this one stops a decode.
                 self.cancel(msg.request_id)
             elif isinstance(msg, P.Shutdown):
-                if self.begin_drain(msg.drain):
+                if self.stop_accepting(msg.drain):
                     return EXIT_OK
             # RouterHeartbeat needs nothing beyond the liveness bookkeeping.
 
@@ -539,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if os.getppid() != args.parent_pid:
         return EXIT_ORPHANED
-    # SIGTERM from the supervisor: leave at once (the socket is not ours to drain here).
+    # SIGTERM from the supervisor: leave at once (no graceful stop here).
     signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))
     spec = msgspec.json.decode(os.environ[SPEC_ENV].encode(), type=ModelSpec)
     worker = Worker(args, spec)
