@@ -34,6 +34,7 @@ _YAML12_FLOAT = re.compile(
 )
 
 T = TypeVar("T")
+FLASH_ATTN_VALUES = ("auto", "on", "off")
 
 
 class ConfigError(Exception):
@@ -71,6 +72,9 @@ class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop: str | list[str] | None = None
     # Keep the KV cache between requests (prefix reuse) unless asked to start clean each time.
     reset_each_request: bool = False
+    # Flash attention in every context: auto (llama-server's default: on where the device
+    # supports it), on, or off. YAML 1.1 reads a bare on/off as a boolean: both are taken.
+    flash_attn: str | bool = "auto"
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -266,6 +270,13 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
         raise ConfigError(
             f"{label}: config.n_parallel: {cfg.n_parallel} needs a text-generation model; "
             f"a model with {what} serves one request at a time (n_parallel: 1)"
+        )
+    if isinstance(cfg.flash_attn, bool):
+        cfg.flash_attn = "on" if cfg.flash_attn else "off"
+    if cfg.flash_attn not in FLASH_ATTN_VALUES:
+        raise ConfigError(
+            f"{label}: config.flash_attn: {cfg.flash_attn!r} is not one of "
+            f"{', '.join(FLASH_ATTN_VALUES)}"
         )
     # A disabled model is not served, so its files need not exist (yet).
     check = check_files and spec.enabled

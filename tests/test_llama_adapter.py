@@ -5,11 +5,14 @@ from __future__ import annotations
 import ast
 import pathlib
 
+import llama_cpp
 import pytest
 
 import llamapool
-from llamapool.config import parse_config
+from llamapool.config import load_config, parse_config
 from llamapool.pool import llama_adapter
+from llamapool.pool.batch import BatchEngine
+from llamapool.pool.engine import Engine
 
 PACKAGE = pathlib.Path(llamapool.__file__).parent
 ADAPTER = pathlib.Path(llama_adapter.__file__)
@@ -64,3 +67,46 @@ def test_named_formats_with_and_without_a_formatter():
     assert not llama_adapter.handler_only("chatml")
     assert llama_adapter.handler_only("chatml-function-calling")
     assert not llama_adapter.handler_only("no-such-format")
+
+
+def _spec(path, **config):
+    entry = {"id": "t", "config": {"model_path": str(path), "n_ctx": 128, **config}}
+    return parse_config({"models": [entry]}).models["t"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("auto", llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO),
+        ("on", llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED),
+        ("off", llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED),
+    ],
+)
+def test_flash_attn_reaches_every_context(tiny_gguf, setting, expected):
+    batching = BatchEngine(_spec(tiny_gguf, flash_attn=setting, n_parallel=2))
+    try:
+        assert batching.context.flash_attn_type == expected
+        assert llama_adapter.context_flash_attn_type(batching.llama) == expected
+    finally:
+        batching.close()
+    single = Engine(_spec(tiny_gguf, flash_attn=setting, embedding=True))
+    assert llama_adapter.context_flash_attn_type(single.llama) == expected
+    # The context it decodes in works: the embedding goes through it.
+    assert single.llama.embed("hello")
+
+
+def test_flash_attn_defaults_to_auto_and_takes_yaml_booleans(tmp_path, tiny_gguf):
+    assert _spec(tiny_gguf).config.flash_attn == "auto"
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "models:\n"
+        f"  - {{id: a, config: {{model_path: {tiny_gguf}, flash_attn: on}}}}\n"
+        f"  - {{id: b, config: {{model_path: {tiny_gguf}, flash_attn: off}}}}\n"
+        f"  - {{id: c, config: {{model_path: {tiny_gguf}, flash_attn: maybe}}}}\n"
+    )
+    cfg = load_config(path)
+    assert cfg.models["a"].config.flash_attn == "on"
+    assert cfg.models["b"].config.flash_attn == "off"
+    assert cfg.broken["c"] == "model 'c': config.flash_attn: 'maybe' is not one of auto, on, off"
+    entry = {"id": "d", "config": {"model_path": str(tiny_gguf), "flash_attn": 1}}
+    assert "model 'd': config.flash_attn" in parse_config({"models": [entry]}).broken["d"]

@@ -99,6 +99,7 @@ class BatchEngine:
             n_ctx=cfg.n_ctx * cfg.n_parallel,
             n_batch=cfg.n_batch,
             n_seq_max=cfg.n_parallel,
+            flash_attn=cfg.flash_attn,
         )
         self.slots = [_Slot(seq=i) for i in range(cfg.n_parallel)]
         self.n_vocab = self.llama.n_vocab()

@@ -56,7 +56,39 @@ def open_llama(cfg: LlamaSettings, *, n_ctx: int | None = None, seed: int | None
         kwargs["chat_handler"] = llama_chat_format.Llava15ChatHandler(
             clip_model_path=cfg.mmproj_path, verbose=False
         )
-    return llama_cpp.Llama(**kwargs)
+    # Llama takes flash attention only as on or off (its default: off).
+    llama = llama_cpp.Llama(**kwargs, flash_attn=cfg.flash_attn == "on")
+    if cfg.flash_attn == "auto":
+        _replace_context(llama, flash_attn_type_of("auto"))
+    return llama
+
+
+def flash_attn_type_of(setting: str) -> int:
+    """llama.cpp's `llama_flash_attn_type` for a model's `flash_attn` setting."""
+    import llama_cpp
+
+    return {
+        "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }[setting]
+
+
+def _replace_context(llama: Any, flash_attn_type: int) -> None:
+    """Give `llama` a new context, with `flash_attn_type`, in place of the one it made."""
+    from llama_cpp import _internals
+
+    llama.context_params.flash_attn_type = flash_attn_type
+    old = llama._ctx
+    llama._ctx = _internals.LlamaContext(
+        model=llama._model, params=llama.context_params, verbose=False
+    )
+    old.close()  # freed now, not with the Llama: two contexts' KV at once only briefly
+
+
+def context_flash_attn_type(llama: Any) -> int:
+    """The flash attention type the context a `Llama` decodes in was made with."""
+    return llama._ctx.params.flash_attn_type
 
 
 # -- chat formatting -----------------------------------------------------------
@@ -197,10 +229,10 @@ class BatchContext:
     """A second context on a `Llama`'s model, for `n_seq_max` sequences, and its batch.
 
     It copies the Llama's context parameters (threads, RoPE, ...), then sizes it: `n_ctx`
-    cells in all, `n_batch` tokens per decode, split KV streams.
+    cells in all, `n_batch` tokens per decode, split KV streams, and sets flash attention.
     """
 
-    def __init__(self, llama: Any, *, n_ctx: int, n_batch: int, n_seq_max: int):
+    def __init__(self, llama: Any, *, n_ctx: int, n_batch: int, n_seq_max: int, flash_attn: str):
         import llama_cpp
         from llama_cpp import _internals
 
@@ -214,11 +246,19 @@ class BatchContext:
         # what makes batching unrelated requests pay (8 sequences, 2 cores: 202 vs 167
         # and 162 vs 136 tok/s in paired runs).
         params.kv_unified = False
+        # Llama's own default is off; with it, a request's greedy text could change with
+        # the batch it was decoded in (see docs/configuration.md, flash_attn).
+        params.flash_attn_type = flash_attn_type_of(flash_attn)
         self._context = _internals.LlamaContext(model=llama._model, params=params, verbose=False)
         self.abort = AbortFlag(self._context.ctx)
         self._memory = llama_cpp.llama_get_memory(self._context.ctx)
         self._tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.n_tokens = 0  # tokens in the batch being built
+
+    @property
+    def flash_attn_type(self) -> int:
+        """The flash attention type this context was made with."""
+        return self._context.params.flash_attn_type
 
     def clear(self) -> None:
         """Start building the next batch."""
