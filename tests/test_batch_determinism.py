@@ -8,12 +8,7 @@ must be byte-identical, and so must a seeded request's text at temperature 0.8.
 
 from __future__ import annotations
 
-import json
-import pathlib
 import queue
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
@@ -203,8 +198,8 @@ def test_tiny_second_turn_with_a_cached_prefix_matches_it_evaluated_alone(tiny_g
         assert loaded.text[rid] == reference.text[rid], f"{rid} differs under load"
 
 
-def smollm2_scenario(path: str) -> dict[str, dict[str, str]]:
-    """SmolLM2's greedy texts alone and under load (run in a child process, see below)."""
+def test_smollm2_greedy_text_is_the_same_alone_and_under_load(smollm2_gguf):
+    path = str(smollm2_gguf)
     greedy = [_ask(f"g{i}", q, temperature=0, max_tokens=16) for i, q in enumerate(QUESTIONS[:6])]
     reference = _reference(path, greedy, n_ctx=256)
     engine = _engine(path, n_ctx=256)
@@ -213,36 +208,9 @@ def smollm2_scenario(path: str) -> dict[str, dict[str, str]]:
         engine, greedy[:4], {("g0", "done"): [greedy[4]], ("g1", "done"): [greedy[5]]}
     )
     engine.close()
-    return {"reference": reference.text, "loaded": loaded.text}
-
-
-def test_smollm2_greedy_text_is_the_same_alone_and_under_load(smollm2_gguf):
-    # In a child process: where llama.cpp's kernels cannot run (AMX instructions the CPU
-    # advertises but the VM traps), the crash must not take the test session with it.
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import json, sys; sys.path.insert(0, sys.argv[1]);"
-            "import test_batch_determinism as t;"
-            "print(json.dumps(t.smollm2_scenario(sys.argv[2])))",
-            str(pathlib.Path(__file__).parent),
-            str(smollm2_gguf),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    if child.returncode == -signal.SIGILL:
-        pytest.skip(
-            "llama.cpp died of SIGILL on SmolLM2's Q4_1 weights: the CPU advertises "
-            "instructions (AMX) this machine traps"
-        )
-    assert child.returncode == 0, child.stderr[-2000:]
-    texts = json.loads(child.stdout)
-    for rid, text in texts["reference"].items():
+    for rid, text in reference.text.items():
         assert text, rid
-        assert texts["loaded"][rid] == text, f"{rid} differs under load"
+        assert loaded.text[rid] == text, f"{rid} differs under load"
 
 
 def test_a_prefix_is_reused_only_by_the_slot_that_holds_it(tiny_gguf):
