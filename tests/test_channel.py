@@ -1,6 +1,6 @@
 """The data channel between the router and a worker's engine, over a real socket pair.
 
-The router's end (`DataChannel`, on an asyncio loop) and the engine's end (`_Inbox`,
+The router's end (`DataChannel`, on an asyncio loop) and the engine's end (`Inbox`,
 read like a queue by `serve`) talk to each other here exactly as they do in the pool.
 """
 
@@ -16,7 +16,8 @@ import pytest
 
 from llamapool.ipc import protocol as P
 from llamapool.ipc.channel import DataChannel
-from llamapool.pool.worker import Worker, _Inbox
+from llamapool.pool.engine_io import Inbox
+from llamapool.pool.worker import Worker
 
 
 class _Engineside:
@@ -31,7 +32,7 @@ class _Engineside:
         self.refused: list[str] = []
         self.cancelled: list[str] = []
 
-    def accept(self, msg: P.Request, inbox: _Inbox) -> bool:
+    def accept(self, msg: P.Request, inbox: Inbox) -> bool:
         (self.accepted if self.accepting else self.refused).append(msg.request_id)
         return self.accepting
 
@@ -51,7 +52,7 @@ class _Engineside:
 def pair():
     router_end, engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     worker = _Engineside()
-    yield router_end, _Inbox(worker, engine_end), worker  # type: ignore[arg-type]
+    yield router_end, Inbox(worker, engine_end), worker  # type: ignore[arg-type]
     engine_end.close()
     router_end.close()
     worker.close()
@@ -61,7 +62,7 @@ def _request(rid: str, prompt: str = "hi") -> P.Request:
     return P.Request(request_id=rid, kind="completion", prompt=prompt)
 
 
-def _get(inbox: _Inbox, timeout: float = 10.0):
+def _get(inbox: Inbox, timeout: float = 10.0):
     """inbox.get(), failing after `timeout` instead of hanging the suite."""
     result: list = []
     thread = threading.Thread(target=lambda: result.append(inbox.get()), daemon=True)
@@ -207,7 +208,7 @@ def test_sending_to_a_gone_worker_says_so(pair):
 
 
 class _Admission:
-    """The state Worker.accept and Worker.begin_drain share."""
+    """The state Worker.accept and Worker.stop_accepting share."""
 
     def __init__(self) -> None:
         self.worker_id = "m-1"
@@ -222,14 +223,14 @@ def test_a_request_that_beat_the_drain_is_waited_for(pair):
     router_end, inbox, _ = pair
     w = _Admission()
     assert Worker.accept(w, _request("r-1"), inbox)
-    assert Worker.begin_drain(w, drain=True) is False  # r-1 runs to its end first
-    assert Worker.begin_drain(w, drain=False) is True  # a hard stop does not wait
+    assert Worker.stop_accepting(w, drain=True) is False  # r-1 runs to its end first
+    assert Worker.stop_accepting(w, drain=False) is True  # a hard stop does not wait
 
 
 def test_a_request_after_the_drain_is_refused_as_retryable(pair):
     router_end, inbox, _ = pair
     w = _Admission()
-    assert Worker.begin_drain(w, drain=True) is True  # idle: may exit at once
+    assert Worker.stop_accepting(w, drain=True) is True  # idle: may exit at once
     assert not Worker.accept(w, _request("r-1"), inbox)
     (refusal,) = P.FrameReader().feed(router_end.recv(4096))
     assert refusal.code == "worker_busy" and refusal.retryable
@@ -249,7 +250,7 @@ def test_a_full_engine_refuses_with_what_it_is_busy_with(pair):
 
 def test_a_done_over_the_frame_limit_becomes_an_error_for_that_request(pair, monkeypatch):
     from llamapool.pool.engine import Result
-    from llamapool.pool.worker import _Sink
+    from llamapool.pool.engine_io import DataSink
 
     router_end, inbox, _ = pair
     seen: list = []
@@ -264,7 +265,7 @@ def test_a_done_over_the_frame_limit_becomes_an_error_for_that_request(pair, mon
     )()
     monkeypatch.setattr(P, "MAX_FRAME", 4096)
     vectors = [[0.25] * 1024]  # ~9 KiB of msgpack floats
-    _Sink(worker, inbox).done("r-1", Result("stop", P.Usage(3, 0), embeddings=vectors))
+    DataSink(worker, inbox).done("r-1", Result("stop", P.Usage(3, 0), embeddings=vectors))
     (error,) = P.FrameReader().feed(router_end.recv(4096))
     assert error.request_id == "r-1" and error.code == "generation_failed"
     assert "over the 4096-byte frame limit" in error.message

@@ -17,13 +17,9 @@ as JSON in the LLAMAPOOL_WORKER_SPEC environment variable.
 from __future__ import annotations
 
 import argparse
-import collections
 import ctypes
-import errno
 import logging
 import os
-import queue
-import select
 import signal
 import socket
 import sys
@@ -40,7 +36,9 @@ from llamapool.ipc import protocol as P
 from llamapool.ipc.sockets import dealer_socket
 from llamapool.pool.batch import BatchEngine
 from llamapool.pool.engine import Engine
-from llamapool.pool.prepare import Result, chats_through_handler, is_broken_pipe
+from llamapool.pool.engine_io import DataSink, Inbox
+from llamapool.pool.faults import FaultInjector
+from llamapool.pool.prepare import chats_through_handler, is_broken_pipe
 
 log = logging.getLogger("llamapool.worker")
 
@@ -51,15 +49,8 @@ EXIT_CANNOT_BOOT = 78
 EXIT_ORPHANED = 79
 
 SPEC_ENV = "LLAMAPOOL_WORKER_SPEC"
-# Test-only fault injection (see FaultInjector); never set in production.
-FAULT_ENV = "LLAMAPOOL_TEST_FAULT"
-FAULT_FILE_ENV = "LLAMAPOOL_TEST_FAULT_FILE"
 _EVENTS = "inproc://engine-events"
-# Notices from the engine thread to the I/O thread (the router already has the frames).
-_FINISHED = b"finished"
-_DIED = b"died"
-# How long a fault waits for the router to confirm it has the output before firing.
-_ACK_TIMEOUT_MS = 10_000
+_DIED = b"died"  # a notice from the engine thread to the I/O thread (see engine_io)
 
 
 def _die_with_parent() -> None:
@@ -70,191 +61,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-class FaultInjector:
-    """Test-only faults at exact points of a request, counted across respawns in a file.
-
-    LLAMAPOOL_TEST_FAULT="<kind>:<times>" with kind one of `crash_before_output`
-    (the process dies as a request starts), `broken_pipe` (EPIPE from the token
-    sink after the first chunk), `segfault` (SIGSEGV after the first chunk) or `stall`
-    (the engine thread blocks forever after the first chunk, as a wedged decode would).
-    """
-
-    def __init__(self) -> None:
-        spec = os.environ.get(FAULT_ENV, "")
-        kind, _, times = spec.partition(":")
-        self.kind = kind or None
-        self.times = int(times or 1)
-        self.file = os.environ.get(FAULT_FILE_ENV)
-
-    def fire(self, point: str) -> bool:
-        """True (and counted) if the configured fault should happen at `point` now."""
-        wanted = {
-            "crash_before_output": "start",
-            "broken_pipe": "chunk",
-            "segfault": "chunk",
-            "stall": "chunk",
-        }.get(self.kind or "")
-        if wanted != point or not self.file:
-            return False
-        with open(self.file, "a+b") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() >= self.times:
-                return False
-            fh.write(b"x")
-        return True
-
-    def at_start(self) -> None:
-        if self.fire("start"):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def at_chunk(self, inbox: _Inbox) -> None:
-        """Fire an "after output" fault, once the router confirms it has that output."""
-        if not self.fire("chunk"):
-            return
-        # Without the router's PONG, a crash here could kill the router's reader
-        # before it took the CHUNK, and the request would look output-free.
-        inbox.ping(_ACK_TIMEOUT_MS / 1000)
-        if self.kind == "broken_pipe":
-            raise BrokenPipeError(errno.EPIPE, "Broken pipe (injected)")
-        if self.kind == "segfault":
-            ctypes.string_at(0)
-        if self.kind == "stall":
-            threading.Event().wait()
-
-
-class _Inbox:
-    """The engine thread's end of the data socket, read like the queue `serve` expects.
-
-    `get` returns the next accepted REQUEST, or None once the worker is stopping (or the
-    router's end is gone). CANCELs are applied as they are read; a REQUEST beyond the
-    engine's capacity, or while draining, is refused with a retryable `worker_busy`.
-    """
-
-    def __init__(self, worker: Worker, sock: socket.socket):
-        self.worker = worker
-        self.sock = sock
-        self.reader = P.FrameReader()
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
-        self.poller.register(worker.wake_r, select.POLLIN)
-        self.pending: collections.deque = collections.deque()
-        self.pings = 0
-        self.closed = False
-        self.stop_said = False
-
-    def send(self, message: object) -> None:
-        self.sock.sendall(P.pack(message))
-
-    def _read(self, timeout: float | None) -> bool:
-        """Wait up to `timeout` (None: forever) for bytes or a stop; False if none came."""
-        # poll, not select: the socket's descriptor number comes from the router's
-        # process and may be over select's limit of 1024.
-        ready = {fd for fd, _ in self.poller.poll(None if timeout is None else timeout * 1000)}
-        if self.worker.wake_r in ready:
-            os.read(self.worker.wake_r, 64)
-        if self.sock.fileno() not in ready:
-            return bool(ready)
-        try:
-            data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            self.closed = True  # the router's end is gone; the I/O thread notices too
-            return True
-        self.pending.extend(self.reader.feed(data))
-        if self.reader.error is not None:
-            log.error(
-                "worker %s: protocol error on the data socket: %s",
-                self.worker.worker_id,
-                self.reader.error,
-            )
-            self.closed = True
-        return True
-
-    def get(self, block: bool = True) -> P.Request | None:
-        while True:
-            while self.pending:
-                msg = self.pending.popleft()
-                if isinstance(msg, P.Request):
-                    if self.worker.accept(msg, self):
-                        return msg
-                elif isinstance(msg, P.Cancel):
-                    self.worker.cancel(msg.request_id)
-                elif isinstance(msg, P.Pong):
-                    pass  # a PONG that came after its fault gave up waiting
-                else:
-                    log.error(
-                        "worker %s: unexpected %s on the data socket", self.worker.worker_id, msg
-                    )
-            if self.closed or self.worker.stopping:
-                # Like a queue's None sentinel: said once, then the queue is just empty.
-                if block or not self.stop_said:
-                    self.stop_said = True
-                    return None
-                raise queue.Empty
-            if not self._read(None if block else 0) and not block:
-                raise queue.Empty
-
-    def get_nowait(self) -> P.Request | None:
-        return self.get(block=False)
-
-    def ping(self, timeout: float) -> None:
-        """PING the router and read until its PONG (keeping anything else for `get`)."""
-        self.pings += 1
-        seq = self.pings
-        self.send(P.Ping(seq=seq))
-        deadline = time.monotonic() + timeout
-        while not self.closed and time.monotonic() < deadline:
-            pong = next((m for m in self.pending if isinstance(m, P.Pong) and m.seq == seq), None)
-            if pong is not None:
-                self.pending.remove(pong)
-                return
-            self._read(max(0.0, deadline - time.monotonic()))
-
-
-class _Sink:
-    """The engine thread's output: every event becomes a frame on the data socket."""
-
-    def __init__(self, worker: Worker, inbox: _Inbox):
-        self.worker = worker
-        self.inbox = inbox
-        self.faults = worker.faults
-
-    def start(self, request_id: str) -> None:
-        self.faults.at_start()
-
-    def chunk(self, request_id: str, text: str, tokens: int) -> None:
-        self.inbox.send(P.Chunk(request_id=request_id, text=text, tokens=tokens))
-        if self.faults.kind:
-            self.faults.at_chunk(self.inbox)
-
-    def done(self, request_id: str, result: Result) -> None:
-        self.worker.finished(request_id)
-        done = P.Done(
-            request_id=request_id,
-            finish_reason=result.finish_reason,
-            usage=result.usage,
-            timings=result.timings,
-            embeddings=result.embeddings,
-        )
-        try:
-            self.inbox.send(done)
-        except ValueError as exc:  # over the frame limit (a huge embedding batch); nothing sent
-            self.inbox.send(
-                P.Error(request_id=request_id, code=ErrorCode.GENERATION_FAILED, message=str(exc))
-            )
-        self.worker.notify(_FINISHED)
-
-    def error(
-        self, request_id: str, code: ErrorCode, message: str, param: str | None = None
-    ) -> None:
-        self.worker.finished(request_id)
-        self.inbox.send(P.Error(request_id=request_id, code=code, message=message, param=param))
-        self.worker.notify(_FINISHED)
 
 
 def make_engine(spec: ModelSpec) -> Engine | BatchEngine:
@@ -346,9 +152,9 @@ class Worker:
         self.notices = self.ctx.socket(zmq.PAIR)
         self.notices.setsockopt(zmq.LINGER, 0)
         self.notices.connect(_EVENTS)
-        inbox = _Inbox(self, self.data)
+        inbox = Inbox(self, self.data)
         try:
-            self.engine.serve(inbox, _Sink(self, inbox))  # type: ignore[arg-type]
+            self.engine.serve(inbox, DataSink(self, inbox))  # type: ignore[arg-type]
             if not self.stopping:  # the data socket closed or broke under the engine
                 raise RuntimeError("the data socket from the router closed")
         except BaseException as exc:  # noqa: BLE001 - reported as FATAL, then the worker exits
@@ -365,7 +171,7 @@ class Worker:
         finally:
             self.notices.close()
 
-    def accept(self, msg: P.Request, inbox: _Inbox) -> bool:
+    def accept(self, msg: P.Request, inbox: Inbox) -> bool:
         """Take a request (engine thread), or refuse it when full or draining."""
         with self.active_lock:
             accepted = len(self.active) < self.engine.capacity and not self.draining
@@ -411,9 +217,6 @@ class Worker:
         with self.active_lock:
             self.draining = True
             return not drain or not self.active
-
-    # The old name, still called by tests/test_channel.py (not this change's file).
-    begin_drain = stop_accepting
 
     def stop_engine(self) -> None:
         """Let the engine thread return once it is idle (I/O thread)."""
