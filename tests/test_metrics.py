@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from llamapool.config import parse_config
+from llamapool.pool.broker import Broker
+from llamapool.pool.supervisor import ModelState
 from llamapool.router.metrics import (
     MODEL_STATES,
     WORKER_STATES,
@@ -184,3 +189,31 @@ def test_metrics_route_serves_the_text_format():
 )
 def test_restart_reason_category(text, category):
     assert restart_reason_category(text) == category
+
+
+def test_model_state_gauge_agrees_with_ready(tiny_gguf):
+    # /metrics used the raw runtime state: READY (or STARTING) for a model /ready showed
+    # as UNLOADED or STANDBY, and it knew neither state.
+    config = parse_config(
+        {
+            "models": [
+                {"id": "gone", "config": {"model_path": str(tiny_gguf)}},
+                {"id": "lazy", "min_instances": 0, "config": {"model_path": str(tiny_gguf)}},
+            ]
+        }
+    )
+    broker = Broker(config)
+    try:
+        broker.supervisor.models["gone"].state = ModelState.READY  # as if it had served
+        broker.supervisor.unload("gone", force=False)
+        m = Metrics()
+        m.set_pool_source(broker.metrics_snapshot)
+        _, ready = broker.ready()
+        assert ready["gone"]["state"] == "UNLOADED" and ready["lazy"]["state"] == "STANDBY"
+        for model, shown in (("gone", "UNLOADED"), ("lazy", "STANDBY")):
+            for state in MODEL_STATES:
+                assert value(m, "llamapool_model_state", model=model, state=state) == (
+                    state == shown
+                ), (model, state)
+    finally:
+        asyncio.run(broker.stop(grace=0))

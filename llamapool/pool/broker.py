@@ -485,7 +485,8 @@ class Broker:
                 {
                     "model": model_id,
                     "queue_depth": self.scheduler.queue_depth(model_id),
-                    "state": runtime.state.value,
+                    # The state /ready shows: the raw one says READY for an unloaded model.
+                    "state": _shown_state(runtime, self.supervisor.serving(model_id)),
                     "workers": workers,
                 }
             )

@@ -25,7 +25,7 @@ from llamapool.pool.events import PoolObserver
 
 log = logging.getLogger("llamapool.metrics")
 
-MODEL_STATES = ("STARTING", "READY", "FAILED")
+MODEL_STATES = ("STARTING", "READY", "STANDBY", "UNLOADED", "FAILED")
 WORKER_STATES = ("STARTING", "IDLE", "BUSY", "DRAINING", "STOPPED", "DEAD")
 
 # Waits span sub-millisecond dispatch to the 60 s default queue timeout.
