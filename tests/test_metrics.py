@@ -8,14 +8,15 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from llamapool.config import parse_config
+from llamapool.ipc import protocol as P
 from llamapool.pool.broker import Broker
-from llamapool.pool.supervisor import ModelState
+from llamapool.pool.lifecycle import ExitCause
+from llamapool.pool.supervisor import ModelState, WorkerHandle
 from llamapool.router.metrics import (
     MODEL_STATES,
     WORKER_STATES,
     Metrics,
     metrics_route,
-    restart_reason_category,
 )
 
 
@@ -45,8 +46,8 @@ def test_counters_move_as_events_happen():
     m.tokens_generated("tiny", 7)
     m.tokens_generated("tiny", 0)
     m.evicted("big")
-    m.worker_restarted("tiny", "killed by SIGKILL: missed heartbeats for 6.0 s while BUSY")
-    m.worker_restarted("tiny", "heartbeat")
+    m.worker_restarted("tiny", ExitCause.HEARTBEAT)
+    m.worker_restarted("tiny", ExitCause.HEARTBEAT)
 
     assert value(m, "llamapool_requests_total", model="tiny", status="200", code="") == 2
     assert value(m, "llamapool_requests_total", model="tiny", status="503", code="queue_full") == 1
@@ -160,37 +161,6 @@ def test_metrics_route_serves_the_text_format():
         assert client.post("/metrics").status_code == 405
 
 
-@pytest.mark.parametrize(
-    ("text", "category"),
-    [
-        ("killed by SIGKILL while BUSY", "killed"),
-        ("killed by signal 99 while IDLE", "killed"),
-        ("missed heartbeats for 1.2 s", "heartbeat"),
-        ("killed by SIGKILL: missed heartbeats for 6.0 s while BUSY", "heartbeat"),
-        ("exit 70 (fatal error): engine thread died: RuntimeError('x') while BUSY", "fatal"),
-        ("exit 70 (fatal error): broken pipe in generation while BUSY", "fatal"),
-        ("exit 3 while IDLE", "exit"),
-        ("exit 78 (cannot boot): cannot load /m.gguf: bad magic", "boot"),
-        ("killed by SIGKILL: did not boot within 120 s while STARTING", "boot"),
-        ("killed by SIGKILL: protocol error: READY out of order while IDLE", "protocol"),
-        ("killed by SIGKILL: protocol error: Chunk before READY while STARTING", "protocol"),
-        ("killed by SIGKILL: unreachable on its socket while BUSY", "socket"),
-        ("killed by SIGKILL: memory 3.1 GiB above max_worker_memory 2 GiB", "memory"),
-        (
-            "restart: memory 2.1 GiB above max_worker_memory 2.0 GiB for 3 readings in a row",
-            "memory",
-        ),
-        ("exit 79 (lost the router) while IDLE", "orphaned"),
-        ("something nobody foresaw", "other"),
-        ("memory", "memory"),
-        ("boot", "boot"),
-        ("admin", "admin"),
-    ],
-)
-def test_restart_reason_category(text, category):
-    assert restart_reason_category(text) == category
-
-
 def test_model_state_gauge_agrees_with_ready(tiny_gguf):
     # /metrics used the raw runtime state: READY (or STARTING) for a model /ready showed
     # as UNLOADED or STANDBY, and it knew neither state.
@@ -215,5 +185,60 @@ def test_model_state_gauge_agrees_with_ready(tiny_gguf):
                 assert value(m, "llamapool_model_state", model=model, state=state) == (
                     state == shown
                 ), (model, state)
+    finally:
+        asyncio.run(broker.stop(grace=0))
+
+
+class _Exited:
+    """A worker process that has already exited with `code` (its pid exists nowhere)."""
+
+    pid = 2**22 + 12345
+
+    def __init__(self, code: int):
+        self.code = code
+
+    def poll(self) -> int:
+        return self.code
+
+
+def _engine_fatal(broker, w, reason):
+    broker._on_data(w, P.Fatal(reason=reason))
+
+
+def _control_fatal(broker, w, reason, cannot_boot=False):
+    frames = [w.identity, *P.encode(P.Fatal(reason=reason, cannot_boot=cannot_boot))]
+    broker._handle(frames)
+
+
+@pytest.mark.parametrize(
+    ("code", "report", "reason", "label"),
+    [
+        # A loader's message is not a protocol error...
+        (78, "cannot_boot", "cannot load /m.gguf: unexpected end of file", "cannot_boot"),
+        # ...nor is a model path with "socket" in it a socket error...
+        (78, "cannot_boot", "cannot load /srv/socket-models/m.gguf: bad magic", "cannot_boot"),
+        # ...nor is a failed allocation in decode a max_worker_memory restart.
+        (70, "engine", "engine thread died: RuntimeError('failed to allocate memory')", "fatal"),
+        (70, "control", "engine made no progress for 3 s with 1 request(s)", "stall"),
+        (79, None, "", "orphaned"),
+        (-9, None, "", "signal"),
+        (3, None, "", "exit_code"),
+    ],
+)
+def test_restart_label_is_the_typed_cause(tiny_gguf, code, report, reason, label):
+    config = parse_config({"models": [{"id": "m", "config": {"model_path": str(tiny_gguf)}}]})
+    m = Metrics()
+    broker = Broker(config, observer=m)
+    try:
+        w = WorkerHandle(id="m-1", model_id="m", proc=_Exited(code), cores=[0], n_threads=1)
+        broker.supervisor.workers[w.id] = w
+        if report == "cannot_boot":
+            _control_fatal(broker, w, reason, cannot_boot=True)
+        elif report == "engine":
+            _engine_fatal(broker, w, reason)
+        elif report == "control":
+            _control_fatal(broker, w, reason)
+        broker.supervisor.reap(0.0)
+        assert value(m, "llamapool_worker_restarts_total", model="m", reason=label) == 1
     finally:
         asyncio.run(broker.stop(grace=0))

@@ -20,6 +20,7 @@ from llamapool.ipc import protocol as P
 from llamapool.ipc.channel import DataChannel
 from llamapool.ipc.sockets import broker_endpoint, make_ipc_dir, remove_ipc_dir, router_socket
 from llamapool.pool.events import PoolObserver
+from llamapool.pool.lifecycle import ExitCause
 from llamapool.pool.scheduler import Job, Scheduler
 from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle, WorkerState
 
@@ -204,7 +205,7 @@ class Broker:
         if isinstance(msg, P.Chunk | P.Done | P.Error | P.Ping):
             self._protocol_violation(worker, f"{type(msg).__name__} on the control socket")
         else:
-            self._on_message(worker, msg)
+            self._on_message(worker, msg, from_engine=False)
 
     def _attach(self, worker: WorkerHandle) -> None:
         """Read a newly spawned worker's data socket from the loop."""
@@ -223,11 +224,11 @@ class Broker:
             # Everything the engine sent before its PING has been handled: say so.
             worker.channel.send(P.Pong(seq=msg.seq))
         elif isinstance(msg, P.Chunk | P.Done | P.Error | P.Fatal):
-            self._on_message(worker, msg)
+            self._on_message(worker, msg, from_engine=True)
         else:
             self._protocol_violation(worker, f"{type(msg).__name__} on the data socket")
 
-    def _on_message(self, worker: WorkerHandle, msg: Any) -> None:
+    def _on_message(self, worker: WorkerHandle, msg: Any, *, from_engine: bool = False) -> None:
         if isinstance(msg, P.Ready):
             if worker.stop_requested:
                 return  # drained while booting; it is being stopped
@@ -244,14 +245,14 @@ class Broker:
         elif isinstance(msg, P.Error):
             self.scheduler.on_error(worker, msg)
         elif isinstance(msg, P.Fatal):
-            self.supervisor.note_fatal(worker, msg.reason, msg.cannot_boot)
+            self.supervisor.note_fatal(worker, _fatal_cause(msg, from_engine), msg.reason)
         elif not isinstance(msg, P.Heartbeat):
             self._protocol_violation(worker, f"unexpected {type(msg).__name__}")
 
     def _protocol_violation(self, worker: WorkerHandle, what: str) -> None:
         self.protocol_errors += 1
         log.error("worker %s: protocol error (%s); restarting it", worker.id, what)
-        self.supervisor.kill(worker, f"protocol error: {what}")
+        self.supervisor.kill(worker, ExitCause.PROTOCOL, f"protocol error: {what}")
 
     # -- supervisor callbacks ---------------------------------------------------
 
@@ -504,3 +505,14 @@ def _shown_state(runtime: Any, serving: list[WorkerHandle]) -> str:
     if runtime.state is not ModelState.FAILED and runtime.target == 0 and not serving:
         return "STANDBY"
     return runtime.state.value
+
+
+def _fatal_cause(msg: P.Fatal, from_engine: bool) -> ExitCause:
+    """The cause a worker's FATAL names, from its flag and the socket it came on.
+
+    The engine thread reports its own death on the data socket; the I/O thread's only
+    FATAL besides a failed boot is the stall watchdog's, on the control socket.
+    """
+    if msg.cannot_boot:
+        return ExitCause.CANNOT_BOOT
+    return ExitCause.FATAL if from_engine else ExitCause.STALL

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llamapool.pool.lifecycle import ExitCause
+
 
 class PoolObserver:
     """No-op hooks; a subclass or any object with the same methods can listen."""
@@ -21,8 +23,8 @@ class PoolObserver:
     def generation_finished(self, model: str, tokens: int, seconds: float) -> None:
         """A request decoded `tokens` in `seconds` after its first token."""
 
-    def worker_restarted(self, model: str, reason: str) -> None:
-        """A worker died or was restarted, with the reason in words."""
+    def worker_restarted(self, model: str, cause: ExitCause) -> None:
+        """A worker died or was restarted, and why."""
 
     def evicted(self, model: str) -> None:
         """An idle instance of `model` was stopped to make room for another model."""

@@ -19,6 +19,7 @@ from typing import Any
 from llamapool import errors
 from llamapool.ipc import protocol as P
 from llamapool.pool.events import PoolObserver
+from llamapool.pool.lifecycle import ExitCause
 from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle
 
 log = logging.getLogger("llamapool.scheduler")
@@ -186,7 +187,7 @@ class Scheduler:
                 continue
             if not sent:
                 # The send failed: the worker is gone. Its reaping requeues the job.
-                self.supervisor.kill(worker, "unreachable on its socket")
+                self.supervisor.kill(worker, ExitCause.UNREACHABLE, "unreachable on its socket")
                 return
 
     def _pick_worker(self, model_id: str, key: str) -> WorkerHandle | None:

@@ -27,6 +27,7 @@ import psutil
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
 from llamapool.pool.events import PoolObserver
+from llamapool.pool.lifecycle import ExitCause, cause_of_exit, describe_exit
 from llamapool.pool.memory import (
     Candidate,
     Footprint,
@@ -38,7 +39,7 @@ from llamapool.pool.memory import (
     fmt_bytes,
     sample,
 )
-from llamapool.pool.worker import EXIT_CANNOT_BOOT, EXIT_FATAL, EXIT_ORPHANED, SPEC_ENV
+from llamapool.pool.worker import SPEC_ENV
 
 log = logging.getLogger("llamapool.supervisor")
 
@@ -82,7 +83,7 @@ class WorkerHandle:
     stop_requested: bool = False
     killed: bool = False  # SIGKILL sent, or exited: takes no new work until it is reaped
     fatal_reason: str | None = None
-    cannot_boot: bool = False
+    cause: ExitCause | None = None  # why it is ending, once known (a kill, its own FATAL)
     history: deque = field(default_factory=lambda: deque(maxlen=20))
     memory: Sample | None = None
     # The router's end of the worker's data socket (requests in, tokens out), and the
@@ -151,19 +152,6 @@ class ModelRuntime:
     unloaded: bool = False  # by the admin API: refuse requests until loaded again
 
 
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return {
-        EXIT_CANNOT_BOOT: "exit 78 (cannot boot)",
-        EXIT_FATAL: "exit 70 (fatal error)",
-        EXIT_ORPHANED: "exit 79 (lost the router)",
-    }.get(code, f"exit {code}")
-
-
 class Supervisor:
     """Owns the worker processes of every model."""
 
@@ -224,7 +212,7 @@ class Supervisor:
         runtime.failed_at = time.monotonic()
         log.error("model %s FAILED: %s", model_id, reason)
         for w in self.workers_of(model_id):
-            self.kill(w, f"model {model_id} failed")
+            self.kill(w, ExitCause.MODEL_FAILED, f"model {model_id} failed")
         self.on_model_failed(model_id, reason)
 
     def workers_of(self, model_id: str, states: tuple = LIVE) -> list[WorkerHandle]:
@@ -356,14 +344,15 @@ class Supervisor:
         elif w.state is WorkerState.BUSY and not w.in_flight:
             self._transition(w, WorkerState.IDLE, "request finished")
 
-    def note_fatal(self, w: WorkerHandle, reason: str, cannot_boot: bool) -> None:
-        w.fatal_reason, w.cannot_boot = reason, cannot_boot
+    def note_fatal(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
+        """The worker's own account of why it is about to exit (its FATAL)."""
+        w.fatal_reason, w.cause = reason, cause
         log.error("worker %s (%s) FATAL: %s", w.id, w.model_id, reason)
 
-    def kill(self, w: WorkerHandle, reason: str) -> None:
+    def kill(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
         """SIGKILL the worker's whole process group; the next reap records the death."""
         if w.fatal_reason is None:
-            w.fatal_reason = reason
+            w.fatal_reason, w.cause = reason, cause
         w.killed = True
         try:
             os.killpg(w.pid, signal.SIGKILL)
@@ -401,11 +390,11 @@ class Supervisor:
             # before judging what was lost.
             w.channel.read(to_the_end=True)
         if w.stop_requested:
-            self._transition(w, WorkerState.STOPPED, _describe_exit(code))
+            self._transition(w, WorkerState.STOPPED, describe_exit(code))
             self.workers.pop(w.id, None)
             self.on_worker_lost(w, f"worker {w.id} stopped")
             return
-        detail = _describe_exit(code)
+        detail = describe_exit(code)
         if w.fatal_reason:
             detail = f"{detail}: {w.fatal_reason}"
         reason = f"{detail} while {was.value}"
@@ -416,8 +405,9 @@ class Supervisor:
         if runtime is None or runtime.state is ModelState.FAILED:
             return
         runtime.restarts += 1
-        self.observer.worker_restarted(w.model_id, reason)
-        if w.cannot_boot or code == EXIT_CANNOT_BOOT:
+        cause = cause_of_exit(code, w.cause)
+        self.observer.worker_restarted(w.model_id, cause)
+        if cause is ExitCause.CANNOT_BOOT:
             self.fail_model(w.model_id, w.fatal_reason or detail)
             return
         if runtime.flap.record(now):
@@ -436,10 +426,11 @@ class Supervisor:
         limit = s.heartbeat_interval * s.heartbeat_liveness
         for w in list(self.workers.values()):
             if w.state is WorkerState.STARTING and now - w.started_at > s.boot_timeout:
-                self.kill(w, f"did not boot within {s.boot_timeout:g} s")
+                self.kill(w, ExitCause.BOOT_TIMEOUT, f"did not boot within {s.boot_timeout:g} s")
             elif w.state in (WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING):
                 if now - w.last_seen > limit:
-                    self.kill(w, f"missed heartbeats for {now - w.last_seen:.1f} s")
+                    reason = f"missed heartbeats for {now - w.last_seen:.1f} s"
+                    self.kill(w, ExitCause.HEARTBEAT, reason)
 
     def reconcile(self, now: float) -> None:
         if self.stopping:
@@ -558,7 +549,7 @@ class Supervisor:
                 if w.model_id in self.models:
                     self.models[w.model_id].restarts += 1
                 limit = fmt_bytes(self.over_limit.limit or 0)
-                self.observer.worker_restarted(w.model_id, "memory")
+                self.observer.worker_restarted(w.model_id, ExitCause.MEMORY_LIMIT)
                 self.drain(
                     w,
                     f"restart: memory {fmt_bytes(w.memory.charge)} above max_worker_memory "
@@ -572,7 +563,7 @@ class Supervisor:
         booting = w.state is WorkerState.STARTING
         self.request_stop(w, reason)
         if booting:
-            self.kill(w, reason)  # nothing to finish yet
+            self.kill(w, ExitCause.ADMIN, reason)  # nothing to finish yet
         else:
             self.on_drain(w)
 
@@ -620,7 +611,7 @@ class Supervisor:
             raise errors.NotFound(f"no live worker {worker_id!r}")
         if w.stop_requested:
             return w  # already on its way out, its replacement coming: counted once
-        self.observer.worker_restarted(w.model_id, "admin")
+        self.observer.worker_restarted(w.model_id, ExitCause.ADMIN)
         self.drain(w, "restart requested by admin")
         return w
 
@@ -633,7 +624,7 @@ class Supervisor:
         for w in workers:
             if force:
                 w.stop_requested = True
-                self.kill(w, "unloaded by admin (force)")
+                self.kill(w, ExitCause.ADMIN, "unloaded by admin (force)")
             else:
                 self.drain(w, "unloaded by admin")
         return workers

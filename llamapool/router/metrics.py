@@ -9,7 +9,6 @@ set without bound.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypedDict
 
@@ -22,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llamapool.pool.events import PoolObserver
+from llamapool.pool.lifecycle import ExitCause
 
 log = logging.getLogger("llamapool.metrics")
 
@@ -54,35 +54,6 @@ class ModelSnapshot(TypedDict):
 
 
 PoolSource = Callable[[], Iterable[ModelSnapshot]]
-
-# Order matters: the supervisor's reasons nest ("killed by SIGKILL: missed heartbeats for
-# 6.0 s while BUSY"), so the most specific cause is tried first.
-_CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("heartbeat", re.compile(r"heartbeat", re.I)),
-    ("memory", re.compile(r"memory|\brss\b|\bpss\b|\boom\b", re.I)),
-    ("protocol", re.compile(r"protocol|out of order|before READY|unexpected [A-Z]", re.I)),
-    ("socket", re.compile(r"unreachable|socket", re.I)),
-    ("boot", re.compile(r"cannot boot|did not boot|cannot load", re.I)),
-    ("fatal", re.compile(r"fatal|engine thread died|broken pipe", re.I)),
-    ("orphaned", re.compile(r"lost the router|orphan", re.I)),
-    ("killed", re.compile(r"killed|signal|SIG[A-Z]+", re.I)),
-    ("exit", re.compile(r"\bexit", re.I)),
-)
-
-# `memory` and `admin` restarts are asked for (over max_worker_memory; an operator's
-# restart); the rest are deaths.
-RESTART_CATEGORIES = frozenset(c for c, _ in _CATEGORIES) | {"admin", "other"}
-
-
-def restart_reason_category(text: str) -> str:
-    """Map a free-text death reason to a short label value (`heartbeat`, `killed`, ...)."""
-    if text in RESTART_CATEGORIES:
-        return text
-    for category, pattern in _CATEGORIES:
-        if pattern.search(text):
-            return category
-    return "other"
-
 
 class _PoolCollector(Collector):
     """Gauges built at scrape time from a snapshot of the live pool."""
@@ -186,7 +157,7 @@ class Metrics(PoolObserver):
         self._restarts = Counter(
             "llamapool_worker_restarts",
             "Worker restarts by cause: deaths, memory limits, admin requests "
-            "(see restart_reason_category).",
+            "(the values of ExitCause).",
             ["model", "reason"],
             registry=r,
         )
@@ -229,9 +200,9 @@ class Metrics(PoolObserver):
         if tokens > 0 and seconds > 0:
             self._rate.labels(model).observe(tokens / seconds)
 
-    def worker_restarted(self, model: str, reason: str) -> None:
-        """Count a worker death; `reason` may be free text, it is reduced to a category."""
-        self._restarts.labels(model, restart_reason_category(reason)).inc()
+    def worker_restarted(self, model: str, cause: ExitCause) -> None:
+        """Count a worker death or an asked-for restart under its typed cause."""
+        self._restarts.labels(model, ExitCause(cause).value).inc()
 
     def evicted(self, model: str) -> None:
         """Count an instance of `model` evicted to free memory."""
