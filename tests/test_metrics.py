@@ -193,12 +193,22 @@ class _Exited:
     """A worker process that has already exited with `code` (its pid exists nowhere)."""
 
     pid = 2**22 + 12345
+    data = None
 
     def __init__(self, code: int):
         self.code = code
 
     def poll(self) -> int:
         return self.code
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.code
+
+    def signal_group(self, sig: int) -> None:
+        pass
+
+    def memory(self) -> None:
+        return None
 
 
 def _engine_fatal(broker, w, reason):
@@ -230,7 +240,9 @@ def test_restart_label_is_the_typed_cause(tiny_gguf, code, report, reason, label
     m = Metrics()
     broker = Broker(config, observer=m)
     try:
-        w = WorkerHandle(id="m-1", model_id="m", proc=_Exited(code), cores=[0], n_threads=1)
+        w = WorkerHandle(
+            id="m-1", model_id="m", process=_Exited(code), cores=[0], n_threads=1, started_at=0.0
+        )
         broker.supervisor.workers[w.id] = w
         if report == "cannot_boot":
             _control_fatal(broker, w, reason, cannot_boot=True)

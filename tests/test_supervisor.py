@@ -1,9 +1,16 @@
-"""Supervision policies, tested without processes."""
+"""Supervision: policies, and the state logic over fake processes, without real ones."""
 
 from __future__ import annotations
 
+import signal
+
+import pytest
+from fakepool import fake_pool
+
 from llamapool.config import PoolSettings, parse_config
-from llamapool.pool.supervisor import FlapPolicy, Supervisor
+from llamapool.pool.lifecycle import ExitCause
+from llamapool.pool.memory import Sample
+from llamapool.pool.supervisor import FlapPolicy, ModelState, Supervisor, WorkerState
 
 
 def test_flap_policy_fails_after_attempts_within_window():
@@ -66,3 +73,209 @@ def test_cores_are_least_loaded_first(tiny_gguf):
     sup.cpus = [0, 1, 2, 3]
     assert sup._pick_cores(2) == [0, 1]
     assert sup._pick_cores(8) == [0, 1, 2, 3]
+
+
+# -- the state logic over fake processes (tests/fakepool.py) -------------------
+
+
+def test_spawn_ready_busy_idle(tiny_gguf):
+    pool = fake_pool(tiny_gguf)
+    pool.tick()
+    w = pool.only()
+    assert w.state is WorkerState.STARTING and pool.sup.models["m"].state is ModelState.STARTING
+    assert pool.proc(w).launch.spec.config.n_threads == 2  # decided before the start
+    pool.ready(w)
+    assert w.state is WorkerState.IDLE and pool.sup.models["m"].state is ModelState.READY
+    w.in_flight["r-1"] = object()
+    pool.sup.note_busy(w)
+    assert w.state is WorkerState.BUSY and w.free_slots == 0
+    del w.in_flight["r-1"]
+    pool.sup.note_busy(w)
+    assert w.state is WorkerState.IDLE and w.free_slots == 1
+    assert [state for _, state, _ in w.history] == ["STARTING", "IDLE", "BUSY", "IDLE"]
+
+
+def test_a_death_respawns_at_once_then_backs_off_doubling(tiny_gguf):
+    pool = fake_pool(tiny_gguf, backoff_initial=0.5, restart_attempts=10)
+    pool.tick()
+    delays = []
+    for _ in range(3):
+        w = pool.only()
+        pool.ready(w)
+        pool.proc(w).exit(-signal.SIGKILL)
+        pool.tick()
+        assert w.state is WorkerState.DEAD and w.history[-1][2] == "killed by SIGKILL while IDLE"
+        waited = 0.0
+        while not pool.workers():
+            pool.tick(0.25)
+            waited += 0.25
+        delays.append(waited)
+    assert delays == [0.0, 0.5, 1.0]  # a lone death is an accident; then 0.5 s, doubling
+    assert pool.sup.models["m"].restarts == 3 and pool.restarts("signal") == 3
+    assert len(pool.lost) == 3
+
+
+def test_flapping_marks_the_model_failed(tiny_gguf):
+    pool = fake_pool(tiny_gguf, restart_attempts=2, restart_window=60, backoff_initial=0.1)
+    pool.tick()
+    for _ in range(3):
+        while not pool.workers():
+            pool.tick(0.1)
+        pool.proc(pool.only()).exit(1)
+        pool.tick()
+    runtime = pool.sup.models["m"]
+    assert runtime.state is ModelState.FAILED and "3 worker deaths within 60 s" in runtime.reason
+    assert pool.failed == [("m", runtime.reason)]
+    pool.tick(30)
+    assert not pool.workers() and len(pool.launcher.started) == 3
+
+
+def test_cannot_boot_fails_the_model_at_once(tiny_gguf):
+    pool = fake_pool(tiny_gguf, restart_attempts=5)
+    pool.tick()
+    w = pool.only()
+    pool.sup.note_fatal(w, ExitCause.CANNOT_BOOT, "cannot load /m.gguf: bad magic")
+    pool.proc(w).exit(78)
+    pool.tick()
+    runtime = pool.sup.models["m"]
+    assert runtime.state is ModelState.FAILED and runtime.reason == "cannot load /m.gguf: bad magic"
+    pool.tick(10)
+    assert len(pool.launcher.started) == 1  # no respawn loop
+    assert pool.restarts("cannot_boot") == 1
+
+
+def test_exit_78_alone_is_cannot_boot_too(tiny_gguf):
+    pool = fake_pool(tiny_gguf)
+    pool.tick()
+    pool.proc(pool.only()).exit(78)
+    pool.tick()
+    assert pool.sup.models["m"].state is ModelState.FAILED
+    assert len(pool.launcher.started) == 1
+
+
+def test_boot_timeout_kills(tiny_gguf):
+    pool = fake_pool(tiny_gguf, boot_timeout=5)
+    pool.tick()
+    w = pool.only()
+    pool.tick(4.9)
+    assert pool.proc(w).signals == []
+    pool.tick(0.2)
+    assert pool.proc(w).signals == [signal.SIGKILL]
+    assert w.free_slots == 0
+    pool.tick()
+    assert w.state is WorkerState.DEAD
+    assert w.history[-1][2] == "killed by SIGKILL: did not boot within 5 s while STARTING"
+    assert pool.restarts("boot_timeout") == 1
+
+
+def test_heartbeat_silence_kills(tiny_gguf):
+    pool = fake_pool(tiny_gguf, heartbeat_interval=1, heartbeat_liveness=3)
+    pool.tick()
+    w = pool.only()
+    pool.ready(w)
+    pool.clock.advance(2.5)
+    pool.sup.heard_from(w)  # any message counts
+    pool.tick(2.9)
+    assert pool.proc(w).signals == []
+    pool.tick(0.2)
+    assert pool.proc(w).signals == [signal.SIGKILL]
+    pool.tick()
+    assert w.state is WorkerState.DEAD and "missed heartbeats for 3.1 s" in w.history[-1][2]
+    assert pool.restarts("heartbeat") == 1
+
+
+def test_drain_stops_without_counting_a_restart(tiny_gguf):
+    pool = fake_pool(tiny_gguf, models=[{"id": "m", "min_instances": 1, "max_instances": 2}])
+    pool.tick()
+    first = pool.only()
+    pool.ready(first)
+    pool.sup.scale("m", 2)
+    second = next(w for w in pool.workers() if w is not first)
+    pool.ready(second)
+    first.last_used = 1.0  # the least recently used goes
+    second.last_used = 2.0
+    pool.sup.scale("m", 1)
+    assert first.state is WorkerState.DRAINING and pool.drained == [first.id]
+    pool.proc(first).exit(0)
+    pool.tick()
+    assert first.state is WorkerState.STOPPED and first.history[-1][2] == "exit 0"
+    assert pool.sup.models["m"].restarts == 0 and pool.restarts("exit_code") == 0
+    assert pool.workers() == [second]
+
+
+def test_memory_over_limit_drains_with_cause_memory_limit(tiny_gguf):
+    pool = fake_pool(tiny_gguf, max_worker_memory="2MiB", memory_check_interval=1)
+    pool.tick()
+    w = pool.only()
+    pool.ready(w)
+    pool.proc(w).sample = Sample(rss=3 << 20, pss=3 << 20)
+    pool.tick(1)
+    pool.tick(1)
+    assert w.state is WorkerState.IDLE  # two readings are not enough
+    pool.tick(1)
+    assert w.state is WorkerState.DRAINING and pool.drained == [w.id]
+    assert "above max_worker_memory 2 MiB for 3 readings in a row" in w.history[-1][2]
+    assert pool.restarts("memory_limit") == 1
+    pool.proc(w).exit(0)
+    pool.tick()
+    assert w.state is WorkerState.STOPPED and len(pool.workers()) == 1  # replaced
+
+
+def test_eviction_drains_the_idle_lru_instance_of_another_model(tiny_gguf):
+    models = [{"id": m, "min_instances": 0, "max_instances": 2} for m in ("a", "b", "c")]
+    pool = fake_pool(tiny_gguf, models=models)
+    cost = pool.sup.models["a"].footprint.cost(0)
+    # Room for two instances: a third one needs an eviction.
+    pool.sup.budget = 2 * cost + cost // 2
+    for model, used_at in (("a", 5.0), ("b", 1.0)):
+        pool.sup.ensure_capacity(model)
+        w = pool.only(model)
+        pool.proc(w).sample = Sample(rss=cost, pss=cost)
+        pool.ready(w)
+        w.last_used = used_at
+    pool.sup.ensure_capacity("c")
+    victim = pool.only("b")
+    assert victim.state is WorkerState.DRAINING and pool.drained == [victim.id]
+    assert "to make room for c" in victim.history[-1][2]
+    assert pool.only("a").state is WorkerState.IDLE and not pool.workers("c")
+    pool.proc(victim).exit(0)
+    pool.tick()
+    assert victim.state is WorkerState.STOPPED and len(pool.workers("c")) == 1
+    assert pool.sup.models["b"].evictions == 1 and pool.sup.models["b"].restarts == 0
+
+
+_ACTS = {
+    "protocol": lambda p, w: p.sup.kill(w, ExitCause.PROTOCOL, "protocol error: Chunk before READY"),
+    "unreachable": lambda p, w: p.sup.kill(w, ExitCause.UNREACHABLE, "unreachable on its socket"),
+    "fatal": lambda p, w: p.sup.note_fatal(w, ExitCause.FATAL, "engine thread died"),
+    "stall": lambda p, w: p.sup.note_fatal(w, ExitCause.STALL, "engine made no progress"),
+    "admin": lambda p, w: p.sup.restart_worker(w.id),
+}
+
+
+@pytest.mark.parametrize(
+    ("act", "code", "label"),
+    [
+        ("protocol", None, "protocol"),
+        ("unreachable", None, "unreachable"),
+        ("fatal", 70, "fatal"),
+        ("stall", 70, "stall"),
+        (None, 70, "fatal"),
+        (None, 79, "orphaned"),
+        (None, -signal.SIGSEGV, "signal"),
+        (None, 0, "exit_code"),
+        ("admin", None, "admin"),
+    ],
+)
+def test_restart_metric_label_per_cause(tiny_gguf, act, code, label):
+    pool = fake_pool(tiny_gguf)
+    pool.tick()
+    w = pool.only()
+    pool.ready(w)
+    if act is not None:
+        _ACTS[act](pool, w)
+    if code is not None:
+        pool.proc(w).exit(code)
+    pool.tick()
+    assert pool.restarts(label) == 1
+    assert sum(pool.restarts(c.value) for c in ExitCause) == 1

@@ -101,7 +101,7 @@ class Broker:
             self.supervisor.request_stop(w, "pool shutting down")
         # Only workers that were told to drain get the grace; booting ones are terminated.
         deadline = time.monotonic() + grace
-        while any(w.proc.poll() is None for w in asked) and time.monotonic() < deadline:
+        while any(w.process.poll() is None for w in asked) and time.monotonic() < deadline:
             await asyncio.sleep(TICK)
         self.supervisor.reap(time.monotonic())
         for task in self._tasks:
@@ -196,7 +196,7 @@ class Broker:
         if worker is None:
             self.scheduler.dropped_replies += 1
             return
-        worker.last_seen = time.monotonic()
+        self.supervisor.heard_from(worker)
         try:
             msg = P.decode(body)
         except P.ProtocolError as exc:
@@ -219,7 +219,7 @@ class Broker:
 
     def _on_data(self, worker: WorkerHandle, msg: Any) -> None:
         """A message from a worker's data socket: its engine's output."""
-        worker.last_seen = time.monotonic()
+        self.supervisor.heard_from(worker)
         if isinstance(msg, P.Ping):
             # Everything the engine sent before its PING has been handled: say so.
             worker.channel.send(P.Pong(seq=msg.seq))
@@ -341,7 +341,7 @@ class Broker:
             model_id, errors.ModelUnloaded(f"model {model_id!r} was unloaded by an operator")
         )
         deadline = time.monotonic() + self.config.pool.grace + 5
-        while any(w.proc.poll() is None for w in workers) and time.monotonic() < deadline:
+        while any(w.process.poll() is None for w in workers) and time.monotonic() < deadline:
             await asyncio.sleep(TICK)
         self.supervisor.reap(time.monotonic())
         return self.model_status(model_id)

@@ -13,8 +13,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +25,7 @@ import psutil
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
 from llamapool.pool.events import PoolObserver
+from llamapool.pool.launcher import Launcher, LocalLauncher, ProcessHandle, WorkerLaunch
 from llamapool.pool.lifecycle import ExitCause, cause_of_exit, describe_exit
 from llamapool.pool.memory import (
     Candidate,
@@ -39,7 +38,6 @@ from llamapool.pool.memory import (
     fmt_bytes,
     sample,
 )
-from llamapool.pool.worker import SPEC_ENV
 
 log = logging.getLogger("llamapool.supervisor")
 
@@ -68,12 +66,12 @@ class WorkerHandle:
 
     id: str
     model_id: str
-    proc: subprocess.Popen
+    process: ProcessHandle
     cores: list[int]
     n_threads: int
+    started_at: float
     state: WorkerState = WorkerState.STARTING
-    started_at: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)
+    last_seen: float = 0.0
     capacity: int = 0
     n_ctx: int = 0
     in_flight: dict = field(default_factory=dict)  # request id → Job
@@ -86,14 +84,16 @@ class WorkerHandle:
     cause: ExitCause | None = None  # why it is ending, once known (a kill, its own FATAL)
     history: deque = field(default_factory=lambda: deque(maxlen=20))
     memory: Sample | None = None
-    # The router's end of the worker's data socket (requests in, tokens out), and the
-    # channel the broker wraps around it.
-    data: socket.socket | None = None
-    channel: Any = None
+    channel: Any = None  # the DataChannel the broker wraps around `data`
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
+
+    @property
+    def data(self) -> socket.socket | None:
+        """The router's end of the worker's data socket (requests in, tokens out)."""
+        return self.process.data
 
     @property
     def identity(self) -> bytes:
@@ -168,6 +168,9 @@ class Supervisor:
         observer: PoolObserver | None = None,
         log_level: str = "INFO",
         worker_log: IO | None = None,
+        launcher: Launcher | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sample_router: Callable[[], Sample | None] = lambda: sample(os.getpid()),
     ):
         self.settings = settings
         self.endpoint = endpoint
@@ -178,7 +181,9 @@ class Supervisor:
         self.on_spawned = on_spawned
         self.observer = observer or PoolObserver()
         self.log_level = log_level
-        self.worker_log = worker_log
+        self.launcher: Launcher = launcher or LocalLauncher(worker_log)
+        self.clock = clock
+        self.sample_router = sample_router
         self.models: dict[str, ModelRuntime] = {}
         self.removed: dict[str, ModelRuntime] = {}  # removed by reload, workers still draining
         self.workers: dict[str, WorkerHandle] = {}
@@ -187,7 +192,7 @@ class Supervisor:
         self.budget = budget_bytes(settings.memory_budget)
         limit = settings.max_worker_memory
         self.over_limit = OverLimit(budget_bytes(limit) if limit is not None else None)
-        self.router_memory: Sample | None = sample(os.getpid())
+        self.router_memory: Sample | None = sample_router()
         self._next_memory_check = 0.0
         self.stopping = False  # set at shutdown: nothing is respawned any more
 
@@ -209,7 +214,7 @@ class Supervisor:
         if runtime.state is ModelState.FAILED:
             return
         runtime.state, runtime.reason = ModelState.FAILED, reason
-        runtime.failed_at = time.monotonic()
+        runtime.failed_at = self.clock()
         log.error("model %s FAILED: %s", model_id, reason)
         for w in self.workers_of(model_id):
             self.kill(w, ExitCause.MODEL_FAILED, f"model {model_id} failed")
@@ -227,7 +232,7 @@ class Supervisor:
         runtime = self.models[model_id]
         if runtime.target < 1:
             runtime.target = 1
-            self._reconcile_model(model_id, runtime, time.monotonic())
+            self._reconcile_model(model_id, runtime, self.clock())
         if runtime.memory_blocked and not self.workers_of(model_id):
             raise errors.InsufficientMemory(runtime.memory_blocked, retry_after=5)
 
@@ -261,61 +266,33 @@ class Supervisor:
             spec, config=msgspec.structs.replace(spec.config, n_threads=n_threads)
         )
         worker_id = f"{model_id}-{next(self._ids)}"
-        # The data socket: a pair, so no address to guard and no connection to wait for.
-        router_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         s = self.settings
-        env = dict(os.environ)
-        env[SPEC_ENV] = msgspec.json.encode(worker_spec).decode()
-        # llama.cpp reads OMP/OpenBLAS thread counts from the environment; keep them in step.
-        env["OMP_NUM_THREADS"] = str(n_threads)
-        cmd = [
-            sys.executable,
-            "-m",
-            "llamapool.pool.worker",
-            "--worker-id",
-            worker_id,
-            "--endpoint",
-            self.endpoint,
-            "--data-fd",
-            str(child_end.fileno()),
-            "--parent-pid",
-            str(os.getpid()),
-            "--cores",
-            ",".join(map(str, cores)),
-            "--heartbeat-interval",
-            str(s.heartbeat_interval),
-            "--heartbeat-liveness",
-            str(s.heartbeat_liveness),
-            "--stall-timeout",
-            str(s.engine_stall_timeout),
-            "--log-level",
-            self.log_level,
-        ]
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=self.worker_log,
-                stderr=self.worker_log,
-                pass_fds=(child_end.fileno(),),
-                start_new_session=True,  # its own process group: we kill the whole group
+        process = self.launcher.start(
+            WorkerLaunch(
+                worker_id=worker_id,
+                spec=worker_spec,
+                endpoint=self.endpoint,
+                cores=cores,
+                heartbeat_interval=s.heartbeat_interval,
+                heartbeat_liveness=s.heartbeat_liveness,
+                stall_timeout=s.engine_stall_timeout,
+                log_level=self.log_level,
             )
-        except BaseException:
-            router_end.close()
-            raise
-        finally:
-            child_end.close()
+        )
+        now = self.clock()
         handle = WorkerHandle(
             id=worker_id,
             model_id=model_id,
-            proc=proc,
+            process=process,
             cores=cores,
             n_threads=n_threads,
-            data=router_end,
+            started_at=now,
+            last_seen=now,
         )
         self.workers[worker_id] = handle
-        self._transition(handle, WorkerState.STARTING, f"spawned pid {proc.pid} on cores {cores}")
+        self._transition(
+            handle, WorkerState.STARTING, f"spawned pid {process.pid} on cores {cores}"
+        )
         self.on_spawned(handle)
         return handle
 
@@ -331,8 +308,8 @@ class Supervisor:
 
     def mark_ready(self, w: WorkerHandle, capacity: int, n_ctx: int) -> None:
         w.capacity, w.n_ctx = capacity, n_ctx
-        w.memory = sample(w.pid)  # loaded now: the budget sees real numbers at once
-        self._transition(w, WorkerState.IDLE, f"ready in {time.monotonic() - w.started_at:.2f} s")
+        w.memory = w.process.memory()  # loaded now: the budget sees real numbers at once
+        self._transition(w, WorkerState.IDLE, f"ready in {self.clock() - w.started_at:.2f} s")
         runtime = self.models.get(w.model_id)
         if runtime is not None and runtime.state is ModelState.STARTING:
             runtime.state = ModelState.READY
@@ -354,10 +331,7 @@ class Supervisor:
         if w.fatal_reason is None:
             w.fatal_reason, w.cause = reason, cause
         w.killed = True
-        try:
-            os.killpg(w.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        w.process.signal_group(signal.SIGKILL)
 
     def request_stop(self, w: WorkerHandle, reason: str) -> None:
         w.stop_requested = True
@@ -365,8 +339,12 @@ class Supervisor:
 
     # -- the tick ---------------------------------------------------------------
 
+    def heard_from(self, w: WorkerHandle) -> None:
+        """Any message from a worker counts as a heartbeat."""
+        w.last_seen = self.clock()
+
     def tick(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         self.reap(now)
         self.expire(now)
         self.check_memory(now)
@@ -376,7 +354,7 @@ class Supervisor:
         for w in list(self.workers.values()):
             if w.state not in LIVE:
                 continue
-            code = w.proc.poll()
+            code = w.process.poll()
             if code is None:
                 continue
             self._on_exit(w, code, now)
@@ -537,11 +515,11 @@ class Supervisor:
         if now < self._next_memory_check:
             return
         self._next_memory_check = now + self.settings.memory_check_interval
-        self.router_memory = sample(os.getpid())
+        self.router_memory = self.sample_router()
         for w in list(self.workers.values()):
             if w.state not in LIVE or w.state is WorkerState.STARTING:
                 continue
-            w.memory = sample(w.pid)
+            w.memory = w.process.memory()
             if w.memory is None or w.stop_requested:
                 continue
             if self.over_limit.observe(w.id, w.memory.charge):
@@ -602,7 +580,7 @@ class Supervisor:
         # Idle ones first (least recently used), then busy ones, which finish before exiting.
         for w in sorted(live, key=lambda w: (bool(w.in_flight), w.last_used))[: max(0, extra)]:
             self.drain(w, f"scaled {model_id} down to {instances}")
-        self._reconcile_model(model_id, runtime, time.monotonic())
+        self._reconcile_model(model_id, runtime, self.clock())
 
     def restart_worker(self, worker_id: str) -> WorkerHandle:
         """Drain a worker; reconcile starts its replacement."""
@@ -649,7 +627,7 @@ class Supervisor:
         runtime.next_spawn_at = 0.0
         runtime.target = target
         _refresh_footprint(runtime)  # the file may have been replaced (a FAILED model's fix)
-        self._reconcile_model(runtime.spec.id, runtime, time.monotonic())
+        self._reconcile_model(runtime.spec.id, runtime, self.clock())
 
     def replace_spec(self, spec: ModelSpec) -> None:
         """A changed model: drain the old instances, start new ones from the new spec.
@@ -686,20 +664,15 @@ class Supervisor:
         workers = self.live_workers()
         for w in workers:
             w.stop_requested = True
-            try:
-                os.killpg(w.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            w.process.signal_group(signal.SIGTERM)
+        # A real deadline even under a fake clock: this blocks its thread.
         deadline = time.monotonic() + timeout
         for w in workers:
             try:
-                w.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(w.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                w.proc.wait()
+                w.process.wait(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                w.process.signal_group(signal.SIGKILL)
+                w.process.wait()
             self._transition(w, WorkerState.STOPPED, "pool shut down")
         self.workers.clear()
 

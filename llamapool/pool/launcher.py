@@ -1,0 +1,152 @@
+"""How a worker process is started, polled, signalled and reaped (circus's process class).
+
+The supervisor only ever talks to a `Launcher` and the `ProcessHandle`s it returns, so
+its state logic runs against fakes in tests, and a launcher for processes elsewhere
+(Ray, issue #11) plugs in without touching it. `LocalLauncher` starts local
+subprocesses: its own session each (the supervisor kills process groups), the data
+socket handed over with `pass_fds`, the model spec in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+import msgspec
+
+from llamapool.config import ModelSpec
+from llamapool.pool.memory import Sample, sample
+from llamapool.pool.worker import SPEC_ENV
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """Everything a worker needs to start: who it is, what it serves, whom it talks to."""
+
+    worker_id: str
+    spec: ModelSpec  # n_threads already decided
+    endpoint: str  # the router's ZeroMQ control endpoint
+    cores: list[int]
+    heartbeat_interval: float
+    heartbeat_liveness: int
+    stall_timeout: float
+    log_level: str
+
+
+class ProcessHandle(Protocol):
+    """One started worker process, as the supervisor sees it."""
+
+    pid: int  # shown in /admin/pool and response headers; the launcher's own numbering
+    # The router's end of the worker's data socket (requests in, tokens out).
+    data: socket.socket | None
+
+    def poll(self) -> int | None:
+        """Its exit status once it has exited (negative: killed by that signal), else None."""
+
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the process and everything it started; a no-op once it is gone."""
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the exit status; raise TimeoutError after `timeout` seconds."""
+
+    def memory(self) -> Sample | None:
+        """Its memory now, or None when gone or not measurable from here."""
+
+
+class Launcher(Protocol):
+    """Starts worker processes."""
+
+    def start(self, launch: WorkerLaunch) -> ProcessHandle:
+        """Start one worker; raise OSError when it cannot be started."""
+
+
+class LocalProcess:
+    """A worker subprocess of this router, in its own session."""
+
+    def __init__(self, popen: subprocess.Popen, data: socket.socket):
+        self.popen = popen
+        self.pid = popen.pid
+        self.data: socket.socket | None = data
+
+    def poll(self) -> int | None:
+        """Exit status if it has exited."""
+        return self.popen.poll()
+
+    def signal_group(self, sig: int) -> None:
+        """Signal its whole process group (its session: it is the leader)."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Reap it, within `timeout` seconds."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"pid {self.pid} still running after {timeout} s") from None
+
+    def memory(self) -> Sample | None:
+        """RSS and PSS from /proc via psutil."""
+        return sample(self.pid)
+
+
+class LocalLauncher:
+    """Runs `python -m llamapool.pool.worker` as a subprocess of this router."""
+
+    def __init__(self, worker_log: IO | None = None, python: str = sys.executable):
+        self.worker_log = worker_log
+        self.python = python
+
+    def start(self, launch: WorkerLaunch) -> LocalProcess:
+        """Popen with a fresh socket pair; the child gets its end by file descriptor."""
+        # The data socket: a pair, so no address to guard and no connection to wait for.
+        router_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env[SPEC_ENV] = msgspec.json.encode(launch.spec).decode()
+        # llama.cpp reads OMP/OpenBLAS thread counts from the environment; keep them in step.
+        env["OMP_NUM_THREADS"] = str(launch.spec.config.n_threads)
+        cmd = [
+            self.python,
+            "-m",
+            "llamapool.pool.worker",
+            "--worker-id",
+            launch.worker_id,
+            "--endpoint",
+            launch.endpoint,
+            "--data-fd",
+            str(child_end.fileno()),
+            "--parent-pid",
+            str(os.getpid()),
+            "--cores",
+            ",".join(map(str, launch.cores)),
+            "--heartbeat-interval",
+            str(launch.heartbeat_interval),
+            "--heartbeat-liveness",
+            str(launch.heartbeat_liveness),
+            "--stall-timeout",
+            str(launch.stall_timeout),
+            "--log-level",
+            launch.log_level,
+        ]
+        try:
+            popen = subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self.worker_log,
+                stderr=self.worker_log,
+                pass_fds=(child_end.fileno(),),
+                start_new_session=True,  # its own process group: we kill the whole group
+            )
+        except BaseException:
+            router_end.close()
+            raise
+        finally:
+            child_end.close()
+        return LocalProcess(popen, router_end)
+
