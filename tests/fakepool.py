@@ -25,6 +25,7 @@ class FakeProcess:
         self.signals: list[int] = []
         self.sample: Sample | None = Sample(rss=1 << 20, pss=1 << 20)
         self.ignore_sigterm = False
+        self.ignore_sigkill = False  # as a process in uninterruptible sleep would, for a while
 
     def exit(self, code: int) -> None:
         self.code = code
@@ -34,7 +35,8 @@ class FakeProcess:
 
     def signal_group(self, sig: int) -> None:
         self.signals.append(sig)
-        if self.code is None and not (sig == signal.SIGTERM and self.ignore_sigterm):
+        ignored = self.ignore_sigterm if sig == signal.SIGTERM else self.ignore_sigkill
+        if self.code is None and not ignored:
             # The real worker leaves with exit 0 on SIGTERM.
             self.code = 0 if sig == signal.SIGTERM else -sig
 
@@ -105,10 +107,10 @@ class FakePool:
 
         for family in text_string_to_metric_families(self.metrics.render().decode()):
             for s in family.samples:
-                if (
-                    s.name == "llamapool_worker_restarts_total"
-                    and s.labels == {"model": model_id, "reason": reason}
-                ):
+                if s.name == "llamapool_worker_restarts_total" and s.labels == {
+                    "model": model_id,
+                    "reason": reason,
+                }:
                     return s.value
         return 0.0
 
@@ -118,7 +120,9 @@ def fake_pool(
 ) -> FakePool:
     """A pool of `models` (default: one model `m`, one instance) on fake processes."""
     models = models or [{"id": "m"}]
-    entries = [{**m, "config": {"model_path": str(model_path), **m.get("config", {})}} for m in models]
+    entries = [
+        {**m, "config": {"model_path": str(model_path), **m.get("config", {})}} for m in models
+    ]
     config = parse_config({"pool": pool, "models": entries})
     launcher, clock, metrics = FakeLauncher(), FakeClock(), Metrics()
     holder: dict[str, FakePool] = {}

@@ -10,8 +10,8 @@ from starlette.testclient import TestClient
 from llamapool.config import parse_config
 from llamapool.ipc import protocol as P
 from llamapool.pool.broker import Broker
-from llamapool.pool.lifecycle import ExitCause
-from llamapool.pool.supervisor import ModelState, WorkerHandle
+from llamapool.pool.handle import WorkerHandle
+from llamapool.pool.lifecycle import ExitCause, ModelState
 from llamapool.router.metrics import (
     MODEL_STATES,
     WORKER_STATES,
@@ -174,7 +174,7 @@ def test_model_state_gauge_agrees_with_ready(tiny_gguf):
     )
     broker = Broker(config)
     try:
-        broker.supervisor.models["gone"].state = ModelState.READY  # as if it had served
+        broker.supervisor.models["gone"].set_state(ModelState.READY, "as if it had served")
         broker.supervisor.unload("gone", force=False)
         m = Metrics()
         m.set_pool_source(broker.metrics_snapshot)

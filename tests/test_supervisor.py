@@ -8,9 +8,10 @@ import pytest
 from fakepool import fake_pool
 
 from llamapool.config import PoolSettings, parse_config
-from llamapool.pool.lifecycle import ExitCause
+from llamapool.pool.lifecycle import ExitCause, IllegalTransition, ModelState, WorkerState
 from llamapool.pool.memory import Sample
-from llamapool.pool.supervisor import FlapPolicy, ModelState, Supervisor, WorkerState
+from llamapool.pool.runtime import FlapPolicy
+from llamapool.pool.supervisor import Supervisor
 
 
 def test_flap_policy_fails_after_attempts_within_window():
@@ -87,10 +88,10 @@ def test_spawn_ready_busy_idle(tiny_gguf):
     pool.ready(w)
     assert w.state is WorkerState.IDLE and pool.sup.models["m"].state is ModelState.READY
     w.in_flight["r-1"] = object()
-    pool.sup.note_busy(w)
+    pool.sup.note_dispatched(w)
     assert w.state is WorkerState.BUSY and w.free_slots == 0
     del w.in_flight["r-1"]
-    pool.sup.note_busy(w)
+    pool.sup.note_released(w)
     assert w.state is WorkerState.IDLE and w.free_slots == 1
     assert [state for _, state, _ in w.history] == ["STARTING", "IDLE", "BUSY", "IDLE"]
 
@@ -245,7 +246,7 @@ def test_eviction_drains_the_idle_lru_instance_of_another_model(tiny_gguf):
 
 
 _ACTS = {
-    "protocol": lambda p, w: p.sup.kill(w, ExitCause.PROTOCOL, "protocol error: Chunk before READY"),
+    "protocol": lambda p, w: p.sup.kill(w, ExitCause.PROTOCOL, "protocol error: out of order"),
     "unreachable": lambda p, w: p.sup.kill(w, ExitCause.UNREACHABLE, "unreachable on its socket"),
     "fatal": lambda p, w: p.sup.note_fatal(w, ExitCause.FATAL, "engine thread died"),
     "stall": lambda p, w: p.sup.note_fatal(w, ExitCause.STALL, "engine made no progress"),
@@ -279,3 +280,76 @@ def test_restart_metric_label_per_cause(tiny_gguf, act, code, label):
     pool.tick()
     assert pool.restarts(label) == 1
     assert sum(pool.restarts(c.value) for c in ExitCause) == 1
+
+
+def test_a_kill_is_a_state_that_takes_no_work(tiny_gguf):
+    pool = fake_pool(tiny_gguf)
+    pool.tick()
+    w = pool.only()
+    pool.ready(w)
+    pool.proc(w).ignore_sigkill = True
+    pool.sup.kill(w, ExitCause.PROTOCOL, "protocol error: READY out of order")
+    assert w.state is WorkerState.KILLING and w.free_slots == 0 and not w.ready
+    assert pool.sup.serving("m") == [w]  # a death under way: replaced once reaped, not before
+    pool.tick(10)
+    assert len(pool.launcher.started) == 1
+    pool.proc(w).exit(-signal.SIGKILL)
+    pool.tick()
+    assert [st for _, st, _ in w.history][-3:] == ["KILLING", "EXITED", "DEAD"]
+    assert len(pool.launcher.started) == 2
+
+
+def test_a_kill_while_draining_still_ends_stopped(tiny_gguf):
+    pool = fake_pool(tiny_gguf, heartbeat_interval=1, heartbeat_liveness=2)
+    pool.tick()
+    w = pool.only()
+    pool.ready(w)
+    pool.sup.restart_worker(w.id)
+    pool.tick(3)  # silent while draining: killed, but its end was asked for
+    assert w.state is WorkerState.KILLING
+    pool.tick()
+    assert w.state is WorkerState.STOPPED
+    assert pool.restarts("admin") == 1 and pool.restarts("heartbeat") == 0
+
+
+def test_illegal_transitions_are_refused(tiny_gguf):
+    pool = fake_pool(tiny_gguf)
+    pool.tick()
+    w = pool.only()
+    with pytest.raises(IllegalTransition, match="STARTING → BUSY"):
+        pool.sup._set_state(w, WorkerState.BUSY, "no READY yet")
+    runtime = pool.sup.models["m"]
+    runtime.unload(force=False)
+    with pytest.raises(IllegalTransition, match="UNLOADED → READY"):
+        runtime.set_state(ModelState.READY, "not loaded")
+
+
+def test_model_lifecycle_unload_load_standby(tiny_gguf):
+    pool = fake_pool(tiny_gguf, models=[{"id": "m"}, {"id": "lazy", "min_instances": 0}])
+    sup = pool.sup
+    assert sup.models["lazy"].state is ModelState.STANDBY
+    assert sup.refusal("lazy") is None
+    sup.ensure_capacity("lazy")  # a request arrives
+    assert sup.models["lazy"].state is ModelState.STARTING and pool.workers("lazy")
+    pool.tick()
+    pool.ready(pool.only("m"))
+    workers = sup.unload("m", force=True)
+    assert sup.models["m"].state is ModelState.UNLOADED
+    assert sup.refusal("m").code == "model_unloaded"
+    pool.tick()
+    assert workers[0].state is WorkerState.STOPPED and sup.models["m"].restarts == 0
+    sup.load("m")
+    assert sup.models["m"].state is ModelState.STARTING and sup.refusal("m") is None
+    assert sup.refusal("nope").code == "model_not_found"
+    sup.remove_model("lazy")
+    assert sup.refusal("lazy").code == "model_not_found"
+    assert "removed by a reload" in sup.refusal("lazy").message
+
+
+def test_scaling_an_on_demand_model_to_none_is_standby(tiny_gguf):
+    pool = fake_pool(tiny_gguf, models=[{"id": "m", "min_instances": 0, "max_instances": 1}])
+    pool.sup.ensure_capacity("m")
+    pool.ready(pool.only())
+    assert pool.sup.models["m"].state is ModelState.READY
+    pool.sup.scale("m", 0)
+    assert pool.sup.models["m"].state is ModelState.STANDBY

@@ -20,9 +20,11 @@ from llamapool.ipc import protocol as P
 from llamapool.ipc.channel import DataChannel
 from llamapool.ipc.sockets import broker_endpoint, make_ipc_dir, remove_ipc_dir, router_socket
 from llamapool.pool.events import PoolObserver
-from llamapool.pool.lifecycle import ExitCause
+from llamapool.pool.handle import WorkerHandle
+from llamapool.pool.launcher import Launcher
+from llamapool.pool.lifecycle import ExitCause, ModelState, WorkerState
 from llamapool.pool.scheduler import Job, Scheduler
-from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle, WorkerState
+from llamapool.pool.supervisor import Supervisor
 
 log = logging.getLogger("llamapool.broker")
 
@@ -41,6 +43,7 @@ class Broker:
         log_level: str = "INFO",
         worker_log: IO | None = None,
         observer: PoolObserver | None = None,
+        launcher: Launcher | None = None,
     ):
         self.config = config
         self.ipc_dir = make_ipc_dir()
@@ -60,6 +63,7 @@ class Broker:
             observer=observer,
             log_level=log_level,
             worker_log=worker_log,
+            launcher=launcher,
         )
         self.scheduler = Scheduler(
             self.supervisor, self.send, max_requeues=config.pool.max_requeues, observer=observer
@@ -67,7 +71,7 @@ class Broker:
         self.protocol_errors = 0
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_scheduled = False
+        self._read_scheduled = False
         self._closed = False
         self._hb_seq = 0
         self._next_hb = 0.0
@@ -85,20 +89,14 @@ class Broker:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.supervisor.tick()
-        self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._drain)
+        self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._read_control)
         self._tasks = [asyncio.create_task(self._tick_loop(), name="broker-tick")]
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain workers politely, then SIGTERM, then SIGKILL; close the socket."""
         self.scheduler.accepting = False
-        self.supervisor.stopping = True
         grace = self.config.pool.grace if grace is None else grace
-        asked = []
-        for w in self.supervisor.live_workers():
-            if w.ready:
-                asked.append(w)
-                self.send(w, P.Shutdown(drain=True))
-            self.supervisor.request_stop(w, "pool shutting down")
+        asked = self.supervisor.stop_all("pool shutting down")
         # Only workers that were told to drain get the grace; booting ones are terminated.
         deadline = time.monotonic() + grace
         while any(w.process.poll() is None for w in asked) and time.monotonic() < deadline:
@@ -133,7 +131,7 @@ class Broker:
                         if w.state is not WorkerState.STARTING:
                             self.send(w, P.RouterHeartbeat(seq=self._hb_seq))
                 # Belt and braces for the edge-triggered descriptor: never let a message wait.
-                self._drain()
+                self._read_control()
             except Exception:
                 log.exception("supervisor tick failed")
             await asyncio.sleep(TICK)
@@ -158,21 +156,21 @@ class Broker:
             self.sock.send_multipart([worker.identity, *P.encode(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             # Expected for a worker that is exiting and not yet reaped.
-            level = logging.DEBUG if worker.stop_requested else logging.WARNING
+            level = logging.DEBUG if worker.leaving else logging.WARNING
             log.log(level, "send to worker %s failed: %s", worker.id, exc)
             return False
         finally:
             # ZMQ_FD is edge-triggered and any operation on the socket may consume its
             # edge: look for input that arrived meanwhile, or it would wait for the next.
-            if not self._drain_scheduled and self._loop is not None:
+            if not self._read_scheduled and self._loop is not None:
                 if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._drain_scheduled = True
-                    self._loop.call_soon(self._drain)
+                    self._read_scheduled = True
+                    self._loop.call_soon(self._read_control)
         return True
 
-    def _drain(self) -> None:
+    def _read_control(self) -> None:
         """Handle every message waiting on the socket (the loop's reader callback)."""
-        self._drain_scheduled = False
+        self._read_scheduled = False
         for _ in range(_DRAIN_BATCH):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -186,8 +184,8 @@ class Broker:
                 log.exception("failed to handle a worker message")
         # More is waiting: let HTTP handlers run first, then come back for it.
         if self._loop is not None:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
+            self._read_scheduled = True
+            self._loop.call_soon(self._read_control)
 
     def _handle(self, frames: list[bytes]) -> None:
         """A control message from a worker's ZeroMQ socket."""
@@ -230,8 +228,8 @@ class Broker:
 
     def _on_message(self, worker: WorkerHandle, msg: Any, *, from_engine: bool = False) -> None:
         if isinstance(msg, P.Ready):
-            if worker.stop_requested:
-                return  # drained while booting; it is being stopped
+            if worker.state in (WorkerState.DRAINING, WorkerState.KILLING):
+                return  # stopped or killed while booting; its end is under way
             if worker.state is not WorkerState.STARTING or msg.worker_id != worker.id:
                 self._protocol_violation(worker, "READY out of order")
                 return
@@ -279,10 +277,9 @@ class Broker:
             raise errors.ModelFailed(
                 f"model {model_id!r} is not served: {self.config.broken[model_id]}"
             )
-        known = ", ".join(sorted(self.supervisor.models)) or "none"
-        raise errors.ModelNotFound(
-            f"model {model_id!r} does not exist; available models: {known}", param="model"
-        )
+        refusal = self.supervisor.refusal(model_id)
+        assert refusal is not None  # an unknown model is always refused
+        raise refusal
 
     def submit(self, model_id: str, request: P.Request) -> Job:
         self.check_model(model_id)
@@ -299,11 +296,12 @@ class Broker:
             workers = self.supervisor.workers_of(model_id)
             up = sum(1 for w in workers if w.ready)
             # An operator's unload is not unreadiness: the model asks for no instance then.
-            want = 0 if runtime.unloaded else runtime.spec.min_instances
-            model_ok = runtime.unloaded or (runtime.state is not ModelState.FAILED and up >= want)
+            unloaded = runtime.state is ModelState.UNLOADED
+            want = 0 if unloaded else runtime.spec.min_instances
+            model_ok = unloaded or (runtime.state is not ModelState.FAILED and up >= want)
             ok = ok and model_ok
             detail[model_id] = {
-                "state": _shown_state(runtime, self.supervisor.serving(model_id)),
+                "state": runtime.state.value,
                 "instances_ready": up,
                 "min_instances": want,
                 "busy_instances": sum(1 for w in workers if w.in_flight),
@@ -435,7 +433,7 @@ class Broker:
         fp = runtime.footprint
         return {
             "id": model_id,
-            "state": _shown_state(runtime, serving),
+            "state": runtime.state.value,
             "instances": {
                 "wanted": runtime.target,
                 "live": len(serving),
@@ -486,25 +484,11 @@ class Broker:
                 {
                     "model": model_id,
                     "queue_depth": self.scheduler.queue_depth(model_id),
-                    # The state /ready shows: the raw one says READY for an unloaded model.
-                    "state": _shown_state(runtime, self.supervisor.serving(model_id)),
+                    "state": runtime.state.value,
                     "workers": workers,
                 }
             )
         return out
-
-
-def _shown_state(runtime: Any, serving: list[WorkerHandle]) -> str:
-    """A model's state as /ready, /v1/models and /admin/pool show it.
-
-    UNLOADED: an operator unloaded it. STANDBY: no instance and none wanted (an on-demand
-    model not started yet, or scaled or evicted to none); the first request starts one.
-    """
-    if runtime.unloaded:
-        return "UNLOADED"
-    if runtime.state is not ModelState.FAILED and runtime.target == 0 and not serving:
-        return "STANDBY"
-    return runtime.state.value
 
 
 def _fatal_cause(msg: P.Fatal, from_engine: bool) -> ExitCause:

@@ -149,4 +149,3 @@ class LocalLauncher:
         finally:
             child_end.close()
         return LocalProcess(popen, router_end)
-

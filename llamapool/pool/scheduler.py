@@ -19,8 +19,9 @@ from typing import Any
 from llamapool import errors
 from llamapool.ipc import protocol as P
 from llamapool.pool.events import PoolObserver
-from llamapool.pool.lifecycle import ExitCause
-from llamapool.pool.supervisor import ModelState, Supervisor, WorkerHandle
+from llamapool.pool.handle import WorkerHandle
+from llamapool.pool.lifecycle import ExitCause, ModelState
+from llamapool.pool.supervisor import Supervisor
 
 log = logging.getLogger("llamapool.scheduler")
 
@@ -98,15 +99,9 @@ class Scheduler:
     def _admit(self, model_id: str, request: P.Request) -> Job:
         if not self.accepting:
             raise errors.ShuttingDown("the server is shutting down; retry on another instance")
-        runtime = self.supervisor.models[model_id]
-        if runtime.unloaded:
-            raise errors.ModelUnloaded(
-                f"model {model_id!r} is unloaded; load it with POST /admin/models/{model_id}/load"
-            )
-        if runtime.state is ModelState.FAILED:
-            raise errors.ModelFailed(
-                f"model {model_id!r} is failed: {runtime.reason}; fix it and reload the config"
-            )
+        refusal = self.supervisor.refusal(model_id)
+        if refusal is not None:
+            raise refusal
         mq = self.queues[model_id]
         if len(mq.jobs) >= mq.max_queue:
             raise errors.QueueFull(
@@ -175,7 +170,7 @@ class Scheduler:
             worker.last_used = job.dispatched_at
             worker.last_prefix = job.prefix_key
             self.running[job.id] = job
-            self.supervisor.note_busy(worker)
+            self.supervisor.note_dispatched(worker)
             try:
                 sent = self.send(worker, job.request)
             except Exception as exc:
@@ -267,7 +262,7 @@ class Scheduler:
         worker.in_flight.pop(job.id, None)
         self.running.pop(job.id, None)
         job.worker = None
-        self.supervisor.note_busy(worker)
+        self.supervisor.note_released(worker)
 
     def _requeue(self, job: Job) -> None:
         # At the head: it was admitted first. A fresh deadline, since the wait is ours.
@@ -284,13 +279,11 @@ class Scheduler:
 
     def _cannot_serve(self, model_id: str) -> errors.LlamapoolError | None:
         """Why a requeued job could never run now (model removed, unloaded, failed), if so."""
-        runtime = self.supervisor.models.get(model_id)
-        if runtime is None or model_id not in self.queues:
+        refusal = self.supervisor.refusal(model_id)
+        if refusal is not None:
+            return refusal
+        if model_id not in self.queues:
             return errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
-        if runtime.unloaded:
-            return errors.ModelUnloaded(f"model {model_id!r} was unloaded by an operator")
-        if runtime.state is ModelState.FAILED:
-            return errors.ModelFailed(f"model {model_id!r} is failed: {runtime.reason}")
         try:
             self.supervisor.ensure_capacity(model_id)  # e.g. scaled to 0 meanwhile
         except errors.LlamapoolError as exc:
@@ -329,7 +322,7 @@ class Scheduler:
     def _lost_error(self, model_id: str, reason: str) -> errors.LlamapoolError:
         """What a request whose worker went mid-way is told."""
         runtime = self.supervisor.models.get(model_id)
-        if runtime is not None and runtime.unloaded:  # a forced unload, not a crash
+        if runtime is not None and runtime.state is ModelState.UNLOADED:  # forced, not a crash
             return errors.ModelUnloaded(
                 f"model {model_id!r} was unloaded by an operator while this request ran"
             )

@@ -1,23 +1,21 @@
 """Spawns, watches and replaces worker processes (after gunicorn's arbiter).
 
 One periodic tick, in a fixed order: reap exited processes → expire silent ones →
-bring instance counts to target. Every state change is logged once with its reason
-and kept in a short per-worker history.
+check memory → bring instance counts to target. Every state change goes through
+`_set_state`, which checks it against the lifecycle's table, logs it once with its
+reason and keeps it in a short per-worker history. Per-model decisions and commands
+live on each model's `ModelRuntime`; processes come from a `Launcher`.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import os
 import signal
-import socket
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 import msgspec
 import psutil
@@ -25,131 +23,33 @@ import psutil
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
 from llamapool.pool.events import PoolObserver
-from llamapool.pool.launcher import Launcher, LocalLauncher, ProcessHandle, WorkerLaunch
-from llamapool.pool.lifecycle import ExitCause, cause_of_exit, describe_exit
+from llamapool.pool.handle import WorkerHandle
+from llamapool.pool.launcher import Launcher, LocalLauncher, WorkerLaunch
+from llamapool.pool.lifecycle import (
+    LIVE,
+    SERVING,
+    WORKER_TRANSITIONS,
+    ExitCause,
+    ModelState,
+    WorkerState,
+    cause_of_exit,
+    check,
+    describe_exit,
+)
 from llamapool.pool.memory import (
     Candidate,
-    Footprint,
     OverLimit,
     Sample,
     budget_bytes,
     choose_evictions,
-    estimate,
     fmt_bytes,
     sample,
 )
+from llamapool.pool.runtime import FlapPolicy, ModelRuntime
 
 log = logging.getLogger("llamapool.supervisor")
 
-
-class WorkerState(str, enum.Enum):
-    STARTING = "STARTING"
-    IDLE = "IDLE"
-    BUSY = "BUSY"
-    DRAINING = "DRAINING"
-    STOPPED = "STOPPED"
-    DEAD = "DEAD"
-
-
-class ModelState(str, enum.Enum):
-    STARTING = "STARTING"
-    READY = "READY"
-    FAILED = "FAILED"
-
-
-LIVE = (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING)
-
-
-@dataclass(eq=False)
-class WorkerHandle:
-    """The router's view of one worker process."""
-
-    id: str
-    model_id: str
-    process: ProcessHandle
-    cores: list[int]
-    n_threads: int
-    started_at: float
-    state: WorkerState = WorkerState.STARTING
-    last_seen: float = 0.0
-    capacity: int = 0
-    n_ctx: int = 0
-    in_flight: dict = field(default_factory=dict)  # request id → Job
-    served: int = 0
-    last_used: float = 0.0
-    last_prefix: str = ""  # prefix key of the last request it served (its KV cache holds it)
-    stop_requested: bool = False
-    killed: bool = False  # SIGKILL sent, or exited: takes no new work until it is reaped
-    fatal_reason: str | None = None
-    cause: ExitCause | None = None  # why it is ending, once known (a kill, its own FATAL)
-    history: deque = field(default_factory=lambda: deque(maxlen=20))
-    memory: Sample | None = None
-    channel: Any = None  # the DataChannel the broker wraps around `data`
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def data(self) -> socket.socket | None:
-        """The router's end of the worker's data socket (requests in, tokens out)."""
-        return self.process.data
-
-    @property
-    def identity(self) -> bytes:
-        return self.id.encode()
-
-    @property
-    def ready(self) -> bool:
-        return self.state in (WorkerState.IDLE, WorkerState.BUSY)
-
-    @property
-    def free_slots(self) -> int:
-        return self.capacity - len(self.in_flight) if self.ready and not self.killed else 0
-
-
-class FlapPolicy:
-    """More than `attempts` deaths within `window` seconds means the model is failing."""
-
-    def __init__(self, attempts: int, window: float, initial: float, cap: float):
-        self.attempts, self.window = attempts, window
-        self.initial, self.cap = initial, cap
-        self.deaths: deque[float] = deque()
-
-    def record(self, now: float) -> bool:
-        """Count a death; True when the model should be marked FAILED."""
-        self.deaths.append(now)
-        while self.deaths and now - self.deaths[0] > self.window:
-            self.deaths.popleft()
-        return len(self.deaths) > self.attempts
-
-    def backoff(self) -> float:
-        """Delay before the next spawn: none after a lone death, then initial, doubling."""
-        if len(self.deaths) < 2:
-            return 0.0  # one crash is an accident; respawn at once, as gunicorn does
-        return min(self.cap, self.initial * 2 ** (len(self.deaths) - 2))
-
-    def clear(self) -> None:
-        self.deaths.clear()
-
-
-@dataclass(eq=False)
-class ModelRuntime:
-    """Per-model supervision state."""
-
-    spec: ModelSpec
-    target: int
-    flap: FlapPolicy
-    state: ModelState = ModelState.STARTING
-    reason: str | None = None
-    failed_at: float = 0.0
-    next_spawn_at: float = 0.0
-    restarts: int = 0
-    footprint: Footprint | None = None
-    memory_blocked: str | None = None  # why the next instance does not fit, if it does not
-    evicting: set = field(default_factory=set)  # worker ids draining to make room for us
-    evictions: int = 0  # instances of this model evicted for others
-    unloaded: bool = False  # by the admin API: refuse requests until loaded again
+__all__ = ["ModelRuntime", "ModelState", "Supervisor", "WorkerHandle", "WorkerState"]
 
 
 class Supervisor:
@@ -199,42 +99,87 @@ class Supervisor:
     # -- models -----------------------------------------------------------------
 
     def add_model(self, spec: ModelSpec) -> ModelRuntime:
+        """Supervise a new model; it starts at the next reconcile (or waits on STANDBY)."""
         s = self.settings
         runtime = ModelRuntime(
             spec=spec,
+            pool=self,
             target=spec.min_instances,
             flap=FlapPolicy(s.restart_attempts, s.restart_window, s.backoff_initial, s.backoff_max),
         )
-        _refresh_footprint(runtime)
+        runtime.refresh_footprint()
         self.models[spec.id] = runtime
+        runtime.settle("no instance wanted (min_instances 0)")
         return runtime
 
-    def fail_model(self, model_id: str, reason: str) -> None:
-        runtime = self.models[model_id]
-        if runtime.state is ModelState.FAILED:
-            return
-        runtime.state, runtime.reason = ModelState.FAILED, reason
-        runtime.failed_at = self.clock()
-        log.error("model %s FAILED: %s", model_id, reason)
-        for w in self.workers_of(model_id):
-            self.kill(w, ExitCause.MODEL_FAILED, f"model {model_id} failed")
-        self.on_model_failed(model_id, reason)
+    def refusal(self, model_id: str) -> errors.LlamapoolError | None:
+        """Why `model_id` cannot take a request now (unknown, removed, unloaded, failed).
 
-    def workers_of(self, model_id: str, states: tuple = LIVE) -> list[WorkerHandle]:
+        The one admission check: the scheduler asks it at admission and at every requeue.
+        """
+        runtime = self.models.get(model_id)
+        if runtime is not None:
+            return runtime.refusal()
+        if model_id in self.removed:
+            return self.removed[model_id].refusal()
+        known = ", ".join(sorted(self.models)) or "none"
+        return errors.ModelNotFound(
+            f"model {model_id!r} does not exist; available models: {known}", param="model"
+        )
+
+    def workers_of(self, model_id: str, states: frozenset = LIVE) -> list[WorkerHandle]:
+        """A model's workers in `states` (default: every live one)."""
         return [w for w in self.workers.values() if w.model_id == model_id and w.state in states]
 
     def serving(self, model_id: str) -> list[WorkerHandle]:
-        """A model's live workers that are not on their way out (draining, stopping)."""
-        return [w for w in self.workers_of(model_id) if not w.stop_requested]
+        """A model's live workers that are not on their way out (drained, scaled down...)."""
+        return [w for w in self.workers_of(model_id) if not w.leaving]
+
+    def live_workers(self) -> list[WorkerHandle]:
+        """Every worker whose process exists."""
+        return [w for w in self.workers.values() if w.state in LIVE]
+
+    def _runtime_of(self, w: WorkerHandle) -> ModelRuntime | None:
+        return self.models.get(w.model_id) or self.removed.get(w.model_id)
+
+    # -- commands (admin API, signals and reload call these) ---------------------
 
     def ensure_capacity(self, model_id: str) -> None:
         """Start a model on demand; raise InsufficientMemory if no instance can ever fit now."""
-        runtime = self.models[model_id]
-        if runtime.target < 1:
-            runtime.target = 1
-            self._reconcile_model(model_id, runtime, self.clock())
-        if runtime.memory_blocked and not self.workers_of(model_id):
-            raise errors.InsufficientMemory(runtime.memory_blocked, retry_after=5)
+        self.models[model_id].ensure_capacity()
+
+    def scale(self, model_id: str, instances: int) -> None:
+        """Set a model's instance count (ModelRuntime.scale)."""
+        self.models[model_id].scale(instances)
+
+    def load(self, model_id: str) -> None:
+        """Start an unloaded, FAILED or on-standby model (ModelRuntime.load)."""
+        self.models[model_id].load()
+
+    def unload(self, model_id: str, force: bool) -> list[WorkerHandle]:
+        """Stop every instance of a model (ModelRuntime.unload)."""
+        return self.models[model_id].unload(force)
+
+    def replace_spec(self, spec: ModelSpec) -> None:
+        """A changed model: drain the old instances, start new ones (ModelRuntime.replace_spec)."""
+        self.models[spec.id].replace_spec(spec)
+
+    def remove_model(self, model_id: str) -> None:
+        """Drain a model's instances; its runtime goes once they are all gone."""
+        runtime = self.models.pop(model_id)
+        self.removed[model_id] = runtime
+        runtime.remove()
+
+    def restart_worker(self, worker_id: str) -> WorkerHandle:
+        """Drain a worker; reconcile starts its replacement."""
+        w = self.workers.get(worker_id)
+        if w is None or w.state not in LIVE:
+            raise errors.NotFound(f"no live worker {worker_id!r}")
+        if w.leaving:
+            return w  # already on its way out, its replacement coming: counted once
+        self.observer.worker_restarted(w.model_id, ExitCause.ADMIN)
+        self.stop_gracefully(w, ExitCause.ADMIN, "restart requested by admin")
+        return w
 
     # -- processes --------------------------------------------------------------
 
@@ -249,17 +194,16 @@ class Supervisor:
     def _pick_cores(self, n: int) -> list[int]:
         # Least-loaded cores first, so instances never share a core while cores are free.
         load = dict.fromkeys(self.cpus, 0)
-        for w in self.workers.values():
-            if w.state in LIVE:
-                for c in w.cores:
-                    if c in load:
-                        load[c] += 1
+        for w in self.live_workers():
+            for c in w.cores:
+                if c in load:
+                    load[c] += 1
         ranked = sorted(self.cpus, key=lambda c: (load[c], c))
         return sorted(ranked[: min(n, len(ranked))])
 
     def spawn(self, model_id: str) -> WorkerHandle:
-        runtime = self.models[model_id]
-        spec = runtime.spec
+        """Start one worker of `model_id` through the launcher."""
+        spec = self.models[model_id].spec
         n_threads = self._threads_for(spec)
         cores = self._pick_cores(n_threads)
         worker_spec = msgspec.structs.replace(
@@ -280,7 +224,7 @@ class Supervisor:
             )
         )
         now = self.clock()
-        handle = WorkerHandle(
+        w = WorkerHandle(
             id=worker_id,
             model_id=model_id,
             process=process,
@@ -289,61 +233,92 @@ class Supervisor:
             started_at=now,
             last_seen=now,
         )
-        self.workers[worker_id] = handle
-        self._transition(
-            handle, WorkerState.STARTING, f"spawned pid {process.pid} on cores {cores}"
-        )
-        self.on_spawned(handle)
-        return handle
+        self.workers[worker_id] = w
+        self._record(w, WorkerState.STARTING, f"spawned pid {process.pid} on cores {cores}")
+        self.on_spawned(w)
+        return w
 
-    def _transition(self, w: WorkerHandle, state: WorkerState, reason: str) -> None:
-        w.history.append((time.time(), state.value, reason))
-        if w.state is not state or state is WorkerState.STARTING:
-            # IDLE ⇄ BUSY happens per request; keep it out of the INFO log.
-            busy_flip = {w.state, state} == {WorkerState.IDLE, WorkerState.BUSY}
-            level = logging.WARNING if state is WorkerState.DEAD else logging.INFO
-            level = logging.DEBUG if busy_flip else level
-            log.log(level, "worker %s (%s) %s: %s", w.id, w.model_id, state.value, reason)
+    def _set_state(self, w: WorkerHandle, state: WorkerState, reason: str) -> None:
+        """Change a worker's state if the lifecycle allows it (else IllegalTransition)."""
+        check(WORKER_TRANSITIONS, "worker", w.id, w.state, state, reason)
+        if w.ended_from is None and state not in SERVING:
+            w.ended_from = w.state
+        self._record(w, state, reason)
         w.state = state
 
+    def _record(self, w: WorkerHandle, state: WorkerState, reason: str) -> None:
+        w.history.append((time.time(), state.value, reason))
+        # IDLE ⇄ BUSY happens per request, EXITED just before STOPPED or DEAD: not at INFO.
+        if {w.state, state} == {WorkerState.IDLE, WorkerState.BUSY}:
+            level = logging.DEBUG
+        elif state is WorkerState.EXITED:
+            level = logging.DEBUG
+        elif state is WorkerState.DEAD or (state is WorkerState.KILLING and not w.leaving):
+            level = logging.WARNING
+        else:
+            level = logging.INFO
+        log.log(level, "worker %s (%s) %s: %s", w.id, w.model_id, state.value, reason)
+
     def mark_ready(self, w: WorkerHandle, capacity: int, n_ctx: int) -> None:
+        """The worker sent READY: it takes requests now."""
         w.capacity, w.n_ctx = capacity, n_ctx
         w.memory = w.process.memory()  # loaded now: the budget sees real numbers at once
-        self._transition(w, WorkerState.IDLE, f"ready in {self.clock() - w.started_at:.2f} s")
+        self._set_state(w, WorkerState.IDLE, f"ready in {self.clock() - w.started_at:.2f} s")
         runtime = self.models.get(w.model_id)
-        if runtime is not None and runtime.state is ModelState.STARTING:
-            runtime.state = ModelState.READY
+        if runtime is not None:
+            runtime.worker_ready(w)
         self.on_worker_ready(w)
 
-    def note_busy(self, w: WorkerHandle) -> None:
+    def note_dispatched(self, w: WorkerHandle) -> None:
+        """A request was booked to the worker: IDLE becomes BUSY."""
         if w.state is WorkerState.IDLE and w.in_flight:
-            self._transition(w, WorkerState.BUSY, f"serving {next(iter(w.in_flight))}")
-        elif w.state is WorkerState.BUSY and not w.in_flight:
-            self._transition(w, WorkerState.IDLE, "request finished")
+            self._set_state(w, WorkerState.BUSY, f"serving {next(iter(w.in_flight))}")
+
+    def note_released(self, w: WorkerHandle) -> None:
+        """A request left the worker: BUSY becomes IDLE once nothing is in flight."""
+        if w.state is WorkerState.BUSY and not w.in_flight:
+            self._set_state(w, WorkerState.IDLE, "request finished")
 
     def note_fatal(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
         """The worker's own account of why it is about to exit (its FATAL)."""
-        w.fatal_reason, w.cause = reason, cause
+        # Its words beat a kill's guess, but not an end the pool asked for.
+        if w.cause is None or not w.cause.asked:
+            w.cause, w.cause_detail = cause, reason
         log.error("worker %s (%s) FATAL: %s", w.id, w.model_id, reason)
 
     def kill(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
-        """SIGKILL the worker's whole process group; the next reap records the death."""
-        if w.fatal_reason is None:
-            w.fatal_reason, w.cause = reason, cause
-        w.killed = True
+        """SIGKILL the worker's process group; it takes no new work, the next reap records it."""
+        self._note_cause(w, cause, reason)
+        if w.state in (WorkerState.STARTING, *SERVING, WorkerState.DRAINING):
+            self._set_state(w, WorkerState.KILLING, reason)
         w.process.signal_group(signal.SIGKILL)
 
-    def request_stop(self, w: WorkerHandle, reason: str) -> None:
-        w.stop_requested = True
-        self._transition(w, WorkerState.DRAINING, reason)
+    def stop_gracefully(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
+        """Ask a worker to finish its requests and exit (SHUTDOWN drain); it is not replaced
+        as a death. One still booting has nothing to finish: it is killed."""
+        if w.leaving or w.state not in LIVE:
+            return
+        if w.state is WorkerState.STARTING or w.state is WorkerState.KILLING:
+            self.kill(w, cause, reason)
+            return
+        self._note_cause(w, cause, reason)
+        self._set_state(w, WorkerState.DRAINING, reason)
+        self.on_drain(w)
 
-    # -- the tick ---------------------------------------------------------------
+    def _note_cause(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
+        # The first cause wins, except that an end the pool asks for beats a death
+        # already under way: the worker then ends STOPPED and is not counted.
+        if w.cause is None or (cause.asked and not w.cause.asked):
+            w.cause, w.cause_detail = cause, reason
 
     def heard_from(self, w: WorkerHandle) -> None:
         """Any message from a worker counts as a heartbeat."""
         w.last_seen = self.clock()
 
+    # -- the tick ---------------------------------------------------------------
+
     def tick(self, now: float | None = None) -> None:
+        """One supervision round: reap → expire → memory → reconcile."""
         now = self.clock() if now is None else now
         self.reap(now)
         self.expire(now)
@@ -351,55 +326,41 @@ class Supervisor:
         self.reconcile(now)
 
     def reap(self, now: float) -> None:
-        for w in list(self.workers.values()):
-            if w.state not in LIVE:
-                continue
+        """Record every worker whose process has exited."""
+        for w in self.live_workers():
             code = w.process.poll()
-            if code is None:
-                continue
-            self._on_exit(w, code, now)
+            if code is not None:
+                self._on_exit(w, code, now)
 
     def _on_exit(self, w: WorkerHandle, code: int, now: float) -> None:
-        was = w.state
-        w.killed = True  # gone: nothing may be dispatched to it while its last words are read
+        was = w.ended_from or w.state
+        # EXITED first: nothing may be dispatched to it while its last words are read.
+        self._set_state(w, WorkerState.EXITED, describe_exit(code))
         if w.channel is not None:
             # What it wrote before it went (a drained worker's last DONE, the chunks
             # before a crash, a FATAL naming the reason) is still in the socket: take it
             # before judging what was lost.
             w.channel.read(to_the_end=True)
-        if w.stop_requested:
-            self._transition(w, WorkerState.STOPPED, describe_exit(code))
-            self.workers.pop(w.id, None)
-            self.on_worker_lost(w, f"worker {w.id} stopped")
-            return
-        detail = describe_exit(code)
-        if w.fatal_reason:
-            detail = f"{detail}: {w.fatal_reason}"
-        reason = f"{detail} while {was.value}"
-        self._transition(w, WorkerState.DEAD, reason)
         self.workers.pop(w.id, None)
-        self.on_worker_lost(w, reason)
-        runtime = self.models.get(w.model_id)
-        if runtime is None or runtime.state is ModelState.FAILED:
-            return
-        runtime.restarts += 1
-        cause = cause_of_exit(code, w.cause)
-        self.observer.worker_restarted(w.model_id, cause)
-        if cause is ExitCause.CANNOT_BOOT:
-            self.fail_model(w.model_id, w.fatal_reason or detail)
-            return
-        if runtime.flap.record(now):
-            self.fail_model(
-                w.model_id,
-                f"{len(runtime.flap.deaths)} worker deaths within "
-                f"{self.settings.restart_window:g} s; last: {reason}",
-            )
-            return
-        runtime.next_spawn_at = now + runtime.flap.backoff()
-        if not any(x.ready for x in self.workers_of(w.model_id)):
-            runtime.state = ModelState.STARTING
+        runtime = self._runtime_of(w)
+        if w.leaving:
+            self._set_state(w, WorkerState.STOPPED, describe_exit(code))
+            self.on_worker_lost(w, f"worker {w.id} stopped")
+        else:
+            cause = cause_of_exit(code, w.cause)
+            detail = describe_exit(code)
+            if w.cause_detail:
+                detail = f"{detail}: {w.cause_detail}"
+            reason = f"{detail} while {was.value}"
+            self._set_state(w, WorkerState.DEAD, reason)
+            self.on_worker_lost(w, reason)
+            if runtime is not None:
+                runtime.worker_died(w, cause, reason, now)
+        if runtime is not None:
+            runtime.settle(f"no instance wanted or left (worker {w.id} ended)")
 
     def expire(self, now: float) -> None:
+        """Kill workers that did not boot in time or went silent."""
         s = self.settings
         limit = s.heartbeat_interval * s.heartbeat_liveness
         for w in list(self.workers.values()):
@@ -411,24 +372,13 @@ class Supervisor:
                     self.kill(w, ExitCause.HEARTBEAT, reason)
 
     def reconcile(self, now: float) -> None:
+        """Bring every model to its target; forget removed models once their workers are gone."""
         if self.stopping:
             return
-        for model_id, runtime in self.models.items():
-            self._reconcile_model(model_id, runtime, now)
+        for runtime in list(self.models.values()):
+            runtime.reconcile(now)
         for model_id in [m for m in self.removed if not self.workers_of(m)]:
             del self.removed[model_id]
-
-    def _reconcile_model(self, model_id: str, runtime: ModelRuntime, now: float) -> None:
-        retry = self.settings.failed_retry_after
-        if runtime.state is ModelState.FAILED and retry and now - runtime.failed_at >= retry:
-            log.info("model %s: retrying after %g s FAILED (%s)", model_id, retry, runtime.reason)
-            runtime.state, runtime.reason = ModelState.STARTING, None
-            runtime.flap.clear()
-        if runtime.state is ModelState.FAILED or self.stopping:
-            return
-        if len(self.serving(model_id)) < runtime.target and now >= runtime.next_spawn_at:
-            if self.make_room(model_id):
-                self.spawn(model_id)
 
     # -- memory -----------------------------------------------------------------
 
@@ -436,9 +386,7 @@ class Supervisor:
         """The pool's use: the router plus every live worker (its estimate until measured)."""
         used = self.router_memory.charge if self.router_memory else 0
         counted: dict[str, int] = {}
-        for w in self.workers.values():
-            if w.state not in LIVE:
-                continue
+        for w in self.live_workers():
             runtime = self.models.get(w.model_id)
             if w.memory is not None and w.state is not WorkerState.STARTING:
                 used += w.memory.charge
@@ -479,7 +427,9 @@ class Supervisor:
             other.evictions += 1
             self.observer.evicted(w.model_id)
             runtime.evicting.add(w.id)
-            self.drain(w, f"evicted (idle, least recently used) to make room for {model_id}")
+            reason = f"evicted (idle, least recently used) to make room for {model_id}"
+            self.stop_gracefully(w, ExitCause.EVICTED, reason)
+            other.settle(reason)
         return False
 
     def _eviction_candidates(self, model_id: str) -> list[Candidate]:
@@ -491,10 +441,7 @@ class Supervisor:
             (
                 w
                 for w in self.workers.values()
-                if w.model_id != model_id
-                and w.state is WorkerState.IDLE
-                and not w.in_flight
-                and not w.stop_requested
+                if w.model_id != model_id and w.state is WorkerState.IDLE and not w.in_flight
             ),
             key=lambda w: w.last_used,
         )
@@ -507,7 +454,7 @@ class Supervisor:
         return out
 
     def _estimate_of(self, w: WorkerHandle) -> int:
-        runtime = self.models.get(w.model_id) or self.removed.get(w.model_id)
+        runtime = self._runtime_of(w)
         return runtime.footprint.per_instance if runtime and runtime.footprint else 0
 
     def check_memory(self, now: float) -> None:
@@ -516,170 +463,58 @@ class Supervisor:
             return
         self._next_memory_check = now + self.settings.memory_check_interval
         self.router_memory = self.sample_router()
-        for w in list(self.workers.values()):
-            if w.state not in LIVE or w.state is WorkerState.STARTING:
+        for w in self.live_workers():
+            if w.state is WorkerState.STARTING:
                 continue
             w.memory = w.process.memory()
-            if w.memory is None or w.stop_requested:
+            if w.memory is None or not w.ready:
                 continue
             if self.over_limit.observe(w.id, w.memory.charge):
                 self.over_limit.forget(w.id)
-                if w.model_id in self.models:
-                    self.models[w.model_id].restarts += 1
+                runtime = self.models.get(w.model_id)
+                if runtime is not None:
+                    runtime.restarts += 1
                 limit = fmt_bytes(self.over_limit.limit or 0)
                 self.observer.worker_restarted(w.model_id, ExitCause.MEMORY_LIMIT)
-                self.drain(
+                self.stop_gracefully(
                     w,
+                    ExitCause.MEMORY_LIMIT,
                     f"restart: memory {fmt_bytes(w.memory.charge)} above max_worker_memory "
                     f"{limit} for {self.over_limit.readings} readings in a row",
                 )
 
-    def drain(self, w: WorkerHandle, reason: str) -> None:
-        """Stop a worker politely: it finishes its request, then exits; reconcile replaces it."""
-        if w.stop_requested:
-            return
-        booting = w.state is WorkerState.STARTING
-        self.request_stop(w, reason)
-        if booting:
-            self.kill(w, ExitCause.ADMIN, reason)  # nothing to finish yet
-        else:
-            self.on_drain(w)
-
-    # -- commands (admin API) --------------------------------------------------
-
-    def scale(self, model_id: str, instances: int) -> None:
-        """Set a model's instance count; down drains idle instances first, never cuts work."""
-        runtime = self.models[model_id]
-        spec = runtime.spec
-        if runtime.unloaded:
-            raise errors.InvalidRequest(
-                f"model {model_id!r} is unloaded; load it first "
-                f"(POST /admin/models/{model_id}/load), then scale it",
-                param="model",
-            )
-        if instances < spec.min_instances or instances > spec.instance_limit:
-            raise errors.InvalidRequest(
-                f"model {model_id!r} allows {spec.min_instances}..{spec.instance_limit} instances "
-                f"(min_instances..max_instances); got {instances}",
-                param="instances",
-            )
-        live = self.serving(model_id)
-        if instances > len(live) and runtime.footprint is not None:
-            needed = sum(
-                runtime.footprint.cost(len(live) + i) for i in range(instances - len(live))
-            )
-            free = self.budget - self.memory_used()
-            if needed > free:
-                raise errors.InsufficientMemory(
-                    f"scaling {model_id} to {instances} needs ~{fmt_bytes(needed)} more but only "
-                    f"{fmt_bytes(max(0, free))} of the {fmt_bytes(self.budget)} budget is free",
-                    retry_after=5,
-                )
-        runtime.target = instances
-        extra = len(live) - instances
-        # Idle ones first (least recently used), then busy ones, which finish before exiting.
-        for w in sorted(live, key=lambda w: (bool(w.in_flight), w.last_used))[: max(0, extra)]:
-            self.drain(w, f"scaled {model_id} down to {instances}")
-        self._reconcile_model(model_id, runtime, self.clock())
-
-    def restart_worker(self, worker_id: str) -> WorkerHandle:
-        """Drain a worker; reconcile starts its replacement."""
-        w = self.workers.get(worker_id)
-        if w is None or w.state not in LIVE:
-            raise errors.NotFound(f"no live worker {worker_id!r}")
-        if w.stop_requested:
-            return w  # already on its way out, its replacement coming: counted once
-        self.observer.worker_restarted(w.model_id, ExitCause.ADMIN)
-        self.drain(w, "restart requested by admin")
-        return w
-
-    def unload(self, model_id: str, force: bool) -> list[WorkerHandle]:
-        """Stop every instance of a model: drain them, or kill them with `force`."""
-        runtime = self.models[model_id]
-        runtime.target = 0
-        runtime.unloaded = True
-        workers = self.workers_of(model_id)
-        for w in workers:
-            if force:
-                w.stop_requested = True
-                self.kill(w, ExitCause.ADMIN, "unloaded by admin (force)")
-            else:
-                self.drain(w, "unloaded by admin")
-        return workers
-
-    def load(self, model_id: str) -> None:
-        """Start an unloaded, FAILED or on-standby model: its min_instances (at least one).
-
-        A model that is loaded and has instances is left as it is (its scale included).
-        """
-        runtime = self.models[model_id]
-        serving = self.serving(model_id)
-        if not runtime.unloaded and runtime.state is not ModelState.FAILED and serving:
-            return
-        self._restart_model(runtime, max(runtime.spec.min_instances, 1))
-
-    def _restart_model(self, runtime: ModelRuntime, target: int) -> None:
-        """Clear a model's failure and unload, re-read its file's size, aim for `target`."""
-        runtime.state, runtime.reason = ModelState.STARTING, None
-        runtime.memory_blocked = None
-        runtime.unloaded = False
-        runtime.flap.clear()
-        runtime.next_spawn_at = 0.0
-        runtime.target = target
-        _refresh_footprint(runtime)  # the file may have been replaced (a FAILED model's fix)
-        self._reconcile_model(runtime.spec.id, runtime, self.clock())
-
-    def replace_spec(self, spec: ModelSpec) -> None:
-        """A changed model: drain the old instances, start new ones from the new spec.
-
-        The instance count carries over within the new limits; an unloaded model stays
-        unloaded (its next load uses the new spec).
-        """
-        runtime = self.models[spec.id]
-        for w in self.workers_of(spec.id):
-            self.drain(w, "config changed (reload)")
-        runtime.spec = spec
-        if runtime.unloaded:
-            _refresh_footprint(runtime)
-            return
-        self._restart_model(
-            runtime, min(max(runtime.target, spec.min_instances), spec.instance_limit)
-        )
-
-    def remove_model(self, model_id: str) -> None:
-        """Drain a model's instances; its runtime goes once they are all gone."""
-        for w in self.workers_of(model_id):
-            self.drain(w, "removed from the config (reload)")
-        runtime = self.models.pop(model_id)
-        runtime.target = 0
-        self.removed[model_id] = runtime
-
     # -- shutdown ---------------------------------------------------------------
 
-    def live_workers(self) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.state in LIVE]
+    def stop_all(self, reason: str) -> list[WorkerHandle]:
+        """Begin shutdown: nothing is respawned; READY workers drain (returned), booting
+        ones wait for terminate_all."""
+        self.stopping = True
+        asked = []
+        for w in self.live_workers():
+            if w.ready:
+                asked.append(w)
+                self.stop_gracefully(w, ExitCause.SHUTDOWN, reason)
+            elif w.state is WorkerState.STARTING:
+                self._note_cause(w, ExitCause.SHUTDOWN, reason)
+                self._set_state(w, WorkerState.DRAINING, reason)
+            else:
+                self._note_cause(w, ExitCause.SHUTDOWN, reason)
+        return asked
 
     def terminate_all(self, timeout: float) -> None:
         """SIGTERM every process group, then SIGKILL whatever is left after `timeout`."""
         workers = self.live_workers()
         for w in workers:
-            w.stop_requested = True
+            self._note_cause(w, ExitCause.SHUTDOWN, "pool shut down")
             w.process.signal_group(signal.SIGTERM)
         # A real deadline even under a fake clock: this blocks its thread.
         deadline = time.monotonic() + timeout
         for w in workers:
             try:
-                w.process.wait(max(0.0, deadline - time.monotonic()))
+                code = w.process.wait(max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 w.process.signal_group(signal.SIGKILL)
-                w.process.wait()
-            self._transition(w, WorkerState.STOPPED, "pool shut down")
+                code = w.process.wait()
+            self._set_state(w, WorkerState.EXITED, describe_exit(code))
+            self._set_state(w, WorkerState.STOPPED, "pool shut down")
         self.workers.clear()
-
-
-def _refresh_footprint(runtime: ModelRuntime) -> None:
-    """The memory estimate of the model's spec, from its file as it is now."""
-    try:
-        runtime.footprint = estimate(runtime.spec)
-    except OSError as exc:
-        log.warning("cannot estimate the memory of %s: %s", runtime.spec.id, exc)

@@ -21,12 +21,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llamapool.pool.events import PoolObserver
-from llamapool.pool.lifecycle import ExitCause
+from llamapool.pool.lifecycle import ExitCause, ModelState, WorkerState
 
 log = logging.getLogger("llamapool.metrics")
 
-MODEL_STATES = ("STARTING", "READY", "STANDBY", "UNLOADED", "FAILED")
-WORKER_STATES = ("STARTING", "IDLE", "BUSY", "DRAINING", "STOPPED", "DEAD")
+MODEL_STATES = tuple(s.value for s in ModelState)
+WORKER_STATES = tuple(s.value for s in WorkerState)
 
 # Waits span sub-millisecond dispatch to the 60 s default queue timeout.
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -54,6 +54,7 @@ class ModelSnapshot(TypedDict):
 
 
 PoolSource = Callable[[], Iterable[ModelSnapshot]]
+
 
 class _PoolCollector(Collector):
     """Gauges built at scrape time from a snapshot of the live pool."""
