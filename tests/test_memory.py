@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 
 import pytest
+from fakepool import fake_pool
 from tinymodel import N_CTX_TRAIN, N_EMBD
 
 from llamapool.config import ConfigError, parse_config
+from llamapool.pool.lifecycle import ExitCause
 from llamapool.pool.memory import (
     Candidate,
     GGUFError,
     MiB,
     OverLimit,
+    Sample,
     choose_evictions,
     estimate,
     read_gguf_scalars,
@@ -104,3 +107,22 @@ def test_bad_budget_is_a_config_error(tiny_gguf):
                 "models": [{"id": "m", "config": {"model_path": str(tiny_gguf)}}],
             }
         )
+
+
+def test_budget_counts_the_router_measured_workers_and_estimates_for_booting_ones(tiny_gguf):
+    pool = fake_pool(tiny_gguf, models=[{"id": "m", "min_instances": 2, "max_instances": 2}])
+    budget = pool.sup.memory
+    fp = pool.sup.models["m"].footprint
+    pool.tick()
+    pool.tick()  # one spawn per model per tick
+    first, second = pool.workers()
+    budget.router = Sample(rss=100 * MiB, pss=70 * MiB)
+    # Booting: the first pays for the shared weights, the second only for itself.
+    assert budget.used() == 70 * MiB + fp.cost(0) + fp.cost(1)
+    pool.proc(first).sample = Sample(rss=40 * MiB, pss=30 * MiB)
+    pool.ready(first)
+    assert budget.used() == 70 * MiB + 30 * MiB + fp.cost(1)
+    pool.sup.kill(second, ExitCause.PROTOCOL, "test")
+    pool.tick()  # reaped: nothing is charged for it any more (its replacement boots)
+    assert budget.used() == 70 * MiB + 30 * MiB + fp.cost(1)
+    assert len(pool.launcher.started) == 3

@@ -227,7 +227,7 @@ def test_eviction_drains_the_idle_lru_instance_of_another_model(tiny_gguf):
     pool = fake_pool(tiny_gguf, models=models)
     cost = pool.sup.models["a"].footprint.cost(0)
     # Room for two instances: a third one needs an eviction.
-    pool.sup.budget = 2 * cost + cost // 2
+    pool.sup.memory.limit = 2 * cost + cost // 2
     for model, used_at in (("a", 5.0), ("b", 1.0)):
         pool.sup.ensure_capacity(model)
         w = pool.only(model)

@@ -461,9 +461,9 @@ class Broker:
             "models": models,
             "workers": [self.worker_status(w) for w in sup.live_workers()],
             "memory": {
-                "budget": sup.budget,
-                "used": sup.memory_used(),
-                "router": sup.router_memory.charge if sup.router_memory else None,
+                "budget": sup.memory.limit,
+                "used": sup.memory.used(),
+                "router": sup.memory.router.charge if sup.memory.router else None,
             },
         }
 

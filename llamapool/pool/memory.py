@@ -2,20 +2,30 @@
 
 Instances of one model share its mmap'ed weights, so usage is measured as PSS
 (proportional set size) where the OS reports it, and the weights are charged once
-per model in estimates. Policies here are pure: the supervisor feeds them numbers.
+per model in estimates. The policies (`choose_evictions`, `OverLimit`) are pure and fed
+numbers; `MemoryBudget` applies them to the pool.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 
-from llamapool.config import ModelSpec, parse_bytes
+from llamapool.config import ModelSpec, PoolSettings, parse_bytes
+from llamapool.pool.lifecycle import ExitCause, WorkerState
+
+if TYPE_CHECKING:
+    from llamapool.pool.handle import WorkerHandle
+    from llamapool.pool.runtime import ModelRuntime
+    from llamapool.pool.supervisor import Supervisor
+
+log = logging.getLogger("llamapool.supervisor")
 
 MiB = 1 << 20
 # A worker's interpreter, llama.cpp's libraries and buffers, measured at ~30-50 MiB
@@ -224,3 +234,137 @@ class OverLimit:
 
 def fmt_bytes(n: int) -> str:
     return f"{n / MiB:.0f} MiB"
+
+
+# -- the pool's budget -------------------------------------------------------------
+
+
+class MemoryBudget:
+    """The pool's memory: its budget, what it uses, whom to evict, who is over its limit.
+
+    It knows the workers through the supervisor (`pool`) and acts on them only through
+    the supervisor's commands (a graceful stop), as a model runtime does.
+    """
+
+    def __init__(
+        self,
+        pool: Supervisor,
+        settings: PoolSettings,
+        *,
+        sample_router: Callable[[], Sample | None] = lambda: sample(os.getpid()),
+        available: Callable[[], int] = lambda: psutil.virtual_memory().available,
+    ):
+        self.pool = pool
+        self.limit = budget_bytes(settings.memory_budget)
+        worker_limit = settings.max_worker_memory
+        self.over_limit = OverLimit(
+            budget_bytes(worker_limit) if worker_limit is not None else None
+        )
+        self.interval = settings.memory_check_interval
+        self.sample_router = sample_router
+        self.available = available
+        self.router: Sample | None = sample_router()
+        self._next_check = 0.0
+
+    def used(self) -> int:
+        """The pool's use: the router plus every live worker (its estimate until measured)."""
+        used = self.router.charge if self.router else 0
+        counted: dict[str, int] = {}
+        for w in self.pool.live_workers():
+            runtime = self.pool.models.get(w.model_id)
+            if w.memory is not None and w.state is not WorkerState.STARTING:
+                used += w.memory.charge
+            elif runtime is not None and runtime.footprint is not None:
+                used += runtime.footprint.cost(counted.get(w.model_id, 0))
+            counted[w.model_id] = counted.get(w.model_id, 0) + 1
+        return used
+
+    def make_room(self, runtime: ModelRuntime) -> bool:
+        """True if one more instance fits; else evict idle instances of others, or say why not."""
+        if runtime.footprint is None:
+            return True
+        if any(wid in self.pool.workers for wid in runtime.evicting):
+            return False  # evictions for us are still draining
+        runtime.evicting.clear()
+        model_id = runtime.id
+        needed = runtime.footprint.cost(len(self.pool.workers_of(model_id)))
+        free = min(self.limit - self.used(), self.available())
+        if needed <= free:
+            runtime.memory_blocked = None
+            return True
+        victims = choose_evictions(self.eviction_candidates(model_id), needed - free)
+        if victims is None:
+            reason = (
+                f"model {model_id!r} needs ~{fmt_bytes(needed)} for another instance but only "
+                f"{fmt_bytes(max(0, free))} of the {fmt_bytes(self.limit)} memory budget is free, "
+                "and no idle instance of another model can be evicted; raise pool.memory_budget "
+                "or unload a model"
+            )
+            if reason != runtime.memory_blocked:
+                log.error("%s", reason)
+            runtime.memory_blocked = reason
+            return False
+        for victim in victims:
+            w = self.pool.workers[victim.worker_id]
+            other = self.pool.models[w.model_id]
+            other.target = max(other.spec.min_instances, len(self.pool.workers_of(w.model_id)) - 1)
+            other.evictions += 1
+            self.pool.observer.evicted(w.model_id)
+            runtime.evicting.add(w.id)
+            reason = f"evicted (idle, least recently used) to make room for {model_id}"
+            self.pool.stop_gracefully(w, ExitCause.EVICTED, reason)
+            other.settle(reason)
+        return False
+
+    def eviction_candidates(self, model_id: str) -> list[Candidate]:
+        """Idle instances of other models, least recently used first, never below a model's
+        min_instances and never a busy one."""
+        spare = {
+            mid: len(self.pool.serving(mid)) - rt.spec.min_instances
+            for mid, rt in self.pool.models.items()
+        }
+        idle = sorted(
+            (
+                w
+                for w in self.pool.workers.values()
+                if w.model_id != model_id and w.state is WorkerState.IDLE and not w.in_flight
+            ),
+            key=lambda w: w.last_used,
+        )
+        out = []
+        for w in idle:
+            if spare.get(w.model_id, 0) > 0:
+                spare[w.model_id] -= 1
+                charge = w.memory.charge if w.memory else self._estimate_of(w)
+                out.append(Candidate(w.id, w.model_id, charge, w.last_used))
+        return out
+
+    def _estimate_of(self, w: WorkerHandle) -> int:
+        runtime = self.pool.models.get(w.model_id) or self.pool.removed.get(w.model_id)
+        return runtime.footprint.per_instance if runtime and runtime.footprint else 0
+
+    def check(self, now: float) -> None:
+        """Sample every live worker; drain and restart one that stays above its limit."""
+        if now < self._next_check:
+            return
+        self._next_check = now + self.interval
+        self.router = self.sample_router()
+        for w in self.pool.live_workers():
+            if w.state is WorkerState.STARTING:
+                continue
+            w.memory = w.process.memory()
+            if w.memory is None or not w.ready:
+                continue
+            if self.over_limit.observe(w.id, w.memory.charge):
+                self.over_limit.forget(w.id)
+                runtime = self.pool.models.get(w.model_id)
+                if runtime is not None:
+                    runtime.restarts += 1
+                limit = fmt_bytes(self.over_limit.limit or 0)
+                self.pool.observer.worker_restarted(w.model_id, ExitCause.MEMORY_LIMIT)
+                self.pool.stop_gracefully(
+                    w,
+                    ExitCause.MEMORY_LIMIT,
+                    f"restart: memory {fmt_bytes(w.memory.charge)} above max_worker_memory "
+                    f"{limit} for {self.over_limit.readings} readings in a row",
+                )

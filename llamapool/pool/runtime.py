@@ -198,8 +198,8 @@ class ModelRuntime:
         if instances > len(live) and self.footprint is not None:
             fp = self.footprint
             needed = sum(fp.cost(len(live) + i) for i in range(instances - len(live)))
-            budget = self.pool.budget
-            free = budget - self.pool.memory_used()
+            budget = self.pool.memory.limit
+            free = budget - self.pool.memory.used()
             if needed > free:
                 raise errors.InsufficientMemory(
                     f"scaling {self.id} to {instances} needs ~{fmt_bytes(needed)} more but only "

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import IO
 
 import msgspec
-import psutil
 
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
@@ -36,15 +35,7 @@ from llamapool.pool.lifecycle import (
     check,
     describe_exit,
 )
-from llamapool.pool.memory import (
-    Candidate,
-    OverLimit,
-    Sample,
-    budget_bytes,
-    choose_evictions,
-    fmt_bytes,
-    sample,
-)
+from llamapool.pool.memory import MemoryBudget, Sample, sample
 from llamapool.pool.runtime import FlapPolicy, ModelRuntime
 
 log = logging.getLogger("llamapool.supervisor")
@@ -89,11 +80,7 @@ class Supervisor:
         self.workers: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
         self.cpus = sorted(os.sched_getaffinity(0))
-        self.budget = budget_bytes(settings.memory_budget)
-        limit = settings.max_worker_memory
-        self.over_limit = OverLimit(budget_bytes(limit) if limit is not None else None)
-        self.router_memory: Sample | None = sample_router()
-        self._next_memory_check = 0.0
+        self.memory = MemoryBudget(self, settings, sample_router=sample_router)
         self.stopping = False  # set at shutdown: nothing is respawned any more
 
     # -- models -----------------------------------------------------------------
@@ -322,7 +309,7 @@ class Supervisor:
         now = self.clock() if now is None else now
         self.reap(now)
         self.expire(now)
-        self.check_memory(now)
+        self.memory.check(now)
         self.reconcile(now)
 
     def reap(self, now: float) -> None:
@@ -380,108 +367,9 @@ class Supervisor:
         for model_id in [m for m in self.removed if not self.workers_of(m)]:
             del self.removed[model_id]
 
-    # -- memory -----------------------------------------------------------------
-
-    def memory_used(self) -> int:
-        """The pool's use: the router plus every live worker (its estimate until measured)."""
-        used = self.router_memory.charge if self.router_memory else 0
-        counted: dict[str, int] = {}
-        for w in self.live_workers():
-            runtime = self.models.get(w.model_id)
-            if w.memory is not None and w.state is not WorkerState.STARTING:
-                used += w.memory.charge
-            elif runtime is not None and runtime.footprint is not None:
-                used += runtime.footprint.cost(counted.get(w.model_id, 0))
-            counted[w.model_id] = counted.get(w.model_id, 0) + 1
-        return used
-
     def make_room(self, model_id: str) -> bool:
-        """True if one more instance fits; else evict idle instances of others, or say why not."""
-        runtime = self.models[model_id]
-        if runtime.footprint is None:
-            return True
-        if any(wid in self.workers for wid in runtime.evicting):
-            return False  # evictions for us are still draining
-        runtime.evicting.clear()
-        needed = runtime.footprint.cost(len(self.workers_of(model_id)))
-        free = min(self.budget - self.memory_used(), psutil.virtual_memory().available)
-        if needed <= free:
-            runtime.memory_blocked = None
-            return True
-        victims = choose_evictions(self._eviction_candidates(model_id), needed - free)
-        if victims is None:
-            reason = (
-                f"model {model_id!r} needs ~{fmt_bytes(needed)} for another instance but only "
-                f"{fmt_bytes(max(0, free))} of the {fmt_bytes(self.budget)} memory budget is free, "
-                "and no idle instance of another model can be evicted; raise pool.memory_budget "
-                "or unload a model"
-            )
-            if reason != runtime.memory_blocked:
-                log.error("%s", reason)
-            runtime.memory_blocked = reason
-            return False
-        for victim in victims:
-            w = self.workers[victim.worker_id]
-            other = self.models[w.model_id]
-            other.target = max(other.spec.min_instances, len(self.workers_of(w.model_id)) - 1)
-            other.evictions += 1
-            self.observer.evicted(w.model_id)
-            runtime.evicting.add(w.id)
-            reason = f"evicted (idle, least recently used) to make room for {model_id}"
-            self.stop_gracefully(w, ExitCause.EVICTED, reason)
-            other.settle(reason)
-        return False
-
-    def _eviction_candidates(self, model_id: str) -> list[Candidate]:
-        # Never a busy instance, never below a model's min_instances.
-        spare = {
-            mid: len(self.serving(mid)) - rt.spec.min_instances for mid, rt in self.models.items()
-        }
-        idle = sorted(
-            (
-                w
-                for w in self.workers.values()
-                if w.model_id != model_id and w.state is WorkerState.IDLE and not w.in_flight
-            ),
-            key=lambda w: w.last_used,
-        )
-        out = []
-        for w in idle:
-            if spare.get(w.model_id, 0) > 0:
-                spare[w.model_id] -= 1
-                charge = w.memory.charge if w.memory else self._estimate_of(w)
-                out.append(Candidate(w.id, w.model_id, charge, w.last_used))
-        return out
-
-    def _estimate_of(self, w: WorkerHandle) -> int:
-        runtime = self._runtime_of(w)
-        return runtime.footprint.per_instance if runtime and runtime.footprint else 0
-
-    def check_memory(self, now: float) -> None:
-        """Sample every live worker; drain and restart one that stays above its limit."""
-        if now < self._next_memory_check:
-            return
-        self._next_memory_check = now + self.settings.memory_check_interval
-        self.router_memory = self.sample_router()
-        for w in self.live_workers():
-            if w.state is WorkerState.STARTING:
-                continue
-            w.memory = w.process.memory()
-            if w.memory is None or not w.ready:
-                continue
-            if self.over_limit.observe(w.id, w.memory.charge):
-                self.over_limit.forget(w.id)
-                runtime = self.models.get(w.model_id)
-                if runtime is not None:
-                    runtime.restarts += 1
-                limit = fmt_bytes(self.over_limit.limit or 0)
-                self.observer.worker_restarted(w.model_id, ExitCause.MEMORY_LIMIT)
-                self.stop_gracefully(
-                    w,
-                    ExitCause.MEMORY_LIMIT,
-                    f"restart: memory {fmt_bytes(w.memory.charge)} above max_worker_memory "
-                    f"{limit} for {self.over_limit.readings} readings in a row",
-                )
+        """True if one more instance of `model_id` fits now (MemoryBudget.make_room)."""
+        return self.memory.make_room(self.models[model_id])
 
     # -- shutdown ---------------------------------------------------------------
 
