@@ -19,6 +19,7 @@ from llamapool.config import Config, ConfigError, ModelSpec, load_config
 from llamapool.ipc import protocol as P
 from llamapool.ipc.channel import DataChannel
 from llamapool.ipc.sockets import broker_endpoint, make_ipc_dir, remove_ipc_dir, router_socket
+from llamapool.pool import status as views
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
 from llamapool.pool.launcher import Launcher
@@ -289,29 +290,8 @@ class Broker:
         self.scheduler.release(job)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Whether every model has its min_instances up, with per-model detail."""
-        detail: dict[str, Any] = {}
-        ok = True
-        for model_id, runtime in self.supervisor.models.items():
-            workers = self.supervisor.workers_of(model_id)
-            up = sum(1 for w in workers if w.ready)
-            # An operator's unload is not unreadiness: the model asks for no instance then.
-            unloaded = runtime.state is ModelState.UNLOADED
-            want = 0 if unloaded else runtime.spec.min_instances
-            model_ok = unloaded or (runtime.state is not ModelState.FAILED and up >= want)
-            ok = ok and model_ok
-            detail[model_id] = {
-                "state": runtime.state.value,
-                "instances_ready": up,
-                "min_instances": want,
-                "busy_instances": sum(1 for w in workers if w.in_flight),
-                "queue_depth": self.scheduler.queue_depth(model_id),
-                "reason": runtime.reason or runtime.memory_blocked,
-            }
-        for model_id, reason in self.config.broken.items():
-            ok = False
-            detail[model_id] = {"state": ModelState.FAILED.value, "reason": reason}
-        return ok, detail
+        """Whether every model has its min_instances up, with per-model detail (status.ready)."""
+        return views.ready(self.supervisor, self.scheduler, self.config.broken)
 
     # -- operations (admin API, signals and CLI use the same functions) ---------
 
@@ -399,96 +379,23 @@ class Broker:
         log.info("config reloaded: %s", result)
         return {**result, "warnings": warnings}
 
-    # -- status -------------------------------------------------------------------
+    # -- status views (pool/status.py) --------------------------------------------
 
     def worker_status(self, w: WorkerHandle) -> dict[str, Any]:
-        at, state, reason = w.history[-1] if w.history else (None, w.state.value, "")
-        return {
-            "id": w.id,
-            "model": w.model_id,
-            "pid": w.pid,
-            "state": w.state.value,
-            "cores": w.cores,
-            "n_threads": w.n_threads,
-            "rss": w.memory.rss if w.memory else None,
-            "pss": w.memory.pss if w.memory else None,
-            "uptime_s": round(time.monotonic() - w.started_at, 3),
-            "served": w.served,
-            "capacity": w.capacity,
-            "restarts": self._restarts_of(w.model_id),
-            "in_flight": list(w.in_flight),
-            "last_transition": {"state": state, "reason": reason, "at": at},
-            "history": [{"at": a, "state": st, "reason": r} for a, st, r in w.history],
-        }
-
-    def _restarts_of(self, model_id: str) -> int:
-        runtime = self.supervisor.models.get(model_id) or self.supervisor.removed.get(model_id)
-        return runtime.restarts if runtime else 0
+        """One worker for /admin/pool."""
+        return views.worker_status(self.supervisor, w)
 
     def model_status(self, model_id: str) -> dict[str, Any]:
-        runtime = self.supervisor.models[model_id]
-        workers = self.supervisor.workers_of(model_id)
-        serving = self.supervisor.serving(model_id)
-        queue = self.scheduler.queues[model_id].jobs
-        fp = runtime.footprint
-        return {
-            "id": model_id,
-            "state": runtime.state.value,
-            "instances": {
-                "wanted": runtime.target,
-                "live": len(serving),
-                "ready": len([w for w in workers if w.ready]),
-                "min": runtime.spec.min_instances,
-                "max": runtime.spec.instance_limit,
-            },
-            "queue_depth": len(queue),
-            "oldest_wait_s": round(time.monotonic() - queue[0].enqueued_at, 3) if queue else 0.0,
-            "last_error": runtime.reason or runtime.memory_blocked,
-            "restarts": runtime.restarts,
-            "evictions": runtime.evictions,
-            "estimate": {"weights": fp.weights, "per_instance": fp.per_instance} if fp else None,
-        }
+        """One model for /admin/pool and the admin commands' replies."""
+        return views.model_status(self.supervisor, self.scheduler, model_id)
 
     def status(self) -> dict[str, Any]:
         """The whole pool, for GET /admin/pool."""
-        sup = self.supervisor
-        models = [self.model_status(m) for m in sup.models]
-        models += [
-            {"id": m, "state": "FAILED", "last_error": reason}
-            for m, reason in self.config.broken.items()
-        ]
-        return {
-            "models": models,
-            "workers": [self.worker_status(w) for w in sup.live_workers()],
-            "memory": {
-                "budget": sup.memory.limit,
-                "used": sup.memory.used(),
-                "router": sup.memory.router.charge if sup.memory.router else None,
-            },
-        }
+        return views.pool_status(self.supervisor, self.scheduler, self.config.broken)
 
     def metrics_snapshot(self) -> list[dict[str, Any]]:
-        """Gauges for /metrics: per model its queue and state, per worker its state and memory."""
-        out = []
-        for model_id, runtime in self.supervisor.models.items():
-            workers = [
-                {
-                    "worker": w.id,
-                    "state": w.state.value,
-                    "rss": w.memory.rss if w.memory else None,
-                    "pss": w.memory.pss if w.memory else None,
-                }
-                for w in self.supervisor.workers_of(model_id)
-            ]
-            out.append(
-                {
-                    "model": model_id,
-                    "queue_depth": self.scheduler.queue_depth(model_id),
-                    "state": runtime.state.value,
-                    "workers": workers,
-                }
-            )
-        return out
+        """Gauges for /metrics."""
+        return views.metrics_snapshot(self.supervisor, self.scheduler)
 
 
 def _fatal_cause(msg: P.Fatal, from_engine: bool) -> ExitCause:

@@ -1,0 +1,132 @@
+"""What the pool shows: /ready, /admin/pool, /v1/models and /metrics read these views.
+
+Each is a function of the supervisor's and the scheduler's state, written once; the
+broker hands them its parts and the config's broken models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from llamapool.pool.handle import WorkerHandle
+from llamapool.pool.lifecycle import ModelState
+from llamapool.pool.scheduler import Scheduler
+from llamapool.pool.supervisor import Supervisor
+
+
+def ready(
+    sup: Supervisor, scheduler: Scheduler, broken: Mapping[str, str]
+) -> tuple[bool, dict[str, Any]]:
+    """Whether every model has its min_instances up, with per-model detail."""
+    detail: dict[str, Any] = {}
+    ok = True
+    for model_id, runtime in sup.models.items():
+        workers = sup.workers_of(model_id)
+        up = sum(1 for w in workers if w.ready)
+        # An operator's unload is not unreadiness: the model asks for no instance then.
+        unloaded = runtime.state is ModelState.UNLOADED
+        want = 0 if unloaded else runtime.spec.min_instances
+        model_ok = unloaded or (runtime.state is not ModelState.FAILED and up >= want)
+        ok = ok and model_ok
+        detail[model_id] = {
+            "state": runtime.state.value,
+            "instances_ready": up,
+            "min_instances": want,
+            "busy_instances": sum(1 for w in workers if w.in_flight),
+            "queue_depth": scheduler.queue_depth(model_id),
+            "reason": runtime.reason or runtime.memory_blocked,
+        }
+    for model_id, reason in broken.items():
+        ok = False
+        detail[model_id] = {"state": ModelState.FAILED.value, "reason": reason}
+    return ok, detail
+
+
+def worker_status(sup: Supervisor, w: WorkerHandle) -> dict[str, Any]:
+    """One worker for /admin/pool: its state, load, memory and recent history."""
+    at, state, reason = w.history[-1] if w.history else (None, w.state.value, "")
+    runtime = sup.models.get(w.model_id) or sup.removed.get(w.model_id)
+    return {
+        "id": w.id,
+        "model": w.model_id,
+        "pid": w.pid,
+        "state": w.state.value,
+        "cores": w.cores,
+        "n_threads": w.n_threads,
+        "rss": w.memory.rss if w.memory else None,
+        "pss": w.memory.pss if w.memory else None,
+        "uptime_s": round(time.monotonic() - w.started_at, 3),
+        "served": w.served,
+        "capacity": w.capacity,
+        "restarts": runtime.restarts if runtime else 0,
+        "in_flight": list(w.in_flight),
+        "last_transition": {"state": state, "reason": reason, "at": at},
+        "history": [{"at": a, "state": st, "reason": r} for a, st, r in w.history],
+    }
+
+
+def model_status(sup: Supervisor, scheduler: Scheduler, model_id: str) -> dict[str, Any]:
+    """One model for /admin/pool and the admin commands' replies."""
+    runtime = sup.models[model_id]
+    workers = sup.workers_of(model_id)
+    serving = sup.serving(model_id)
+    queue = scheduler.queues[model_id].jobs
+    fp = runtime.footprint
+    return {
+        "id": model_id,
+        "state": runtime.state.value,
+        "instances": {
+            "wanted": runtime.target,
+            "live": len(serving),
+            "ready": len([w for w in workers if w.ready]),
+            "min": runtime.spec.min_instances,
+            "max": runtime.spec.instance_limit,
+        },
+        "queue_depth": len(queue),
+        "oldest_wait_s": round(time.monotonic() - queue[0].enqueued_at, 3) if queue else 0.0,
+        "last_error": runtime.reason or runtime.memory_blocked,
+        "restarts": runtime.restarts,
+        "evictions": runtime.evictions,
+        "estimate": {"weights": fp.weights, "per_instance": fp.per_instance} if fp else None,
+    }
+
+
+def pool_status(sup: Supervisor, scheduler: Scheduler, broken: Mapping[str, str]) -> dict[str, Any]:
+    """The whole pool, for GET /admin/pool."""
+    models = [model_status(sup, scheduler, m) for m in sup.models]
+    models += [{"id": m, "state": "FAILED", "last_error": reason} for m, reason in broken.items()]
+    return {
+        "models": models,
+        "workers": [worker_status(sup, w) for w in sup.live_workers()],
+        "memory": {
+            "budget": sup.memory.limit,
+            "used": sup.memory.used(),
+            "router": sup.memory.router.charge if sup.memory.router else None,
+        },
+    }
+
+
+def metrics_snapshot(sup: Supervisor, scheduler: Scheduler) -> list[dict[str, Any]]:
+    """Gauges for /metrics: per model its queue and state, per worker its state and memory."""
+    out = []
+    for model_id, runtime in sup.models.items():
+        workers = [
+            {
+                "worker": w.id,
+                "state": w.state.value,
+                "rss": w.memory.rss if w.memory else None,
+                "pss": w.memory.pss if w.memory else None,
+            }
+            for w in sup.workers_of(model_id)
+        ]
+        out.append(
+            {
+                "model": model_id,
+                "queue_depth": scheduler.queue_depth(model_id),
+                "state": runtime.state.value,  # the state /ready shows
+                "workers": workers,
+            }
+        )
+    return out
