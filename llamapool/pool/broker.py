@@ -129,7 +129,8 @@ class Broker:
                     self._next_hb = now + interval
                     self._hb_seq += 1
                     for w in self.supervisor.live_workers():
-                        if w.state is not WorkerState.STARTING:
+                        # Not to one booting (it waits for nothing) or being killed.
+                        if w.ready or w.state is WorkerState.DRAINING:
                             self.send(w, P.RouterHeartbeat(seq=self._hb_seq))
                 # Belt and braces for the edge-triggered descriptor: never let a message wait.
                 self._read_control()
@@ -157,7 +158,7 @@ class Broker:
             self.sock.send_multipart([worker.identity, *P.encode(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             # Expected for a worker that is exiting and not yet reaped.
-            level = logging.DEBUG if worker.leaving else logging.WARNING
+            level = logging.DEBUG if not worker.ready else logging.WARNING
             log.log(level, "send to worker %s failed: %s", worker.id, exc)
             return False
         finally:
