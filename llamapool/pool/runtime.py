@@ -102,7 +102,7 @@ class ModelRuntime:
                 f"model {self.id!r} is failed: {self.reason}; fix it and reload the config"
             )
         if self.state is ModelState.REMOVED:
-            return errors.ModelNotFound(f"model {self.id!r} was removed by a reload")
+            return errors.ModelNotFound(f"model {self.id!r} was removed by a reload", param="model")
         return None
 
     def serving(self) -> list[WorkerHandle]:
