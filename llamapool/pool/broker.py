@@ -31,7 +31,7 @@ log = logging.getLogger("llamapool.broker")
 
 TICK = 0.1
 # Messages handled per wake-up before the loop gets a turn.
-_DRAIN_BATCH = 256
+_READ_BATCH = 256
 
 
 class Broker:
@@ -173,7 +173,7 @@ class Broker:
     def _read_control(self) -> None:
         """Handle every message waiting on the socket (the loop's reader callback)."""
         self._read_scheduled = False
-        for _ in range(_DRAIN_BATCH):
+        for _ in range(_READ_BATCH):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

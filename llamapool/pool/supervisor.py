@@ -281,8 +281,7 @@ class Supervisor:
         w.process.signal_group(signal.SIGKILL)
 
     def stop_gracefully(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
-        """Ask a worker to finish its requests and exit (SHUTDOWN drain); it is not replaced
-        as a death. One still booting has nothing to finish: it is killed."""
+        """Ask a worker to finish its requests and exit; one still booting is killed instead."""
         if w.leaving or w.state not in LIVE:
             return
         if w.state is WorkerState.STARTING or w.state is WorkerState.KILLING:
@@ -374,8 +373,8 @@ class Supervisor:
     # -- shutdown ---------------------------------------------------------------
 
     def stop_all(self, reason: str) -> list[WorkerHandle]:
-        """Begin shutdown: nothing is respawned; READY workers drain (returned), booting
-        ones wait for terminate_all."""
+        """Begin shutdown: READY workers drain (they are returned), booting ones wait for
+        terminate_all, nothing is respawned."""
         self.stopping = True
         asked = []
         for w in self.live_workers():
