@@ -23,7 +23,7 @@ from llamapool.pool import status as views
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
 from llamapool.pool.launcher import Launcher
-from llamapool.pool.lifecycle import ExitCause, ModelState, WorkerState
+from llamapool.pool.lifecycle import ExitCause, ModelState, WorkerState, fatal_cause
 from llamapool.pool.scheduler import Job, Scheduler
 from llamapool.pool.supervisor import Supervisor
 
@@ -245,7 +245,8 @@ class Broker:
         elif isinstance(msg, P.Error):
             self.scheduler.on_error(worker, msg)
         elif isinstance(msg, P.Fatal):
-            self.supervisor.note_fatal(worker, _fatal_cause(msg, from_engine), msg.reason)
+            cause = fatal_cause(msg.cannot_boot, from_engine)
+            self.supervisor.note_fatal(worker, cause, msg.reason)
         elif not isinstance(msg, P.Heartbeat):
             self._protocol_violation(worker, f"unexpected {type(msg).__name__}")
 
@@ -397,14 +398,3 @@ class Broker:
     def metrics_snapshot(self) -> list[dict[str, Any]]:
         """Gauges for /metrics."""
         return views.metrics_snapshot(self.supervisor, self.scheduler)
-
-
-def _fatal_cause(msg: P.Fatal, from_engine: bool) -> ExitCause:
-    """The cause a worker's FATAL names, from its flag and the socket it came on.
-
-    The engine thread reports its own death on the data socket; the I/O thread's only
-    FATAL besides a failed boot is the stall watchdog's, on the control socket.
-    """
-    if msg.cannot_boot:
-        return ExitCause.CANNOT_BOOT
-    return ExitCause.FATAL if from_engine else ExitCause.STALL

@@ -140,6 +140,17 @@ def cause_of_exit(code: int, known: ExitCause | None = None) -> ExitCause:
     }.get(code, ExitCause.EXIT_CODE)
 
 
+def fatal_cause(cannot_boot: bool, from_engine: bool) -> ExitCause:
+    """The cause a worker's FATAL names, from its flag and the socket it came on.
+
+    The engine thread reports its own death on the data socket; the I/O thread's only
+    FATAL besides a failed boot is the stall watchdog's, on the control socket.
+    """
+    if cannot_boot:
+        return ExitCause.CANNOT_BOOT
+    return ExitCause.FATAL if from_engine else ExitCause.STALL
+
+
 def describe_exit(code: int) -> str:
     """An exit status in words: `killed by SIGKILL`, `exit 78 (cannot boot)`."""
     if code < 0:

@@ -40,8 +40,6 @@ from llamapool.pool.runtime import FlapPolicy, ModelRuntime
 
 log = logging.getLogger("llamapool.supervisor")
 
-__all__ = ["ModelRuntime", "ModelState", "Supervisor", "WorkerHandle", "WorkerState"]
-
 
 class Supervisor:
     """Owns the worker processes of every model."""
