@@ -25,9 +25,10 @@ class ErrorCode(enum.StrEnum):
     INSUFFICIENT_MEMORY = "insufficient_memory"
     MODEL_UNLOADED = "model_unloaded"
     SHUTTING_DOWN = "shutting_down"
+    # Refused by a draining (or full) worker: retried elsewhere, up to max_requeues.
+    WORKER_BUSY = "worker_busy"
     # Worker → router only: the request ended without reaching the client as such.
     CANCELLED = "cancelled"  # the router asked for it; the client is gone
-    WORKER_BUSY = "worker_busy"  # refused by a draining worker; retried elsewhere
 
 
 class LlamapoolError(Exception):
@@ -119,6 +120,10 @@ class ShuttingDown(LlamapoolError):
     status, code, type = 503, ErrorCode.SHUTTING_DOWN, "server_error"
 
 
+class WorkerBusy(LlamapoolError):
+    status, code, type = 503, ErrorCode.WORKER_BUSY, "server_error"
+
+
 _BY_CODE: dict[ErrorCode, type[LlamapoolError]] = {
     cls.code: cls
     for cls in (
@@ -137,6 +142,7 @@ _BY_CODE: dict[ErrorCode, type[LlamapoolError]] = {
         InsufficientMemory,
         ModelUnloaded,
         ShuttingDown,
+        WorkerBusy,
     )
 }
 

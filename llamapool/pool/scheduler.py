@@ -247,9 +247,22 @@ class Scheduler:
         ):
             job.attempts += 1
             self._requeue(job)
+        elif msg.retryable:
+            # A refusal (the worker is draining): the pool's churn, not the request's fault.
+            self._finish(job, self._refused_error(job, msg.message))
         else:
             self._finish(job, errors.error_from_code(msg.code, msg.message, param=msg.param))
         self.dispatch(worker.model_id)
+
+    def _refused_error(self, job: Job, why: str) -> errors.LlamapoolError:
+        """What a request refused by its worker, with no requeue left, is told."""
+        wait = self.retry_after(job.model_id)
+        return errors.WorkerBusy(
+            f"no instance of {job.model_id} could take the request ({why}; "
+            f"{job.attempts} requeue(s), max_requeues {self.max_requeues}); "
+            f"retry after {wait:.0f} s",
+            retry_after=wait,
+        )
 
     def _job_for(self, worker: WorkerHandle, request_id: str) -> Job | None:
         job = worker.in_flight.get(request_id)
