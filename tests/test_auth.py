@@ -276,3 +276,16 @@ def test_401_is_openai_shaped_and_never_echoes_the_token():
 def test_empty_admin_token_is_refused():
     with pytest.raises(ValueError):
         BearerAuth(Starlette(), admin_token="")
+
+
+def test_api_keys_are_read_from_their_source_at_each_request():
+    # The app passes the running config's keys this way: a reload changes them at once.
+    keys = ["first"]
+    app = BearerAuth(Starlette(routes=ROUTES), admin_token=ADMIN, api_keys=lambda: keys)
+    with TestClient(app) as c:
+        assert c.get("/v1/models", headers=bearer("first")).status_code == 200
+        keys[:] = ["second"]
+        assert c.get("/v1/models", headers=bearer("first")).status_code == 401
+        assert c.get("/v1/models", headers=bearer("second")).status_code == 200
+        keys.clear()
+        assert c.get("/v1/models").status_code == 200

@@ -57,11 +57,8 @@ async def restart_worker(request: Request) -> Response:
 
 
 async def reload(request: Request) -> Response:
-    result = _broker(request).reload()
-    auth = getattr(request.app.state, "auth", None)
-    if auth is not None:
-        auth.api_keys = tuple(k for k in _broker(request).config.api_keys or () if k)
-    return JSONResponse(result)
+    # The one reload (models and API keys), as SIGHUP and `llamapool reload` do.
+    return JSONResponse(_broker(request).reload())
 
 
 routes = [

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import IO
 
@@ -62,6 +65,27 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+def reload_logged(broker: Broker) -> None:
+    """Reload the config for SIGHUP; a rejected file is logged, changes nothing, and the
+    server keeps serving."""
+    try:
+        broker.reload()  # logs what it changed
+    except errors.LlamapoolError as exc:
+        log.error("SIGHUP: %s", exc.message)
+    except Exception:
+        log.exception("SIGHUP: reload failed; nothing changed")
+
+
+def _reload_on_sighup(loop: asyncio.AbstractEventLoop, broker: Broker) -> bool:
+    """SIGHUP → reload, as nginx, gunicorn and Prometheus do; False where no handler can be
+    installed (a loop outside the main thread, as under a test client)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    # The handler only schedules the reload; the loop runs it like any other callback.
+    loop.add_signal_handler(signal.SIGHUP, loop.call_soon, reload_logged, broker)
+    return True
+
+
 def create_app(
     config: Config,
     *,
@@ -78,9 +102,13 @@ def create_app(
         app.state.broker = broker
         metrics.set_pool_source(broker.metrics_snapshot)
         await broker.start()
+        loop = asyncio.get_running_loop()
+        on_sighup = _reload_on_sighup(loop, broker)
         try:
             yield
         finally:
+            if on_sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
             await broker.stop()
 
     routes = [
@@ -101,6 +129,10 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.max_body_bytes = config.server.max_body_bytes
-    auth = BearerAuth(app, admin_token=admin_token, api_keys=config.api_keys)
-    app.state.auth = auth  # reload updates its API keys
-    return auth
+
+    def api_keys() -> Sequence[str] | None:
+        # The running config's: a reload swaps the broker's config, keys included.
+        broker = getattr(app.state, "broker", None)
+        return (broker.config if broker is not None else config).api_keys
+
+    return BearerAuth(app, admin_token=admin_token, api_keys=api_keys)

@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,26 +183,47 @@ def check_bearer(header: str | None, allowed: Sequence[str]) -> bool:
     return ok
 
 
+# Where the middleware reads the API keys at each request: the running config's, so a
+# reload that changes them takes effect with no step of its own.
+ApiKeySource = Callable[[], Sequence[str] | None]
+
+
 class BearerAuth:
     """ASGI middleware: `/admin*` needs the admin token, `/v1*` an API key when any is set.
 
     The admin token is accepted on `/v1` too. Everything else (`/health`, `/ready`,
-    `/metrics`) is open. Failures get a 401 with an OpenAI-shaped error body.
+    `/metrics`) is open. Failures get a 401 with an OpenAI-shaped error body. `api_keys`
+    is a fixed list or a function returning the current one.
     """
 
-    def __init__(self, app: ASGIApp, *, admin_token: str, api_keys: Sequence[str] | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        admin_token: str,
+        api_keys: Sequence[str] | ApiKeySource | None = None,
+    ):
         if not admin_token:
             raise ValueError("admin_token must not be empty")
         self.app = app
         self.admin_tokens = (admin_token,)
-        self.api_keys = tuple(k for k in api_keys or () if k)
+        if callable(api_keys):
+            self._api_keys = api_keys
+        else:
+            fixed = tuple(api_keys or ())
+            self._api_keys = lambda: fixed
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The API keys in force now (empty: `/v1` is open)."""
+        return tuple(k for k in self._api_keys() or () if k)
 
     def _allowed(self, path: str) -> tuple[str, ...] | None:
         """The tokens that may call `path`, or None when it is open."""
         if path.startswith(ADMIN_PREFIX):
             return self.admin_tokens
-        if path.startswith(API_PREFIX) and self.api_keys:
-            return (*self.api_keys, *self.admin_tokens)
+        if path.startswith(API_PREFIX) and (keys := self.api_keys):
+            return (*keys, *self.admin_tokens)
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

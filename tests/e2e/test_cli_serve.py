@@ -218,3 +218,38 @@ def test_a_grace_under_a_second_is_honoured(serve, tiny_gguf, tmp_path, grace):
     # Measured: 0.3 s with grace 0, 1.4 s with 0.5; waiting forever would take 120 s.
     assert server.proc.wait(15) == 0, server.log_text()
     client.join(10)
+
+
+# -- SIGHUP ---------------------------------------------------------------------
+
+
+def test_sighup_reloads_models_and_api_keys(serve, tiny_gguf):
+    server = serve([model_entry("m", tiny_gguf)], extra={"api_keys": ["old-key"]})
+    config_path = Path(server.proc.args[server.proc.args.index("--config") + 1])
+
+    def models(key: str) -> httpx.Response:
+        return httpx.get(f"{server.url}/v1/models", headers=_bearer(key), timeout=10)
+
+    assert models("old-key").status_code == 200
+    assert models("new-key").status_code == 401
+    config = yaml.safe_load(config_path.read_text())
+    config["api_keys"] = ["new-key"]
+    config["models"].append(model_entry("added", tiny_gguf, min_instances=0))
+    config_path.write_text(yaml.safe_dump(config))
+    server.proc.send_signal(signal.SIGHUP)
+
+    listed = server.wait_for(
+        lambda: models("new-key").status_code == 200 and models("new-key").json(),
+        what="the reload to take the new key",
+    )
+    assert sorted(m["id"] for m in listed["data"]) == ["added", "m"]
+    assert models("old-key").status_code == 401
+    assert chat(server.url, headers=_bearer("new-key")).status_code == 200
+
+    # A broken file is logged and rejected whole; the server serves on unchanged.
+    config_path.write_text("models: [")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(lambda: "SIGHUP: reload rejected" in server.log_text(), what="the rejection")
+    assert server.proc.poll() is None
+    assert models("new-key").status_code == 200
+    assert chat(server.url, model="added", headers=_bearer("new-key")).status_code == 200
