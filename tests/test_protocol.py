@@ -109,3 +109,9 @@ def test_a_frame_over_the_limit_is_refused_when_packed(monkeypatch):
     assert P.FrameReader().feed(P.pack(P.Chunk(request_id="r", text="x" * 900, tokens=1)))
     with pytest.raises(ValueError, match="Chunk of 10.. bytes is over the 1000-byte frame limit"):
         P.pack(P.Chunk(request_id="r", text="x" * 1000, tokens=1))
+
+
+def test_a_request_carries_no_deadline():
+    # The queue's deadline is the router's timer; nothing on the wire pretends to limit how
+    # long a worker runs a request.
+    assert "deadline" not in P.Request.__struct_fields__

@@ -110,7 +110,6 @@ class Ping(msgspec.Struct):
 class Request(msgspec.Struct, kw_only=True):
     request_id: str
     kind: Literal["chat", "completion", "embedding"]
-    deadline: float | None = None
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     inputs: list[str] | None = None

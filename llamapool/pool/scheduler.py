@@ -35,7 +35,6 @@ class Job:
     id: str
     model_id: str
     request: P.Request
-    deadline: float
     enqueued_at: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     attempts: int = 0
@@ -115,7 +114,6 @@ class Scheduler:
             id=f"r-{next(self._ids)}",
             model_id=model_id,
             request=request,
-            deadline=time.monotonic() + mq.queue_timeout,
         )
         request.request_id = job.id
         job.prefix_key = prefix_key(request)
@@ -165,7 +163,6 @@ class Scheduler:
             job.served_by = f"{worker.id} pid={worker.pid}"
             job.dispatched_at = time.monotonic()
             self.observer.queue_wait(model_id, job.dispatched_at - job.enqueued_at)
-            job.request.deadline = time.time() + max(0.0, job.deadline - time.monotonic())
             worker.in_flight[job.id] = job
             worker.last_used = job.dispatched_at
             worker.last_prefix = job.prefix_key
@@ -278,7 +275,7 @@ class Scheduler:
         self.supervisor.note_released(worker)
 
     def _requeue(self, job: Job) -> None:
-        # At the head: it was admitted first. A fresh deadline, since the wait is ours.
+        # At the head: it was admitted first. A fresh queue_timeout, since the wait is ours.
         job.worker = None
         refusal = self._cannot_serve(job.model_id)
         if refusal is not None:
@@ -286,7 +283,6 @@ class Scheduler:
             return
         mq = self.queues[job.model_id]
         job.dispatched_at = None
-        job.deadline = time.monotonic() + mq.queue_timeout
         mq.jobs.appendleft(job)
         job.timer = asyncio.get_running_loop().call_later(mq.queue_timeout, self._expire, job)
 
