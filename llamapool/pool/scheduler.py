@@ -20,37 +20,13 @@ from llamapool import errors
 from llamapool.ipc import protocol as P
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
+from llamapool.pool.job import Event, Job, JobState
 from llamapool.pool.lifecycle import ExitCause, ModelState
 from llamapool.pool.supervisor import Supervisor
 
 log = logging.getLogger("llamapool.scheduler")
 
-Event = P.Chunk | P.Done | errors.LlamapoolError
-
-
-@dataclass(eq=False)
-class Job:
-    """One client request from admission to its last event."""
-
-    id: str
-    model_id: str
-    request: P.Request
-    enqueued_at: float = field(default_factory=time.monotonic)
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    attempts: int = 0
-    produced: bool = False
-    worker: WorkerHandle | None = None
-    dispatched_at: float | None = None
-    finished: bool = False
-    abandoned: bool = False
-    timer: asyncio.TimerHandle | None = None
-    served_by: str | None = None  # "worker-id pid" of the last worker it was sent to
-    first_output_at: float | None = None
-    prefix_key: str = ""  # the request's text in prompt order, for prompt-cache affinity
-
-    @property
-    def queued(self) -> bool:
-        return self.worker is None and not self.finished
+__all__ = ["Event", "Job", "JobState", "ModelQueue", "Scheduler"]
 
 
 @dataclass
@@ -110,11 +86,7 @@ class Scheduler:
             )
         self.supervisor.ensure_capacity(model_id)
         loop = asyncio.get_running_loop()
-        job = Job(
-            id=f"r-{next(self._ids)}",
-            model_id=model_id,
-            request=request,
-        )
+        job = Job(id=f"r-{next(self._ids)}", model_id=model_id, request=request)
         request.request_id = job.id
         job.prefix_key = prefix_key(request)
         mq.jobs.append(job)
@@ -128,7 +100,7 @@ class Scheduler:
         return min(60.0, max(1.0, len(mq.jobs) * mq.service_time / instances))
 
     def _expire(self, job: Job) -> None:
-        if not job.queued:
+        if job.state is not JobState.QUEUED:
             return
         mq = self.queues[job.model_id]
         try:
@@ -159,6 +131,7 @@ class Scheduler:
             job = mq.jobs.popleft()
             if job.timer is not None:
                 job.timer.cancel()
+            job.move(JobState.RUNNING)
             job.worker = worker
             job.served_by = f"{worker.id} pid={worker.pid}"
             job.dispatched_at = time.monotonic()
@@ -204,14 +177,14 @@ class Scheduler:
 
     def on_chunk(self, worker: WorkerHandle, msg: P.Chunk) -> None:
         job = self._job_for(worker, msg.request_id)
-        if job is None:
+        if job is None or not job.state.delivers():
             return
-        if not job.produced:
-            job.produced = True
+        if job.first_output_at is None:
             job.first_output_at = time.monotonic()
             self.observer.time_to_first_token(job.model_id, job.first_output_at - job.enqueued_at)
-        if not job.abandoned:
-            job.events.put_nowait(msg)
+        if job.state is JobState.RUNNING:
+            job.move(JobState.STREAMING)
+        job.events.put_nowait(msg)
 
     def on_done(self, worker: WorkerHandle, msg: P.Done) -> None:
         job = self._job_for(worker, msg.request_id)
@@ -236,12 +209,7 @@ class Scheduler:
         if job is None:
             return
         self._release_slot(worker, job)
-        if (
-            msg.retryable
-            and not job.abandoned
-            and not job.produced
-            and job.attempts < self.max_requeues
-        ):
+        if msg.retryable and job.state.can_requeue() and job.attempts < self.max_requeues:
             job.attempts += 1
             self._requeue(job)
         elif msg.retryable:
@@ -276,13 +244,14 @@ class Scheduler:
 
     def _requeue(self, job: Job) -> None:
         # At the head: it was admitted first. A fresh queue_timeout, since the wait is ours.
-        job.worker = None
         refusal = self._cannot_serve(job.model_id)
         if refusal is not None:
             self._finish(job, refusal)
             return
         mq = self.queues[job.model_id]
+        job.move(JobState.QUEUED)
         job.dispatched_at = None
+        job.first_output_at = None
         mq.jobs.appendleft(job)
         job.timer = asyncio.get_running_loop().call_later(mq.queue_timeout, self._expire, job)
 
@@ -300,11 +269,14 @@ class Scheduler:
         return None
 
     def _finish(self, job: Job, event: Event) -> None:
-        job.finished = True
+        """End a job: its final event to the client, or, when it was told to stop, nothing."""
         if job.timer is not None:
             job.timer.cancel()
-        if not job.abandoned:
-            job.events.put_nowait(event)
+        if job.state is JobState.CANCELLING:
+            job.move(JobState.CANCELLED)
+            return
+        job.move(JobState.DONE if isinstance(event, P.Done) else JobState.FAILED)
+        job.events.put_nowait(event)
 
     # -- failures ---------------------------------------------------------------
 
@@ -312,9 +284,9 @@ class Scheduler:
         """Requeue what can be retried safely; fail what had already streamed output."""
         for job in list(worker.in_flight.values()):
             self._release_slot(worker, job)
-            if job.abandoned:
-                job.finished = True
-            elif not job.produced and job.attempts < self.max_requeues:
+            if job.state is JobState.CANCELLING:
+                job.move(JobState.CANCELLED)
+            elif job.state.can_requeue() and job.attempts < self.max_requeues:
                 job.attempts += 1
                 log.warning(
                     "requeued %s at the head of %s (attempt %d): %s",
@@ -355,18 +327,21 @@ class Scheduler:
 
     def release(self, job: Job) -> None:
         """The client is gone or done: drop a queued job, cancel a running one."""
-        if job.finished:
-            return
-        job.abandoned = True
-        if job.worker is None:
+        if job.state is JobState.QUEUED:
             try:
                 self.queues[job.model_id].jobs.remove(job)
             except ValueError:
                 pass
-            job.finished = True
             if job.timer is not None:
                 job.timer.cancel()
-            return
+            job.move(JobState.CANCELLED)
+        elif job.state in (JobState.RUNNING, JobState.STREAMING):
+            self._cancel(job)
+
+    def _cancel(self, job: Job) -> None:
+        """Tell a job's worker to stop it; its slot frees when the worker confirms."""
+        job.move(JobState.CANCELLING)
+        assert job.worker is not None
         self.send(job.worker, P.Cancel(request_id=job.id))
 
     def queue_depth(self, model_id: str) -> int:
