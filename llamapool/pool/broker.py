@@ -15,7 +15,7 @@ from typing import IO, Any
 import zmq
 
 from llamapool import errors
-from llamapool.config import Config, ConfigError, ModelSpec, load_config
+from llamapool.config import Config, ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.ipc.channel import DataChannel
 from llamapool.ipc.sockets import broker_endpoint, make_ipc_dir, remove_ipc_dir, router_socket
@@ -24,6 +24,7 @@ from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
 from llamapool.pool.launcher import Launcher
 from llamapool.pool.lifecycle import ExitCause, ModelState, WorkerState, fatal_cause
+from llamapool.pool.reload import plan_reload, read_config
 from llamapool.pool.scheduler import Job, Scheduler
 from llamapool.pool.supervisor import Supervisor
 
@@ -331,55 +332,44 @@ class Broker:
         return self.worker_status(w)
 
     def reload(self, path: str | None = None) -> dict[str, Any]:
-        """Re-read models.yaml: keep unchanged models, replace changed ones, drain removed ones.
+        """The one reload (POST /admin/reload, `llamapool reload`, SIGHUP): re-read
+        models.yaml and apply it; models and API keys take effect at once.
 
-        A file with any error is rejected whole and changes nothing.
+        Unchanged models keep their workers, changed ones are replaced, removed ones
+        drained, added ones started. A file with any error is rejected whole and changes
+        nothing.
         """
-        source = path or (str(self.config.path) if self.config.path else None)
-        if source is None:
-            raise errors.InvalidRequest("this server was not started from a config file")
-        try:
-            new = load_config(source)
-        except ConfigError as exc:
-            raise errors.InvalidRequest(f"reload rejected, nothing changed: {exc}") from None
-        if new.broken:
-            problems = "; ".join(new.broken.values())
-            raise errors.InvalidRequest(f"reload rejected, nothing changed: {problems}")
-        old = {mid: rt.spec for mid, rt in self.supervisor.models.items()}
-        result: dict[str, list[str]] = {
-            "added": [], "removed": [], "changed": [], "unchanged": [], "retried": []
-        }  # fmt: skip
-        for model_id, spec in new.models.items():
-            if model_id not in old:
-                self._add_model(spec)
-                result["added"].append(model_id)
-            elif old[model_id] != spec:
-                self.supervisor.replace_spec(spec)
-                mq = self.scheduler.queues[model_id]
-                mq.max_queue, mq.queue_timeout = spec.max_queue, spec.queue_timeout
-                result["changed"].append(model_id)
-            else:
-                result["unchanged"].append(model_id)
-                runtime = self.supervisor.models[model_id]
-                if runtime.state is ModelState.FAILED and not runtime.unloaded:
-                    self.supervisor.load(model_id)  # its file may be fixed: try it again
-                    result["retried"].append(model_id)
-        for model_id in old:
-            if model_id not in new.models:
-                self.supervisor.remove_model(model_id)
-                self.scheduler.fail_queued(
-                    model_id, errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
-                )
-                result["removed"].append(model_id)
-        warnings = [
-            f"the {block}: block changed; it takes effect at the next restart"
-            for block in ("pool", "server", "admin")
-            if getattr(new, block) != getattr(self.config, block)
-        ]
+        new = read_config(path or self.config.path)
+        sup = self.supervisor
+        plan = plan_reload(
+            {model_id: runtime.spec for model_id, runtime in sup.models.items()},
+            new,
+            failed=[
+                model_id
+                for model_id, runtime in sup.models.items()
+                if runtime.state is ModelState.FAILED and not runtime.unloaded
+            ],
+            current=self.config,
+        )
+        for spec in plan.added:
+            self._add_model(spec)
+        for spec in plan.changed:
+            sup.replace_spec(spec)
+            mq = self.scheduler.queues[spec.id]
+            mq.max_queue, mq.queue_timeout = spec.max_queue, spec.queue_timeout
+        for model_id in plan.retried:
+            sup.load(model_id)
+        for model_id in plan.removed:
+            sup.remove_model(model_id)
+            self.scheduler.fail_queued(
+                model_id, errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
+            )
+        # The API keys come with `new`; the restart-only blocks stay as they started.
         new.pool, new.server, new.admin = self.config.pool, self.config.server, self.config.admin
         self.config = new
+        result = plan.summary()
         log.info("config reloaded: %s", result)
-        return {**result, "warnings": warnings}
+        return result
 
     # -- status views (pool/status.py) --------------------------------------------
 

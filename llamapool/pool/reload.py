@@ -1,0 +1,90 @@
+"""What a reload changes: the diff between the running models and a new config, as data.
+
+Pure functions, testable without processes; `Broker.reload` reads the file with
+`read_config`, asks `plan_reload` what to do and applies the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamapool import errors
+from llamapool.config import Config, ConfigError, ModelSpec, load_config
+
+# Blocks read once at start; a reload reports their changes instead of applying them.
+RESTART_BLOCKS = ("pool", "server", "admin")
+
+
+@dataclass
+class ReloadPlan:
+    """Per model, what a reload does: start, drain, replace, keep, or try again."""
+
+    added: list[ModelSpec] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[ModelSpec] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    # Unchanged models that are FAILED: their file may be fixed, so they are tried again.
+    retried: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, list[str]]:
+        """The model ids per action and the warnings: the body of POST /admin/reload."""
+        return {
+            "added": [spec.id for spec in self.added],
+            "removed": list(self.removed),
+            "changed": [spec.id for spec in self.changed],
+            "unchanged": list(self.unchanged),
+            "retried": list(self.retried),
+            "warnings": list(self.warnings),
+        }
+
+
+def read_config(source: str | Path | None) -> Config:
+    """The config at `source`, whole, or InvalidRequest naming every problem in it.
+
+    A reload takes a file with no error or nothing: one broken model rejects it too.
+    """
+    if source is None:
+        raise errors.InvalidRequest("this server was not started from a config file")
+    try:
+        new = load_config(source)
+    except ConfigError as exc:
+        raise errors.InvalidRequest(f"reload rejected, nothing changed: {exc}") from None
+    if new.broken:
+        problems = "; ".join(new.broken.values())
+        raise errors.InvalidRequest(f"reload rejected, nothing changed: {problems}")
+    return new
+
+
+def plan_reload(
+    running: Mapping[str, ModelSpec],
+    new: Config,
+    *,
+    failed: Collection[str] = (),
+    current: Config | None = None,
+) -> ReloadPlan:
+    """The plan that takes the `running` models to `new`'s.
+
+    `failed`: running models that are FAILED (and not unloaded by an operator), retried when
+    unchanged. `current`: the config in force, whose restart-only blocks are compared.
+    """
+    plan = ReloadPlan()
+    for model_id, spec in new.models.items():
+        if model_id not in running:
+            plan.added.append(spec)
+        elif running[model_id] != spec:
+            plan.changed.append(spec)
+        else:
+            plan.unchanged.append(model_id)
+            if model_id in failed:
+                plan.retried.append(model_id)
+    plan.removed = [model_id for model_id in running if model_id not in new.models]
+    if current is not None:
+        plan.warnings = [
+            f"the {block}: block changed; it takes effect at the next restart"
+            for block in RESTART_BLOCKS
+            if getattr(new, block) != getattr(current, block)
+        ]
+    return plan
