@@ -285,9 +285,9 @@ class Broker:
         assert refusal is not None  # an unknown model is always refused
         raise refusal
 
-    def submit(self, model_id: str, request: P.Request) -> Job:
+    def submit(self, model_id: str, request: P.Request, *, stream: bool = True) -> Job:
         self.check_model(model_id)
-        return self.scheduler.submit(model_id, request)
+        return self.scheduler.submit(model_id, request, stream=stream)
 
     def release(self, job: Job) -> None:
         self.scheduler.release(job)

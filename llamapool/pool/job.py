@@ -87,14 +87,19 @@ class Job:
     id: str
     model_id: str
     request: P.Request
+    # True: output goes to the client as it comes. False (non-streamed): an attempt's
+    # output is held until its DONE, so a crash mid-way can be retried unseen.
+    stream: bool = True
     enqueued_at: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     attempts: int = 0  # requeues so far
     worker: WorkerHandle | None = None
     dispatched_at: float | None = None
+    # The queue_timeout timer while queued, the max_request_time timer while on a worker.
     timer: asyncio.TimerHandle | None = None
     served_by: str | None = None  # "worker-id pid" of the last worker it was sent to
-    first_output_at: float | None = None
+    first_output_at: float | None = None  # of the current attempt
+    held: list[P.Chunk] = field(default_factory=list)  # a non-streamed attempt's output
     prefix_key: str = ""  # the request's text in prompt order, for prompt-cache affinity
     _state: JobState = JobState.QUEUED
 

@@ -63,15 +63,19 @@ class Scheduler:
 
     # -- admission --------------------------------------------------------------
 
-    def submit(self, model_id: str, request: P.Request) -> Job:
-        """Queue a request or raise the error the client should see at once."""
+    def submit(self, model_id: str, request: P.Request, *, stream: bool = True) -> Job:
+        """Queue a request or raise the error the client should see at once.
+
+        `stream`: the client gets output as it comes. A non-streamed job's output is held
+        until its DONE, so a worker's death mid-way is retried like one before output.
+        """
         try:
-            return self._admit(model_id, request)
+            return self._admit(model_id, request, stream)
         except errors.LlamapoolError as exc:
             self.observer.rejected(model_id, exc.code)
             raise
 
-    def _admit(self, model_id: str, request: P.Request) -> Job:
+    def _admit(self, model_id: str, request: P.Request, stream: bool) -> Job:
         if not self.accepting:
             raise errors.ShuttingDown("the server is shutting down; retry on another instance")
         refusal = self.supervisor.refusal(model_id)
@@ -86,7 +90,7 @@ class Scheduler:
             )
         self.supervisor.ensure_capacity(model_id)
         loop = asyncio.get_running_loop()
-        job = Job(id=f"r-{next(self._ids)}", model_id=model_id, request=request)
+        job = Job(id=f"r-{next(self._ids)}", model_id=model_id, request=request, stream=stream)
         request.request_id = job.id
         job.prefix_key = prefix_key(request)
         mq.jobs.append(job)
@@ -181,10 +185,18 @@ class Scheduler:
             return
         if job.first_output_at is None:
             job.first_output_at = time.monotonic()
-            self.observer.time_to_first_token(job.model_id, job.first_output_at - job.enqueued_at)
+            if job.stream:
+                self._observe_first_output(job)
+        if not job.stream:
+            job.held.append(msg)  # still RUNNING: the client has seen nothing
+            return
         if job.state is JobState.RUNNING:
             job.move(JobState.STREAMING)
         job.events.put_nowait(msg)
+
+    def _observe_first_output(self, job: Job) -> None:
+        assert job.first_output_at is not None
+        self.observer.time_to_first_token(job.model_id, job.first_output_at - job.enqueued_at)
 
     def on_done(self, worker: WorkerHandle, msg: P.Done) -> None:
         job = self._job_for(worker, msg.request_id)
@@ -201,6 +213,10 @@ class Scheduler:
         mq = self.queues.get(job.model_id)
         if job.dispatched_at is not None and mq is not None:
             mq.service_time = 0.8 * mq.service_time + 0.2 * (time.monotonic() - job.dispatched_at)
+        if not job.stream and job.first_output_at is not None and job.state.delivers():
+            # Its first token reached the client now, but this is when the attempt that
+            # served it produced one, as for a streamed job.
+            self._observe_first_output(job)
         self._finish(job, msg)
         self.dispatch(worker.model_id)
 
@@ -251,7 +267,10 @@ class Scheduler:
         mq = self.queues[job.model_id]
         job.move(JobState.QUEUED)
         job.dispatched_at = None
+        # The failed attempt's output was never seen; the retry starts from scratch, with
+        # the same request (so the same seed, where the client fixed one).
         job.first_output_at = None
+        job.held.clear()
         mq.jobs.appendleft(job)
         job.timer = asyncio.get_running_loop().call_later(mq.queue_timeout, self._expire, job)
 
@@ -272,16 +291,22 @@ class Scheduler:
         """End a job: its final event to the client, or, when it was told to stop, nothing."""
         if job.timer is not None:
             job.timer.cancel()
+        held, job.held = job.held, []
         if job.state is JobState.CANCELLING:
             job.move(JobState.CANCELLED)
             return
-        job.move(JobState.DONE if isinstance(event, P.Done) else JobState.FAILED)
+        if isinstance(event, P.Done):
+            job.move(JobState.DONE)
+            for chunk in held:  # a non-streamed job's output, whole at last
+                job.events.put_nowait(chunk)
+        else:
+            job.move(JobState.FAILED)
         job.events.put_nowait(event)
 
     # -- failures ---------------------------------------------------------------
 
     def on_worker_lost(self, worker: WorkerHandle, reason: str) -> None:
-        """Requeue what can be retried safely; fail what had already streamed output."""
+        """Requeue what the client has seen nothing of (no streamed output); fail the rest."""
         for job in list(worker.in_flight.values()):
             self._release_slot(worker, job)
             if job.state is JobState.CANCELLING:

@@ -339,6 +339,7 @@ async def chat_completions(request: Request) -> Response:
     job = broker.submit(
         body.model,
         P.Request(request_id="", kind="chat", messages=messages, params=body.sampling(max_tokens)),
+        stream=bool(body.stream),
     )
     shape = _Shape("chat", body.model)
     return await _respond(
@@ -355,6 +356,7 @@ async def completions(request: Request) -> Response:
         P.Request(
             request_id="", kind="completion", prompt=body.prompt_text, params=body.sampling()
         ),
+        stream=bool(body.stream),
     )
     shape = _Shape("completion", body.model)
     return await _respond(
@@ -377,7 +379,9 @@ async def embeddings(request: Request) -> Response:
             f"model {body.model!r} does not serve embeddings (set `embedding: true` in its config)",
             param="model",
         )
-    job = broker.submit(body.model, P.Request(request_id="", kind="embedding", inputs=body.inputs))
+    job = broker.submit(
+        body.model, P.Request(request_id="", kind="embedding", inputs=body.inputs), stream=False
+    )
     watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
     try:
         _, event = await _until_final(job, await job.events.get())
