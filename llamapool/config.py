@@ -93,6 +93,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_instances: PositiveInt | None = None
     max_queue: PositiveInt = 256
     queue_timeout: PositiveFloat = 60.0
+    # Seconds a dispatched request may run before it is cancelled (504 request_timeout).
+    max_request_time: PositiveFloat | None = None
 
     @property
     def instance_limit(self) -> int:

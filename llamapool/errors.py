@@ -27,6 +27,7 @@ class ErrorCode(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down"
     # Refused by a draining (or full) worker: retried elsewhere, up to max_requeues.
     WORKER_BUSY = "worker_busy"
+    REQUEST_TIMEOUT = "request_timeout"  # ran past the model's max_request_time
     # Worker → router only: the request ended without reaching the client as such.
     CANCELLED = "cancelled"  # the router asked for it; the client is gone
 
@@ -124,6 +125,10 @@ class WorkerBusy(LlamapoolError):
     status, code, type = 503, ErrorCode.WORKER_BUSY, "server_error"
 
 
+class RequestTimeout(LlamapoolError):
+    status, code, type = 504, ErrorCode.REQUEST_TIMEOUT, "server_error"
+
+
 _BY_CODE: dict[ErrorCode, type[LlamapoolError]] = {
     cls.code: cls
     for cls in (
@@ -143,6 +148,7 @@ _BY_CODE: dict[ErrorCode, type[LlamapoolError]] = {
         ModelUnloaded,
         ShuttingDown,
         WorkerBusy,
+        RequestTimeout,
     )
 }
 

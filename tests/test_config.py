@@ -416,3 +416,26 @@ def test_a_file_that_is_not_gguf_is_named(tmp_path):
     text.write_text("not a model")
     config = parse_config({"models": [{"id": "m", "config": {"model_path": str(text)}}]})
     assert config.broken["m"] == f"model 'm': config.model_path: {text} is not a GGUF file"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, r"max_request_time: Expected `float` > 0"),
+        (-1.5, r"max_request_time: Expected `float` > 0"),
+        (float("inf"), r"max_request_time: Expected `float` <= "),
+        (float("nan"), r"max_request_time: Expected `float`"),
+        ("10s", r"max_request_time: Expected `float \| null`, got `str`"),
+    ],
+)
+def test_max_request_time_must_be_a_positive_finite_number(tiny_gguf, value, message):
+    config = parse_config({"models": [_model(tiny_gguf, max_request_time=value)]})
+    assert re.search(f"model 'm': {message}", config.broken["m"]), config.broken["m"]
+
+
+def test_max_request_time(tiny_gguf):
+    config = parse_config(
+        {"models": [_model(tiny_gguf), _model(tiny_gguf, id="t", max_request_time=2.5)]}
+    )
+    assert config.models["m"].max_request_time is None  # default: no limit
+    assert config.models["t"].max_request_time == 2.5

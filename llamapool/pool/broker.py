@@ -84,7 +84,7 @@ class Broker:
 
     def _add_model(self, spec: ModelSpec) -> None:
         self.supervisor.add_model(spec)
-        self.scheduler.add_model(spec.id, spec.max_queue, spec.queue_timeout)
+        self.scheduler.add_model(spec)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -355,8 +355,7 @@ class Broker:
             self._add_model(spec)
         for spec in plan.changed:
             sup.replace_spec(spec)
-            mq = self.scheduler.queues[spec.id]
-            mq.max_queue, mq.queue_timeout = spec.max_queue, spec.queue_timeout
+            self.scheduler.add_model(spec)  # its queue takes the new limits
         for model_id in plan.retried:
             sup.load(model_id)
         for model_id in plan.removed:

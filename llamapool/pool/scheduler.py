@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamapool import errors
+from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
@@ -31,8 +32,11 @@ __all__ = ["Event", "Job", "JobState", "ModelQueue", "Scheduler"]
 
 @dataclass
 class ModelQueue:
+    """A model's waiting jobs and the limits its spec sets on them."""
+
     max_queue: int
     queue_timeout: float
+    max_request_time: float | None = None  # seconds a dispatched job may run
     jobs: deque[Job] = field(default_factory=deque)
     service_time: float = 1.0  # moving average of a request's time on a worker, for Retry-After
 
@@ -58,8 +62,13 @@ class Scheduler:
         self._ids = itertools.count(1)
         self.accepting = True
 
-    def add_model(self, model_id: str, max_queue: int, queue_timeout: float) -> None:
-        self.queues[model_id] = ModelQueue(max_queue=max_queue, queue_timeout=queue_timeout)
+    def add_model(self, spec: ModelSpec) -> None:
+        """Give a model its queue, or (on reload) its queue the spec's new limits."""
+        mq = self.queues.get(spec.id)
+        if mq is None:
+            mq = self.queues[spec.id] = ModelQueue(spec.max_queue, spec.queue_timeout)
+        mq.max_queue, mq.queue_timeout = spec.max_queue, spec.queue_timeout
+        mq.max_request_time = spec.max_request_time
 
     # -- admission --------------------------------------------------------------
 
@@ -139,6 +148,10 @@ class Scheduler:
             job.worker = worker
             job.served_by = f"{worker.id} pid={worker.pid}"
             job.dispatched_at = time.monotonic()
+            if mq.max_request_time is not None:
+                job.timer = asyncio.get_running_loop().call_later(
+                    mq.max_request_time, self._time_out, job
+                )
             self.observer.queue_wait(model_id, job.dispatched_at - job.enqueued_at)
             worker.in_flight[job.id] = job
             worker.last_used = job.dispatched_at
@@ -256,6 +269,9 @@ class Scheduler:
         worker.in_flight.pop(job.id, None)
         self.running.pop(job.id, None)
         job.worker = None
+        if job.timer is not None:  # its max_request_time timer
+            job.timer.cancel()
+            job.timer = None
         self.supervisor.note_released(worker)
 
     def _requeue(self, job: Job) -> None:
@@ -362,6 +378,30 @@ class Scheduler:
             job.move(JobState.CANCELLED)
         elif job.state in (JobState.RUNNING, JobState.STREAMING):
             self._cancel(job)
+
+    def _time_out(self, job: Job) -> None:
+        """The job ran past max_request_time: the client is told, its worker stops it."""
+        if job.state not in (JobState.RUNNING, JobState.STREAMING):
+            return
+        limit = self.queues[job.model_id].max_request_time or 0.0
+        assert job.worker is not None and job.dispatched_at is not None
+        ran = time.monotonic() - job.dispatched_at
+        log.warning(
+            "request %s ran past max_request_time (%g s) of %s; cancelling it on %s",
+            job.id,
+            limit,
+            job.model_id,
+            job.worker.id,
+        )
+        # Before any output this is the response's status (504); after, an in-band error.
+        job.events.put_nowait(
+            errors.RequestTimeout(
+                f"request stopped after {ran:.1f} s: model {job.model_id} allows "
+                f"{limit:g} s per request (max_request_time); ask for fewer tokens "
+                "(max_tokens) or raise max_request_time"
+            )
+        )
+        self._cancel(job)
 
     def _cancel(self, job: Job) -> None:
         """Tell a job's worker to stop it; its slot frees when the worker confirms."""
