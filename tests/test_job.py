@@ -64,6 +64,6 @@ def test_nothing_seen_by_the_client_can_be_redone():
 
 def test_derived_views():
     assert {s for s in JobState if s.is_finished()} == {S.DONE, S.FAILED, S.CANCELLED}
-    assert {s for s in JobState if s.on_worker()} == {S.RUNNING, S.STREAMING, S.CANCELLING}
+    assert {s for s in JobState if s.can_cancel()} == {S.RUNNING, S.STREAMING}
     # A job told to stop sends its client nothing more, whatever its worker still says.
     assert {s for s in JobState if s.delivers()} == {S.QUEUED, S.RUNNING, S.STREAMING}

@@ -40,9 +40,9 @@ class JobState(enum.Enum):
         """The job is over: no worker holds it and no event will follow."""
         return self in _FINISHED
 
-    def on_worker(self) -> bool:
-        """A worker holds the job, so it counts against that worker's slots."""
-        return self in _ON_WORKER
+    def can_cancel(self) -> bool:
+        """A worker runs it and nobody has told that worker to stop it yet."""
+        return self in _CANCELLABLE
 
     def can_requeue(self) -> bool:
         """Nothing of it has reached the client, so it can run again from scratch unseen."""
@@ -54,7 +54,7 @@ class JobState(enum.Enum):
 
 
 _FINISHED = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
-_ON_WORKER = frozenset({JobState.RUNNING, JobState.STREAMING, JobState.CANCELLING})
+_CANCELLABLE = frozenset({JobState.RUNNING, JobState.STREAMING})
 _DELIVERS = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.STREAMING})
 
 S = JobState

@@ -376,12 +376,12 @@ class Scheduler:
             if job.timer is not None:
                 job.timer.cancel()
             job.move(JobState.CANCELLED)
-        elif job.state in (JobState.RUNNING, JobState.STREAMING):
+        elif job.state.can_cancel():
             self._cancel(job)
 
     def _time_out(self, job: Job) -> None:
         """The job ran past max_request_time: the client is told, its worker stops it."""
-        if job.state not in (JobState.RUNNING, JobState.STREAMING):
+        if not job.state.can_cancel():
             return
         limit = self.queues[job.model_id].max_request_time or 0.0
         assert job.worker is not None and job.dispatched_at is not None
