@@ -64,9 +64,8 @@ class Scheduler:
 
     def add_model(self, spec: ModelSpec) -> None:
         """Give a model its queue, or (on reload) its queue the spec's new limits."""
-        mq = self.queues.get(spec.id)
-        if mq is None:
-            mq = self.queues[spec.id] = ModelQueue(spec.max_queue, spec.queue_timeout)
+        mq = self.queues.setdefault(spec.id, ModelQueue(spec.max_queue, spec.queue_timeout))
+        # Waiting jobs stay; the limits apply to what comes next (and to dispatches from now).
         mq.max_queue, mq.queue_timeout = spec.max_queue, spec.queue_timeout
         mq.max_request_time = spec.max_request_time
 
