@@ -11,8 +11,8 @@ from llamapool.pool.scheduler import Scheduler
 
 def _scheduled(pool):
     scheduler = Scheduler(pool.sup, lambda w, m: True)
-    for model_id, runtime in pool.sup.models.items():
-        scheduler.add_model(model_id, runtime.spec.max_queue, runtime.spec.queue_timeout)
+    for runtime in pool.sup.models.values():
+        scheduler.add_model(runtime.spec)
     return scheduler
 
 
