@@ -211,12 +211,12 @@ class _Exited:
         return None
 
 
-def _engine_fatal(broker, w, reason):
-    broker._on_data(w, P.Fatal(reason=reason))
+def _engine_fatal(broker, w, reason, kind):
+    broker._on_data(w, P.Fatal(reason=reason, kind=kind))
 
 
-def _control_fatal(broker, w, reason, cannot_boot=False):
-    frames = [w.identity, *P.encode(P.Fatal(reason=reason, cannot_boot=cannot_boot))]
+def _control_fatal(broker, w, reason, kind):
+    frames = [w.identity, *P.encode(P.Fatal(reason=reason, kind=kind))]
     broker._handle(frames)
 
 
@@ -224,12 +224,20 @@ def _control_fatal(broker, w, reason, cannot_boot=False):
     ("code", "report", "reason", "label"),
     [
         # A loader's message is not a protocol error...
-        (78, "cannot_boot", "cannot load /m.gguf: unexpected end of file", "cannot_boot"),
+        (78, "control:cannot_boot", "cannot load /m.gguf: unexpected end of file", "cannot_boot"),
         # ...nor is a model path with "socket" in it a socket error...
-        (78, "cannot_boot", "cannot load /srv/socket-models/m.gguf: bad magic", "cannot_boot"),
+        (
+            78,
+            "control:cannot_boot",
+            "cannot load /srv/socket-models/m.gguf: bad magic",
+            "cannot_boot",
+        ),
         # ...nor is a failed allocation in decode a max_worker_memory restart.
-        (70, "engine", "engine thread died: RuntimeError('failed to allocate memory')", "fatal"),
-        (70, "control", "engine made no progress for 3 s with 1 request(s)", "stall"),
+        (70, "data:engine_died", "engine thread died: RuntimeError('failed to allocate')", "fatal"),
+        (70, "control:stalled", "engine made no progress for 3 s with 1 request(s)", "stall"),
+        # The kind names the cause, whichever socket carried it.
+        (70, "data:stalled", "engine made no progress for 3 s with 1 request(s)", "stall"),
+        (70, "control:engine_died", "engine thread died: RuntimeError('x')", "fatal"),
         (79, None, "", "orphaned"),
         (-9, None, "", "signal"),
         (3, None, "", "exit_code"),
@@ -244,12 +252,10 @@ def test_restart_label_is_the_typed_cause(tiny_gguf, code, report, reason, label
             id="m-1", model_id="m", process=_Exited(code), cores=[0], n_threads=1, started_at=0.0
         )
         broker.supervisor.workers[w.id] = w
-        if report == "cannot_boot":
-            _control_fatal(broker, w, reason, cannot_boot=True)
-        elif report == "engine":
-            _engine_fatal(broker, w, reason)
-        elif report == "control":
-            _control_fatal(broker, w, reason)
+        if report is not None:
+            socket, kind = report.split(":")
+            send = _engine_fatal if socket == "data" else _control_fatal
+            send(broker, w, reason, P.FatalKind(kind))
         broker.supervisor.reap(0.0)
         assert value(m, "llamapool_worker_restarts_total", model="m", reason=label) == 1
     finally:

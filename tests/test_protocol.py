@@ -26,7 +26,7 @@ from llamapool.ipc import protocol as P
         P.Error(
             request_id="r-1", code="context_length_exceeded", message="too long", param="prompt"
         ),
-        P.Fatal(reason="boom", cannot_boot=True),
+        P.Fatal(reason="boom", kind=P.FatalKind.CANNOT_BOOT),
         P.Ping(seq=3),
         P.Request(
             request_id="r-9",

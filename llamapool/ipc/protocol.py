@@ -9,6 +9,7 @@ is ever pickled across the boundary.
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Literal
 
 import msgspec
@@ -93,9 +94,17 @@ class Error(msgspec.Struct):
     param: str | None = None
 
 
+class FatalKind(str, enum.Enum):
+    """What a worker's FATAL reports; the supervisor's exit cause is read from it."""
+
+    CANNOT_BOOT = "cannot_boot"  # the model does not load
+    ENGINE_DIED = "engine_died"  # the engine thread raised (a failed decode, a broken pipe)
+    STALLED = "stalled"  # the stall watchdog: no decode progress with requests in flight
+
+
 class Fatal(msgspec.Struct):
     reason: str
-    cannot_boot: bool = False
+    kind: FatalKind
 
 
 class Ping(msgspec.Struct):

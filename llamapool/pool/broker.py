@@ -206,7 +206,7 @@ class Broker:
         if isinstance(msg, P.Chunk | P.Done | P.Error | P.Ping):
             self._protocol_violation(worker, f"{type(msg).__name__} on the control socket")
         else:
-            self._on_message(worker, msg, from_engine=False)
+            self._on_message(worker, msg)
 
     def _attach(self, worker: WorkerHandle) -> None:
         """Read a newly spawned worker's data socket from the loop."""
@@ -225,11 +225,11 @@ class Broker:
             # Everything the engine sent before its PING has been handled: say so.
             worker.channel.send(P.Pong(seq=msg.seq))
         elif isinstance(msg, P.Chunk | P.Done | P.Error | P.Fatal):
-            self._on_message(worker, msg, from_engine=True)
+            self._on_message(worker, msg)
         else:
             self._protocol_violation(worker, f"{type(msg).__name__} on the data socket")
 
-    def _on_message(self, worker: WorkerHandle, msg: Any, *, from_engine: bool = False) -> None:
+    def _on_message(self, worker: WorkerHandle, msg: Any) -> None:
         if isinstance(msg, P.Ready):
             if worker.state in (WorkerState.DRAINING, WorkerState.KILLING):
                 return  # stopped or killed while booting; its end is under way
@@ -246,7 +246,7 @@ class Broker:
         elif isinstance(msg, P.Error):
             self.scheduler.on_error(worker, msg)
         elif isinstance(msg, P.Fatal):
-            cause = fatal_cause(msg.cannot_boot, from_engine)
+            cause = fatal_cause(msg.kind)
             self.supervisor.note_fatal(worker, cause, msg.reason)
         elif not isinstance(msg, P.Heartbeat):
             self._protocol_violation(worker, f"unexpected {type(msg).__name__}")

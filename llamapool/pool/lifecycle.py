@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import signal
 
+from llamapool.ipc import protocol as P
 from llamapool.pool.worker import EXIT_CANNOT_BOOT, EXIT_FATAL, EXIT_ORPHANED
 
 
@@ -87,8 +88,8 @@ class ExitCause(str, enum.Enum):
     MODEL_FAILED = "model_failed"  # its model was marked FAILED (never counted as a restart)
     # Deaths the worker reports itself, by FATAL and exit status.
     CANNOT_BOOT = "cannot_boot"  # exit 78: the model does not load; never respawned in a loop
-    FATAL = "fatal"  # exit 70: the engine thread died (its FATAL on the data socket)
-    STALL = "stall"  # exit 70 after the stall watchdog's FATAL on the control socket
+    FATAL = "fatal"  # exit 70: the engine thread died (FATAL engine_died)
+    STALL = "stall"  # exit 70: the stall watchdog gave up on the engine (FATAL stalled)
     ORPHANED = "orphaned"  # exit 79: it lost the router
     # Deaths nobody in the pool asked for.
     SIGNAL = "signal"  # killed by a signal the supervisor did not send
@@ -140,15 +141,16 @@ def cause_of_exit(code: int, known: ExitCause | None = None) -> ExitCause:
     }.get(code, ExitCause.EXIT_CODE)
 
 
-def fatal_cause(cannot_boot: bool, from_engine: bool) -> ExitCause:
-    """The cause a worker's FATAL names, from its flag and the socket it came on.
+def fatal_cause(kind: P.FatalKind) -> ExitCause:
+    """The cause a worker's FATAL names."""
+    return _FATAL_CAUSES[kind]
 
-    The engine thread reports its own death on the data socket; the I/O thread's only
-    FATAL besides a failed boot is the stall watchdog's, on the control socket.
-    """
-    if cannot_boot:
-        return ExitCause.CANNOT_BOOT
-    return ExitCause.FATAL if from_engine else ExitCause.STALL
+
+_FATAL_CAUSES = {
+    P.FatalKind.CANNOT_BOOT: ExitCause.CANNOT_BOOT,
+    P.FatalKind.ENGINE_DIED: ExitCause.FATAL,
+    P.FatalKind.STALLED: ExitCause.STALL,
+}
 
 
 def describe_exit(code: int) -> str:

@@ -118,7 +118,7 @@ class Worker:
         if self.boot_error is not None:
             reason = f"cannot load {self.spec.config.model_path}: {self.boot_error}"
             log.error("worker %s: %s", self.worker_id, reason)
-            self.send(P.Fatal(reason=reason, cannot_boot=True))
+            self.send(P.Fatal(reason=reason, kind=P.FatalKind.CANNOT_BOOT))
             self.close()
             os._exit(EXIT_CANNOT_BOOT)
         self.send(
@@ -164,7 +164,7 @@ class Worker:
             traceback.print_exc()
             # On the data socket: the router must see it after this engine's last output.
             try:
-                inbox.send(P.Fatal(reason=reason))
+                inbox.send(P.Fatal(reason=reason, kind=P.FatalKind.ENGINE_DIED))
             except OSError:
                 pass
             self.notify(_DIED)
@@ -254,7 +254,7 @@ class Worker:
                 stalled = self._engine_stalled(now)
                 if stalled is not None:
                     log.error("worker %s: %s; exiting", self.worker_id, stalled)
-                    self.send(P.Fatal(reason=stalled))
+                    self.send(P.Fatal(reason=stalled, kind=P.FatalKind.STALLED))
                     return EXIT_FATAL
                 if now - router_seen > self.interval * self.liveness:
                     log.error(
