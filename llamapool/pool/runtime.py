@@ -171,11 +171,15 @@ class ModelRuntime:
 
     # -- commands (admin API, signals, reload) ----------------------------------
 
-    def ensure_capacity(self) -> None:
-        """Start the model on demand; raise InsufficientMemory if no instance can fit now."""
+    def want_instance(self) -> None:
+        """Start the model on demand (an instance is wanted whenever a request waits)."""
         if self.target < 1:
             self._want(1, "a request arrived")
             self.reconcile(self.pool.clock())
+
+    def ensure_capacity(self) -> None:
+        """Start the model on demand; raise InsufficientMemory if no instance can fit now."""
+        self.want_instance()
         if self.memory_blocked and not self.pool.workers_of(self.id):
             raise errors.InsufficientMemory(self.memory_blocked, retry_after=5)
 

@@ -296,10 +296,9 @@ class Scheduler:
             return refusal
         if model_id not in self.queues:
             return errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
-        try:
-            self.supervisor.ensure_capacity(model_id)  # e.g. scaled to 0 meanwhile
-        except errors.LlamapoolError as exc:
-            return exc
+        # An instance is wanted (it may have been scaled to 0 meanwhile). No memory verdict
+        # here: the dead worker's replacement is on its way, and queue_timeout bounds the wait.
+        self.supervisor.want_instance(model_id)
         return None
 
     def _finish(self, job: Job, event: Event) -> None:

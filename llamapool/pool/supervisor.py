@@ -133,6 +133,10 @@ class Supervisor:
         """Start a model on demand; raise InsufficientMemory if no instance can ever fit now."""
         self.models[model_id].ensure_capacity()
 
+    def want_instance(self, model_id: str) -> None:
+        """Start a model on demand, whatever memory said last (a requeued job waits)."""
+        self.models[model_id].want_instance()
+
     def scale(self, model_id: str, instances: int) -> None:
         """Set a model's instance count (ModelRuntime.scale)."""
         self.models[model_id].scale(instances)
