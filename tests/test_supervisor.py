@@ -353,3 +353,31 @@ def test_scaling_an_on_demand_model_to_none_is_standby(tiny_gguf):
     assert pool.sup.models["m"].state is ModelState.READY
     pool.sup.scale("m", 0)
     assert pool.sup.models["m"].state is ModelState.STANDBY
+
+
+def test_workers_killed_by_a_model_failure_are_not_deaths_after_a_load(tiny_gguf):
+    # A model fails (one worker cannot boot); its other workers are SIGKILLed but, held up,
+    # are reaped only after an operator's load. Those kills are the old failure's, not new
+    # deaths: they must not count as restarts nor fail the model again.
+    pool = fake_pool(
+        tiny_gguf, models=[{"id": "m", "min_instances": 4, "max_instances": 4}], restart_attempts=2
+    )
+    for _ in range(4):
+        pool.tick()
+    workers = pool.workers()
+    for w in workers:
+        pool.ready(w)
+    for w in workers[1:]:
+        pool.proc(w).ignore_sigkill = True
+    pool.proc(workers[0]).exit(78)
+    pool.tick()
+    runtime = pool.sup.models["m"]
+    assert runtime.state is ModelState.FAILED
+    restarts = runtime.restarts
+    pool.sup.load("m")
+    for w in workers[1:]:
+        pool.proc(w).ignore_sigkill = False
+        pool.proc(w).exit(-9)
+    pool.tick()
+    assert runtime.state is not ModelState.FAILED, runtime.reason
+    assert runtime.restarts == restarts

@@ -120,6 +120,10 @@ class ModelRuntime:
         """A worker of this model died unasked: count it, back off, or give up."""
         if self.state in (ModelState.FAILED, ModelState.UNLOADED, ModelState.REMOVED):
             return  # nothing is wanted of it: not a restart
+        if cause is ExitCause.MODEL_FAILED:
+            # Killed for an earlier failure and reaped only after a load or a retry: that
+            # failure was counted already; this is no new death.
+            return
         self.restarts += 1
         self.pool.observer.worker_restarted(self.id, cause)
         if cause is ExitCause.CANNOT_BOOT:
