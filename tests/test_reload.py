@@ -72,3 +72,16 @@ def test_a_file_with_any_error_is_rejected_whole(tmp_path, tiny_gguf):
         read_config(path)
     with pytest.raises(errors.InvalidRequest, match="not started from a config file"):
         read_config(None)
+
+
+def test_queue_limits_alone_retune_the_model_without_a_restart():
+    old = _config(_model("a"), _model("b"), _model("c"))
+    new = _config(
+        _model("a", max_queue=3, queue_timeout=5, max_request_time=30),
+        _model("b", max_queue=3, config={"n_ctx": 512}),
+        _model("c", max_queue=3),
+    )
+    plan = plan_reload(old.models, new, failed={"c"})
+    assert [s.id for s in plan.retuned] == ["a"]  # its instances stay
+    assert [s.id for s in plan.changed] == ["b", "c"]  # b's llama settings; c is FAILED
+    assert plan.summary()["changed"] == ["b", "c", "a"]

@@ -356,6 +356,9 @@ class Broker:
         for spec in plan.changed:
             sup.replace_spec(spec)
             self.scheduler.add_model(spec)  # its queue takes the new limits
+        for spec in plan.retuned:
+            sup.models[spec.id].spec = spec  # the instances stay: nothing they run changed
+            self.scheduler.add_model(spec)
         for model_id in plan.retried:
             sup.load(model_id)
         for model_id in plan.removed:

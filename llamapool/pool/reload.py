@@ -10,11 +10,16 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from llamapool import errors
 from llamapool.config import Config, ConfigError, ModelSpec, load_config
 
 # Blocks read once at start; a reload reports their changes instead of applying them.
 RESTART_BLOCKS = ("pool", "server", "admin")
+# A model's fields that only the router's queue reads: a change to them alone takes effect
+# at once, and the running instances (and their prompt caches) stay.
+QUEUE_LIMITS = ("max_queue", "queue_timeout", "max_request_time")
 
 
 @dataclass
@@ -24,6 +29,8 @@ class ReloadPlan:
     added: list[ModelSpec] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[ModelSpec] = field(default_factory=list)
+    # Changed in QUEUE_LIMITS alone: the new limits apply, the instances stay.
+    retuned: list[ModelSpec] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     # Unchanged models that are FAILED: their file may be fixed, so they are tried again.
     retried: list[str] = field(default_factory=list)
@@ -34,7 +41,7 @@ class ReloadPlan:
         return {
             "added": [spec.id for spec in self.added],
             "removed": list(self.removed),
-            "changed": [spec.id for spec in self.changed],
+            "changed": [spec.id for spec in self.changed + self.retuned],
             "unchanged": list(self.unchanged),
             "retried": list(self.retried),
             "warnings": list(self.warnings),
@@ -75,7 +82,11 @@ def plan_reload(
         if model_id not in running:
             plan.added.append(spec)
         elif running[model_id] != spec:
-            plan.changed.append(spec)
+            # A FAILED model is replaced, whatever changed: that is its retry.
+            if model_id not in failed and _only_queue_limits_differ(running[model_id], spec):
+                plan.retuned.append(spec)
+            else:
+                plan.changed.append(spec)
         else:
             plan.unchanged.append(model_id)
             if model_id in failed:
@@ -88,3 +99,8 @@ def plan_reload(
             if getattr(new, block) != getattr(current, block)
         ]
     return plan
+
+
+def _only_queue_limits_differ(old: ModelSpec, new: ModelSpec) -> bool:
+    same_limits = {name: getattr(old, name) for name in QUEUE_LIMITS}
+    return msgspec.structs.replace(new, **same_limits) == old

@@ -270,6 +270,21 @@ def test_reload_keeps_unchanged_replaces_changed_drains_removed(serve, tiny_gguf
         assert chat(server.url, m).status_code == 200
 
 
+def test_a_reload_of_queue_limits_alone_keeps_the_instances(serve, tiny_gguf, tmp_path):
+    server = serve([model_entry("m", tiny_gguf, config={"n_ctx": 4096})])
+    (before,) = [w["pid"] for w in server.pool()["workers"]]
+    config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
+    data = yaml.safe_load(config_path.read_text())
+    data["models"][0]["max_request_time"] = 0.3
+    config_path.write_text(yaml.safe_dump(data))
+    r = server.admin("POST", "/admin/reload")
+    assert r.status_code == 200 and r.json()["changed"] == ["m"], r.text
+    # The new limit applies at once, on the worker that was already running.
+    timed_out = chat(server.url, "m", 4000, "tell a long story")
+    assert timed_out.status_code == 504, timed_out.text
+    assert [w["pid"] for w in server.pool()["workers"]] == [before]
+
+
 def test_metrics_move_as_requests_are_served(serve, tiny_gguf):
     server = serve([model_entry("m", tiny_gguf, max_queue=1)])
     assert _metric(server, "llamapool_requests_total", model="m") == 0
