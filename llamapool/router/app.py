@@ -86,6 +86,10 @@ def _reload_on_sighup(loop: asyncio.AbstractEventLoop, broker: Broker) -> bool:
     return True
 
 
+def _sighup_while_stopping() -> None:
+    log.warning("SIGHUP ignored: the server is shutting down")
+
+
 def create_app(
     config: Config,
     *,
@@ -108,8 +112,12 @@ def create_app(
             yield
         finally:
             if on_sighup:
-                loop.remove_signal_handler(signal.SIGHUP)
+                # Not the default action while the pool drains: a reload racing a stop
+                # (`systemctl reload` during a restart) would kill the router mid-drain.
+                loop.add_signal_handler(signal.SIGHUP, _sighup_while_stopping)
             await broker.stop()
+            if on_sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
 
     routes = [
         Route("/health", health, methods=["GET"]),

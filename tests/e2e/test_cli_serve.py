@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from serverutil import TAG_ENV, chat, is_content_line, model_entry, tagged_processes
+from serverutil import TAG_ENV, chat, chat_body, is_content_line, model_entry, tagged_processes
 
 
 def test_log_dir_gets_router_and_worker_logs(serve, tiny_gguf, tmp_path):
@@ -253,3 +253,36 @@ def test_sighup_reloads_models_and_api_keys(serve, tiny_gguf):
     assert server.proc.poll() is None
     assert models("new-key").status_code == 200
     assert chat(server.url, model="added", headers=_bearer("new-key")).status_code == 200
+
+
+def test_a_sighup_while_the_pool_drains_does_not_kill_the_server(serve, tiny_gguf, tmp_path):
+    # The engine stalls after its first chunk, so the pool's drain lasts its whole grace:
+    # a SIGHUP then (a reload racing a stop) must be ignored, not end the router at once.
+    server = serve(
+        [model_entry("m", tiny_gguf)],
+        pool={"grace": 3},
+        env={"LLAMAPOOL_TEST_FAULT": "stall:1", "LLAMAPOOL_TEST_FAULT_FILE": str(tmp_path / "f")},
+    )
+    streaming = threading.Event()
+
+    def stream() -> None:
+        body = chat_body("m", "x", 64, stream=True)
+        try:
+            with httpx.stream(
+                "POST", f"{server.url}/v1/chat/completions", json=body, timeout=60
+            ) as r:
+                for line in r.iter_lines():
+                    if is_content_line(line):
+                        streaming.set()
+        except httpx.HTTPError:
+            pass  # the server cut it, as it should
+
+    client = threading.Thread(target=stream, daemon=True)
+    client.start()
+    assert streaming.wait(30), server.log_text()
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for(lambda: "pool shutting down" in server.log_text(), what="the pool's drain")
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.proc.wait(30) == 0, server.log_text()
+    assert "SIGHUP ignored: the server is shutting down" in server.log_text()
+    client.join(10)
