@@ -35,6 +35,8 @@ _YAML12_FLOAT = re.compile(
 
 T = TypeVar("T")
 FLASH_ATTN_VALUES = ("auto", "on", "off")
+# One share per GPU, at most llama.cpp's LLAMA_MAX_DEVICES of them.
+Shares = Annotated[list[NonNegativeFloat], msgspec.Meta(min_length=1, max_length=16)]
 
 
 class ConfigError(Exception):
@@ -50,7 +52,13 @@ class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     model_path: str
     n_ctx: PositiveInt = 4096
-    n_gpu_layers: int = 0
+    # Offloaded from the end: the output layer, then the last repeating layers; -1: all.
+    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = 0
+    # Over the GPUs an instance sees: by layer, by row, or all on main_gpu (none); the
+    # visible GPUs' shares, e.g. [3, 1] (null: in proportion to free VRAM).
+    split_mode: Literal["layer", "row", "none"] = "layer"
+    main_gpu: NonNegativeInt = 0
+    tensor_split: Shares | None = None
     n_batch: PositiveInt = 512
     # Requests one instance decodes together (continuous batching); each gets n_ctx.
     n_parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
@@ -95,6 +103,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     queue_timeout: PositiveFloat = 60.0
     # Seconds a dispatched request may run before it is cancelled (504 request_timeout).
     max_request_time: PositiveFloat | None = None
+    # GPUs its instances take turns on, one each (null: every instance sees every GPU).
+    gpus: Annotated[list[NonNegativeInt], msgspec.Meta(min_length=1)] | None = None
 
     @property
     def instance_limit(self) -> int:
@@ -119,6 +129,8 @@ class PoolSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     failed_retry_after: PositiveFloat | None = 300.0
     grace: NonNegativeFloat = 30.0
     memory_budget: str | int = "80%"
+    # Of each GPU's VRAM, same forms; applies where NVML reports GPUs.
+    gpu_memory_budget: str | int = "90%"
     max_worker_memory: str | int | None = None
     memory_check_interval: PositiveFloat = 2.0
 
@@ -280,6 +292,7 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
             f"{label}: config.flash_attn: {cfg.flash_attn!r} is not one of "
             f"{', '.join(FLASH_ATTN_VALUES)}"
         )
+    _check_gpu_placement(label, spec)
     # A disabled model is not served, so its files need not exist (yet).
     check = check_files and spec.enabled
     cfg.model_path = _model_file(label, "model_path", cfg.model_path, base_dir, check)
@@ -288,13 +301,31 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
     return spec
 
 
+def _check_gpu_placement(label: str, spec: ModelSpec) -> None:
+    """Refuse GPU settings llama.cpp would reject or silently ignore."""
+    cfg = spec.config
+    if cfg.tensor_split is not None and not any(cfg.tensor_split):
+        raise ConfigError(f"{label}: config.tensor_split: at least one share must be above 0")
+    if spec.gpus is None:
+        return
+    if len(set(spec.gpus)) != len(spec.gpus):
+        raise ConfigError(f"{label}: gpus: {spec.gpus} lists a GPU twice")
+    # Each instance then sees one GPU only (its CUDA_VISIBLE_DEVICES), as device 0.
+    if cfg.tensor_split is not None or cfg.main_gpu != 0:
+        key = "tensor_split" if cfg.tensor_split is not None else "main_gpu"
+        raise ConfigError(
+            f"{label}: config.{key}: with gpus each instance sees only its own GPU, as device "
+            f"0; set gpus or {key}, not both"
+        )
+
+
 def parse_config(data: Any, *, path: Path | None = None, check_files: bool = True) -> Config:
     """Validate a parsed YAML document; per-model problems land in `Config.broken`."""
     where = str(path) if path else "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping with a `models:` list")
     top = _convert(data, _TopLevel, where)
-    for key in ("memory_budget", "max_worker_memory"):
+    for key in ("memory_budget", "max_worker_memory", "gpu_memory_budget"):
         value = getattr(top.pool, key)
         try:
             if value is not None and parse_bytes(value, total=1 << 40) <= 0:

@@ -439,3 +439,53 @@ def test_max_request_time(tiny_gguf):
     )
     assert config.models["m"].max_request_time is None  # default: no limit
     assert config.models["t"].max_request_time == 2.5
+
+
+def test_gpu_placement_keys(tiny_gguf):
+    spec = parse_config(
+        {
+            "pool": {"gpu_memory_budget": "20GiB"},
+            "models": [
+                _model(tiny_gguf, gpus=[0, 1], config={"n_gpu_layers": -1, "split_mode": "none"}),
+                _model(tiny_gguf, id="split", config={"tensor_split": [3, 1], "main_gpu": 1}),
+            ],
+        }
+    )
+    assert spec.pool.gpu_memory_budget == "20GiB"
+    assert spec.models["m"].gpus == [0, 1]
+    assert spec.models["m"].config.n_gpu_layers == -1
+    assert spec.models["split"].config.tensor_split == [3.0, 1.0]
+    assert spec.models["split"].config.split_mode == "layer"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            {"config": {"tensor_split": [1, -1]}},
+            r"config\.tensor_split\[1\]: Expected `float` >= 0",
+        ),
+        ({"config": {"tensor_split": [1, float("inf")]}}, r"config\.tensor_split\[1\]"),
+        ({"config": {"tensor_split": [0, 0]}}, r"config\.tensor_split: at least one share"),
+        ({"config": {"tensor_split": []}}, r"config\.tensor_split: Expected `array` of length"),
+        ({"config": {"tensor_split": [1] * 17}}, r"config\.tensor_split: Expected `array`"),
+        ({"config": {"tensor_split": ["a"]}}, r"config\.tensor_split\[0\]: Expected `float`"),
+        ({"config": {"split_mode": "rows"}}, r"config\.split_mode"),
+        ({"config": {"n_gpu_layers": -2}}, r"config\.n_gpu_layers"),
+        ({"config": {"main_gpu": -1}}, r"config\.main_gpu"),
+        ({"gpus": []}, r"gpus: Expected `array` of length >= 1"),
+        ({"gpus": [0, 0]}, r"gpus: \[0, 0\] lists a GPU twice"),
+        ({"gpus": [-1]}, r"gpus\[0\]"),
+        ({"gpus": [0, 1], "config": {"tensor_split": [1, 1]}}, r"config\.tensor_split: with gpus"),
+        ({"gpus": [1], "config": {"main_gpu": 1}}, r"config\.main_gpu: with gpus .* not both"),
+    ],
+)
+def test_bad_gpu_settings_name_the_model_and_key(tiny_gguf, kw, message):
+    config = parse_config({"models": [_model(tiny_gguf, id="ok"), _model(tiny_gguf, **kw)]})
+    assert "ok" in config.models
+    assert re.search(rf"model 'm': .*{message}", config.broken["m"]), config.broken["m"]
+
+
+def test_bad_gpu_memory_budget_rejects_the_file(tiny_gguf):
+    with pytest.raises(ConfigError, match="pool.gpu_memory_budget"):
+        parse_config({"pool": {"gpu_memory_budget": "110%"}, "models": [_model(tiny_gguf)]})

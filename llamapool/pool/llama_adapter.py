@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 DECODE_ABORTED = 2
 # The sampler chain's repetition window, as in llama-cpp-python's Llama.
 _PENALTY_LAST_N = 64
+# llama.cpp's llama_split_mode values, by the config's names.
+_SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
 
 
 def open_llama(cfg: LlamaSettings, *, n_ctx: int | None = None, seed: int | None = None) -> Any:
@@ -37,6 +39,9 @@ def open_llama(cfg: LlamaSettings, *, n_ctx: int | None = None, seed: int | None
         "model_path": cfg.model_path,
         "n_ctx": n_ctx or cfg.n_ctx,
         "n_gpu_layers": cfg.n_gpu_layers,
+        "split_mode": _SPLIT_MODES[cfg.split_mode],
+        "main_gpu": cfg.main_gpu,
+        "tensor_split": cfg.tensor_split,
         "n_batch": min(cfg.n_batch, n_ctx or cfg.n_batch),
         "use_mmap": cfg.use_mmap,
         "use_mlock": cfg.use_mlock,
