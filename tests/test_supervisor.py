@@ -381,3 +381,28 @@ def test_workers_killed_by_a_model_failure_are_not_deaths_after_a_load(tiny_gguf
     pool.tick()
     assert runtime.state is not ModelState.FAILED, runtime.reason
     assert runtime.restarts == restarts
+
+
+# -- placement ---------------------------------------------------------------------
+
+
+def test_instances_take_turns_on_the_models_gpus(tiny_gguf):
+    pool = fake_pool(
+        tiny_gguf,
+        models=[{"id": "m", "min_instances": 4, "max_instances": 4, "gpus": [0, 1]}],
+    )
+    for _ in range(4):
+        pool.tick()  # one spawn per model per tick
+    assert [p.launch.gpu for p in pool.launcher.started] == [0, 1, 0, 1]
+    assert [w.gpu for w in pool.workers()] == [0, 1, 0, 1]
+    assert pool.workers()[1].history[0][2].endswith("and GPU 1")
+    # A replacement goes where the instance it replaces was.
+    pool.sup.kill(pool.workers()[1], ExitCause.PROTOCOL, "test")
+    pool.tick()
+    assert pool.launcher.started[-1].launch.gpu == 1
+
+
+def test_without_gpus_workers_see_every_gpu(tiny_gguf):
+    pool = fake_pool(tiny_gguf)
+    pool.tick()
+    assert pool.launcher.started[0].launch.gpu is None and pool.only().gpu is None

@@ -36,6 +36,7 @@ class WorkerHandle:
     ended_from: WorkerState | None = None  # the state it was in when its end began
     history: deque = field(default_factory=lambda: deque(maxlen=20))  # (time, state, reason)
     memory: Sample | None = None
+    gpu: int | None = None  # the one GPU it sees (the model's `gpus`); None: it sees them all
     channel: Any = None  # the DataChannel the broker wraps around `data`
 
     @property

@@ -35,6 +35,7 @@ class WorkerLaunch:
     heartbeat_liveness: int
     stall_timeout: float
     log_level: str
+    gpu: int | None = None  # the only GPU it may see (NVML's index); None: every GPU
 
 
 class ProcessHandle(Protocol):
@@ -110,6 +111,11 @@ class LocalLauncher:
         env[SPEC_ENV] = msgspec.json.encode(launch.spec).decode()
         # llama.cpp reads OMP/OpenBLAS thread counts from the environment; keep them in step.
         env["OMP_NUM_THREADS"] = str(launch.spec.config.n_threads)
+        # CUDA numbers GPUs fastest first unless told otherwise; NVML (and nvidia-smi, and
+        # the config's `gpus`) by PCI bus. One order for both, so the numbers mean one GPU.
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        if launch.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(launch.gpu)
         cmd = [
             self.python,
             "-m",

@@ -190,11 +190,25 @@ class Supervisor:
         ranked = sorted(self.cpus, key=lambda c: (load[c], c))
         return sorted(ranked[: min(n, len(ranked))])
 
+    def gpu_for(self, model_id: str) -> int | None:
+        """The GPU the next instance of `model_id` gets: of the model's `gpus`, the one with
+        the fewest of its instances (first listed on a tie), so instances go 0, 1, 0, 1 and
+        a replacement takes the place of the one it replaces; None without `gpus`."""
+        gpus = self.models[model_id].spec.gpus
+        if not gpus:
+            return None
+        count = dict.fromkeys(gpus, 0)
+        for w in self.serving(model_id):
+            if w.gpu in count:
+                count[w.gpu] += 1
+        return min(gpus, key=lambda g: count[g])
+
     def spawn(self, model_id: str) -> WorkerHandle:
         """Start one worker of `model_id` through the launcher."""
         spec = self.models[model_id].spec
         n_threads = self._threads_for(spec)
         cores = self._pick_cores(n_threads)
+        gpu = self.gpu_for(model_id)
         worker_spec = msgspec.structs.replace(
             spec, config=msgspec.structs.replace(spec.config, n_threads=n_threads)
         )
@@ -210,6 +224,7 @@ class Supervisor:
                 heartbeat_liveness=s.heartbeat_liveness,
                 stall_timeout=s.engine_stall_timeout,
                 log_level=self.log_level,
+                gpu=gpu,
             )
         )
         now = self.clock()
@@ -221,9 +236,11 @@ class Supervisor:
             n_threads=n_threads,
             started_at=now,
             last_seen=now,
+            gpu=gpu,
         )
         self.workers[worker_id] = w
-        self._record(w, WorkerState.STARTING, f"spawned pid {process.pid} on cores {cores}")
+        where = f"cores {cores}" if gpu is None else f"cores {cores} and GPU {gpu}"
+        self._record(w, WorkerState.STARTING, f"spawned pid {process.pid} on {where}")
         self.on_spawned(w)
         return w
 
