@@ -116,9 +116,14 @@ class FakePool:
 
 
 def fake_pool(
-    model_path: pathlib.Path, models: list[dict[str, Any]] | None = None, **pool: Any
+    model_path: pathlib.Path,
+    models: list[dict[str, Any]] | None = None,
+    *,
+    gpu: Any = None,
+    **pool: Any,
 ) -> FakePool:
-    """A pool of `models` (default: one model `m`, one instance) on fake processes."""
+    """A pool of `models` (default: one model `m`, one instance) on fake processes; with
+    `gpu` (a GpuReader, e.g. fakegpu.FakeGpuReader) it accounts VRAM, else there is no GPU."""
     models = models or [{"id": "m"}]
     entries = [
         {**m, "config": {"model_path": str(model_path), **m.get("config", {})}} for m in models
@@ -137,6 +142,7 @@ def fake_pool(
         launcher=launcher,
         clock=clock,
         sample_router=lambda: None,
+        gpu_reader=lambda: gpu,
     )
     holder["p"] = FakePool(sup, launcher, clock, metrics)
     sup.cpus = [0, 1]

@@ -126,3 +126,17 @@ def test_budget_counts_the_router_measured_workers_and_estimates_for_booting_one
     pool.tick()  # reaped: nothing is charged for it any more (its replacement boots)
     assert budget.used() == 70 * MiB + 30 * MiB + fp.cost(1)
     assert len(pool.launcher.started) == 3
+
+
+def test_evictions_for_vram_free_only_what_lacks():
+    cands = [
+        Candidate("gpu1", "m1", 100, last_used=1.0, vram={1: 500}),
+        Candidate("gpu0-old", "m2", 100, last_used=2.0, vram={0: 300}),
+        Candidate("gpu0-new", "m3", 100, last_used=3.0, vram={0: 300}),
+    ]
+    # RAM is fine; GPU 0 lacks 400: the instance on GPU 1 is spared, though least recent.
+    chosen = choose_evictions(cands, 0, {0: 400})
+    assert [c.worker_id for c in chosen] == ["gpu0-old", "gpu0-new"]
+    assert choose_evictions(cands, 0, {0: 700}) is None
+    assert [c.worker_id for c in choose_evictions(cands, 150, {0: 1})] == ["gpu1", "gpu0-old"]
+    assert choose_evictions(cands, -5, {0: 0}) == []

@@ -37,6 +37,7 @@ class WorkerHandle:
     history: deque = field(default_factory=lambda: deque(maxlen=20))  # (time, state, reason)
     memory: Sample | None = None
     gpu: int | None = None  # the one GPU it sees (the model's `gpus`); None: it sees them all
+    vram: dict[int, int] | None = None  # bytes on each GPU as NVML last reported its process
     channel: Any = None  # the DataChannel the broker wraps around `data`
 
     @property

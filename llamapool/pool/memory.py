@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psutil
 
 from llamapool.config import ModelSpec, PoolSettings, parse_bytes
+from llamapool.pool.gguf_header import GGUFError, GGUFHeader, read_gguf
+from llamapool.pool.gguf_header import read_gguf_scalars as read_gguf_scalars  # lived here first
+from llamapool.pool.gpus import GpuReader, open_reader
 from llamapool.pool.lifecycle import ExitCause, WorkerState
+from llamapool.pool.vram import Shortfall, VramBudget, offload, open_budget
 
 if TYPE_CHECKING:
     from llamapool.pool.handle import WorkerHandle
@@ -32,89 +35,20 @@ MiB = 1 << 20
 # USS on x86-64 Linux with a tiny model.
 PROCESS_BASE = 48 * MiB
 
-# -- GGUF metadata ------------------------------------------------------------
-
-_SCALARS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f",
-    7: "<?", 10: "<Q", 11: "<q", 12: "<d",
-}  # fmt: skip
-_STRING, _ARRAY = 8, 9
-
-
-class GGUFError(ValueError):
-    """The file is not a GGUF we can read the header of."""
-
-
-def _read(fh: IO[bytes], fmt: str) -> Any:
-    size = struct.calcsize(fmt)
-    data = fh.read(size)
-    if len(data) != size:
-        raise GGUFError("truncated GGUF header")
-    return struct.unpack(fmt, data)[0]
-
-
-def _read_string(fh: IO[bytes]) -> str:
-    n = _read(fh, "<Q")
-    if n > 1 << 24:
-        raise GGUFError("implausible string length in GGUF header")
-    return fh.read(n).decode("utf-8", errors="replace")
-
-
-def _skip_value(fh: IO[bytes], vtype: int) -> None:
-    if vtype in _SCALARS:
-        fh.seek(struct.calcsize(_SCALARS[vtype]), os.SEEK_CUR)
-    elif vtype == _STRING:
-        fh.seek(_read(fh, "<Q"), os.SEEK_CUR)
-    elif vtype == _ARRAY:
-        etype, count = _read(fh, "<I"), _read(fh, "<Q")
-        if etype in _SCALARS:
-            fh.seek(struct.calcsize(_SCALARS[etype]) * count, os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_value(fh, etype)
-    else:
-        raise GGUFError(f"unknown GGUF value type {vtype}")
-
-
-def read_gguf_scalars(path: str) -> dict[str, Any]:
-    """The scalar and string key/values of a GGUF header; an array's length as `<key>#count`."""
-    out: dict[str, Any] = {}
-    with open(path, "rb", buffering=1 << 16) as fh:
-        if fh.read(4) != b"GGUF":
-            raise GGUFError(f"{path} is not a GGUF file (bad magic)")
-        version = _read(fh, "<I")
-        if version not in (2, 3):
-            raise GGUFError(f"{path}: unsupported GGUF version {version}")
-        _read(fh, "<Q")  # tensor count
-        for _ in range(_read(fh, "<Q")):
-            key = _read_string(fh)
-            vtype = _read(fh, "<I")
-            if vtype in _SCALARS:
-                out[key] = _read(fh, _SCALARS[vtype])
-            elif vtype == _STRING:
-                out[key] = _read_string(fh)
-            elif vtype == _ARRAY:
-                start = fh.tell()
-                _read(fh, "<I")  # element type
-                out[f"{key}#count"] = _read(fh, "<Q")
-                fh.seek(start)
-                _skip_value(fh, vtype)
-            else:
-                _skip_value(fh, vtype)
-    return out
-
-
 # -- estimates ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Footprint:
-    """Estimated bytes of a model: weights (shared by instances when mmap'ed) + per instance."""
+    """Estimated bytes of a model: weights (shared by instances when mmap'ed) + per instance,
+    in RAM; and what each instance puts on its GPU(s) (`vram`: never shared, as every
+    process uploads its own copy)."""
 
     weights: int
     kv_cache: int
     overhead: int
     shared_weights: bool
+    vram: int = 0
 
     @property
     def per_instance(self) -> int:
@@ -127,17 +61,20 @@ class Footprint:
         return self.per_instance
 
 
-def estimate(spec: ModelSpec) -> Footprint:
-    """Estimate a model's memory from its GGUF header, n_ctx and n_parallel."""
+def estimate(spec: ModelSpec, *, gpu: bool = False) -> Footprint:
+    """Estimate a model's memory from its GGUF header, n_ctx and n_parallel; with `gpu`
+    (a GPU is there to take them), n_gpu_layers' share goes to `vram` (see vram.offload)."""
     cfg = spec.config
     weights = os.path.getsize(cfg.model_path)
     if cfg.mmproj_path:
         weights += os.path.getsize(cfg.mmproj_path)
     kv = 0
+    header: GGUFHeader | None
     try:
-        meta = read_gguf_scalars(cfg.model_path)
+        header = read_gguf(cfg.model_path)
     except (OSError, GGUFError):
-        meta = {}
+        header = None
+    meta = header.meta if header else {}
     arch = meta.get("general.architecture")
     if arch:
         n_layer = int(meta.get(f"{arch}.block_count", 0))
@@ -154,7 +91,8 @@ def estimate(spec: ModelSpec) -> Footprint:
     # the weights covers the rest.
     n_vocab = int(meta.get("tokenizer.ggml.tokens#count") or meta.get(f"{arch}.vocab_size") or 0)
     overhead = PROCESS_BASE + weights // 20 + cfg.n_batch * n_vocab * 4
-    return Footprint(weights=weights, kv_cache=kv, overhead=overhead, shared_weights=cfg.use_mmap)
+    fp = Footprint(weights=weights, kv_cache=kv, overhead=overhead, shared_weights=cfg.use_mmap)
+    return offload(fp, cfg, header) if gpu and header is not None else fp
 
 
 # -- measurement ----------------------------------------------------------------
@@ -199,18 +137,30 @@ class Candidate:
     model_id: str
     charge: int
     last_used: float
+    vram: Mapping[int, int] = field(default_factory=dict)  # what it holds on each GPU
 
 
-def choose_evictions(candidates: Iterable[Candidate], needed: int) -> list[Candidate] | None:
-    """Least recently used first, until `needed` bytes are freed; None if they cannot be."""
+def choose_evictions(
+    candidates: Iterable[Candidate], needed: int, needed_vram: Mapping[int, int] | None = None
+) -> list[Candidate] | None:
+    """Least recently used first, until `needed` bytes of RAM and `needed_vram` bytes on
+    each GPU are freed, skipping any that frees nothing still lacking (an instance on
+    another GPU); None if they cannot be."""
+    lacking = {d: n for d, n in (needed_vram or {}).items() if n > 0}
     chosen: list[Candidate] = []
-    freed = 0
     for cand in sorted(candidates, key=lambda c: c.last_used):
-        if freed >= needed:
+        if needed <= 0 and not lacking:
             break
+        if not (needed > 0 and cand.charge > 0) and not any(cand.vram.get(d) for d in lacking):
+            continue
         chosen.append(cand)
-        freed += cand.charge
-    return chosen if freed >= needed else None
+        needed -= cand.charge
+        for d, n in cand.vram.items():
+            if d in lacking:
+                lacking[d] -= n
+                if lacking[d] <= 0:
+                    del lacking[d]
+    return chosen if needed <= 0 and not lacking else None
 
 
 class OverLimit:
@@ -253,6 +203,7 @@ class MemoryBudget:
         *,
         sample_router: Callable[[], Sample | None] = lambda: sample(os.getpid()),
         available: Callable[[], int] = lambda: psutil.virtual_memory().available,
+        gpu_reader: Callable[[], GpuReader | None] = open_reader,
     ):
         self.pool = pool
         self.limit = budget_bytes(settings.memory_budget)
@@ -264,6 +215,8 @@ class MemoryBudget:
         self.sample_router = sample_router
         self.available = available
         self.router: Sample | None = sample_router()
+        # None without NVIDIA GPUs or nvidia-ml-py: then RAM is the only budget.
+        self.vram: VramBudget | None = open_budget(gpu_reader, settings.gpu_memory_budget)
         self._next_check = 0.0
 
     def used(self) -> int:
@@ -289,17 +242,40 @@ class MemoryBudget:
         model_id = runtime.id
         needed = runtime.footprint.cost(len(self.pool.workers_of(model_id)))
         free = min(self.limit - self.used(), self.available())
-        if needed <= free:
+        short: list[Shortfall] = []
+        if self.vram is not None:
+            gpu_needs = self.vram.estimate(
+                runtime.footprint, runtime.spec, self.pool.gpu_for(model_id)
+            )
+            short = self.vram.shortfalls(gpu_needs, self.vram_used())
+        if needed <= free and not short:
             runtime.memory_blocked = None
             return True
-        victims = choose_evictions(self.eviction_candidates(model_id), needed - free)
+        lacking_vram = {s.device: s.lacking for s in short}
+        victims = choose_evictions(self.eviction_candidates(model_id), needed - free, lacking_vram)
         if victims is None:
-            reason = (
-                f"model {model_id!r} needs ~{fmt_bytes(needed)} for another instance but only "
-                f"{fmt_bytes(max(0, free))} of the {fmt_bytes(self.limit)} memory budget is free, "
-                "and no idle instance of another model can be evicted; raise pool.memory_budget "
-                "or unload a model"
-            )
+            if needed > free:
+                reason = (
+                    f"model {model_id!r} needs ~{fmt_bytes(needed)} for another instance but only "
+                    f"{fmt_bytes(max(0, free))} of the {fmt_bytes(self.limit)} memory budget is "
+                    "free, and no idle instance of another model can be evicted; raise "
+                    "pool.memory_budget or unload a model"
+                )
+            elif self.vram is not None and self.vram.reading.device(short[0].device) is None:
+                seen = ", ".join(map(str, self.vram.devices))
+                reason = (
+                    f"model {model_id!r} is placed on GPU {short[0].device} (gpus), but NVML "
+                    f"sees only GPU {seen}; fix the model's gpus"
+                )
+            else:
+                s = short[0]
+                reason = (
+                    f"model {model_id!r} needs ~{fmt_bytes(s.needed)} of VRAM on GPU {s.device} "
+                    f"for another instance but only {fmt_bytes(max(0, s.free))} of its "
+                    f"{fmt_bytes(s.limit)} gpu_memory_budget is free, and no idle instance of "
+                    "another model there can be evicted; raise pool.gpu_memory_budget, lower "
+                    "n_gpu_layers, n_ctx or n_parallel, or unload a model"
+                )
             if reason != runtime.memory_blocked:
                 log.error("%s", reason)
             runtime.memory_blocked = reason
@@ -336,12 +312,26 @@ class MemoryBudget:
             if spare.get(w.model_id, 0) > 0:
                 spare[w.model_id] -= 1
                 charge = w.memory.charge if w.memory else self._estimate_of(w)
-                out.append(Candidate(w.id, w.model_id, charge, w.last_used))
+                vram = self.vram_of(w)
+                out.append(Candidate(w.id, w.model_id, charge, w.last_used, vram))
         return out
 
     def _estimate_of(self, w: WorkerHandle) -> int:
         runtime = self.pool.models.get(w.model_id) or self.pool.removed.get(w.model_id)
         return runtime.footprint.per_instance if runtime and runtime.footprint else 0
+
+    def vram_of(self, w: WorkerHandle) -> dict[int, int]:
+        """What a worker holds on each GPU (measured once it is up, else estimated)."""
+        runtime = self.pool.models.get(w.model_id) or self.pool.removed.get(w.model_id)
+        if self.vram is None or runtime is None:
+            return {}
+        return self.vram.charge(w, runtime.footprint, runtime.spec)
+
+    def vram_used(self) -> dict[int, int]:
+        """The pool's use of each GPU: its live workers' VRAM."""
+        if self.vram is None:
+            return {}
+        return self.vram.used(self.vram_of(w) for w in self.pool.live_workers())
 
     def check(self, now: float) -> None:
         """Sample every live worker; drain and restart one that stays above its limit."""
@@ -349,7 +339,11 @@ class MemoryBudget:
             return
         self._next_check = now + self.interval
         self.router = self.sample_router()
+        if self.vram is not None:
+            self.vram.refresh()
         for w in self.pool.live_workers():
+            if self.vram is not None:
+                w.vram = self.vram.measured(w.pid)
             if w.state is WorkerState.STARTING:
                 continue
             w.memory = w.process.memory()

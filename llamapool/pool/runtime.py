@@ -169,7 +169,7 @@ class ModelRuntime:
     def refresh_footprint(self) -> None:
         """The memory estimate of the spec, from its file as it is now."""
         try:
-            self.footprint = estimate(self.spec)
+            self.footprint = estimate(self.spec, gpu=self.pool.memory.vram is not None)
         except OSError as exc:
             log.warning("cannot estimate the memory of %s: %s", self.id, exc)
 

@@ -22,6 +22,7 @@ import msgspec
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
 from llamapool.pool.events import PoolObserver
+from llamapool.pool.gpus import GpuReader, open_reader
 from llamapool.pool.handle import WorkerHandle
 from llamapool.pool.launcher import Launcher, LocalLauncher, WorkerLaunch
 from llamapool.pool.lifecycle import (
@@ -60,6 +61,7 @@ class Supervisor:
         launcher: Launcher | None = None,
         clock: Callable[[], float] = time.monotonic,
         sample_router: Callable[[], Sample | None] = lambda: sample(os.getpid()),
+        gpu_reader: Callable[[], GpuReader | None] = open_reader,
     ):
         self.settings = settings
         self.endpoint = endpoint
@@ -78,7 +80,9 @@ class Supervisor:
         self.workers: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
         self.cpus = sorted(os.sched_getaffinity(0))
-        self.memory = MemoryBudget(self, settings, sample_router=sample_router)
+        self.memory = MemoryBudget(
+            self, settings, sample_router=sample_router, gpu_reader=gpu_reader
+        )
         self.stopping = False  # set at shutdown: nothing is respawned any more
 
     # -- models -----------------------------------------------------------------
