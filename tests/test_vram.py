@@ -7,13 +7,16 @@ import os
 import pytest
 from fakegpu import FakeGpuReader
 from fakepool import fake_pool
+from prometheus_client.parser import text_string_to_metric_families
 from tinymodel import N_CTX_TRAIN, N_LAYER
 
 from llamapool import errors
 from llamapool.config import parse_config
+from llamapool.pool import status
 from llamapool.pool.gguf_header import read_gguf
 from llamapool.pool.lifecycle import ExitCause
 from llamapool.pool.memory import MiB, estimate
+from llamapool.pool.scheduler import Scheduler
 from llamapool.pool.vram import CUDA_CONTEXT, device_shares, offload
 
 GiB = 1 << 30
@@ -186,10 +189,47 @@ def test_a_failed_read_keeps_the_last_reading(tiny_gguf, caplog):
     assert pool.sup.memory.vram.devices == [0, 1]
 
 
+def test_status_and_metrics_show_vram_per_worker_and_per_gpu(tiny_gguf):
+    pool, reader = _gpu_pool(tiny_gguf, [{"id": "m", "gpus": [1]}])
+    scheduler = Scheduler(pool.sup, lambda w, m: True)
+    scheduler.add_model(pool.sup.models["m"].spec)
+    pool.sup.ensure_capacity("m")
+    w = pool.only()
+    reader.set_process(w.pid, {1: 700 * MiB})
+    pool.ready(w)
+    pool.tick(advance=5)
+    view = status.pool_status(pool.sup, scheduler, {})
+    (shown,) = view["workers"]
+    assert shown["gpu"] == 1 and shown["vram"] == {"1": 700 * MiB}
+    gpu1 = view["gpus"][1]
+    assert gpu1["name"] == "NVIDIA H200" and gpu1["budget"] == GiB
+    assert gpu1["pool_used"] == 700 * MiB and gpu1["used"] == 512 * MiB + 700 * MiB
+    assert view["models"][0]["estimate"]["vram"] == pool.sup.models["m"].footprint.vram
+
+    pool.metrics.set_pool_source(lambda: status.metrics_snapshot(pool.sup, scheduler))
+    pool.metrics.set_gpu_source(lambda: status.gpu_status(pool.sup))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(pool.metrics.render().decode())
+        for s in family.samples
+    }
+    worker = (("gpu", "1"), ("model", "m"), ("worker", w.id))
+    assert samples["llamapool_worker_vram_bytes", worker] == 700 * MiB
+    assert samples["llamapool_gpu_memory_bytes", (("gpu", "1"), ("kind", "pool_used"))] == (
+        700 * MiB
+    )
+    assert samples["llamapool_gpu_memory_bytes", (("gpu", "0"), ("kind", "total"))] == (
+        143771 * MiB
+    )
+
+
 def test_without_a_gpu_there_is_no_vram_accounting(tiny_gguf):
     pool = fake_pool(tiny_gguf, models=[{"id": "m", "config": {"n_gpu_layers": -1}}])
     assert pool.sup.memory.vram is None
     assert pool.sup.models["m"].footprint.vram == 0
+    scheduler = Scheduler(pool.sup, lambda w, m: True)
+    scheduler.add_model(pool.sup.models["m"].spec)
+    assert status.pool_status(pool.sup, scheduler, {})["gpus"] is None
 
 
 def test_a_gpu_nvml_does_not_see_is_named(tiny_gguf):

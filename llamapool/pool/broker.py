@@ -390,3 +390,7 @@ class Broker:
     def metrics_snapshot(self) -> list[dict[str, Any]]:
         """Gauges for /metrics."""
         return views.metrics_snapshot(self.supervisor, self.scheduler)
+
+    def gpu_snapshot(self) -> list[dict[str, Any]]:
+        """Per-GPU gauges for /metrics; none without VRAM accounting."""
+        return views.gpu_status(self.supervisor) or []

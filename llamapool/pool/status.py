@@ -57,6 +57,8 @@ def worker_status(sup: Supervisor, w: WorkerHandle) -> dict[str, Any]:
         "n_threads": w.n_threads,
         "rss": w.memory.rss if w.memory else None,
         "pss": w.memory.pss if w.memory else None,
+        "gpu": w.gpu,
+        "vram": _by_gpu(w.vram),
         "uptime_s": round(time.monotonic() - w.started_at, 3),
         "served": w.served,
         "capacity": w.capacity,
@@ -89,8 +91,36 @@ def model_status(sup: Supervisor, scheduler: Scheduler, model_id: str) -> dict[s
         "last_error": runtime.reason or runtime.memory_blocked,
         "restarts": runtime.restarts,
         "evictions": runtime.evictions,
-        "estimate": {"weights": fp.weights, "per_instance": fp.per_instance} if fp else None,
+        "estimate": {"weights": fp.weights, "per_instance": fp.per_instance, "vram": fp.vram}
+        if fp
+        else None,
     }
+
+
+def _by_gpu(values: dict[int, int] | None) -> dict[str, int] | None:
+    # JSON keys are strings; say so here rather than let the encoder do it silently.
+    return {str(d): n for d, n in sorted(values.items())} if values is not None else None
+
+
+def gpu_status(sup: Supervisor) -> list[dict[str, Any]] | None:
+    """Each GPU for /admin/pool and /metrics: NVML's last reading, the budget and the pool's
+    share; None without VRAM accounting (no NVIDIA GPU or no nvidia-ml-py)."""
+    vram = sup.memory.vram
+    if vram is None:
+        return None
+    used = sup.memory.vram_used()
+    return [
+        {
+            "index": d.index,
+            "name": d.name,
+            "total": d.total,
+            "used": d.used,
+            "free": d.free,
+            "budget": vram.limits.get(d.index),
+            "pool_used": used.get(d.index, 0),
+        }
+        for d in vram.reading.devices
+    ]
 
 
 def pool_status(sup: Supervisor, scheduler: Scheduler, broken: Mapping[str, str]) -> dict[str, Any]:
@@ -105,6 +135,7 @@ def pool_status(sup: Supervisor, scheduler: Scheduler, broken: Mapping[str, str]
             "used": sup.memory.used(),
             "router": sup.memory.router.charge if sup.memory.router else None,
         },
+        "gpus": gpu_status(sup),
     }
 
 
@@ -118,6 +149,8 @@ def metrics_snapshot(sup: Supervisor, scheduler: Scheduler) -> list[dict[str, An
                 "state": w.state.value,
                 "rss": w.memory.rss if w.memory else None,
                 "pss": w.memory.pss if w.memory else None,
+                "gpu": w.gpu,
+                "vram": w.vram,
             }
             for w in sup.workers_of(model_id)
         ]

@@ -105,6 +105,7 @@ def create_app(
         broker = Broker(config, log_level=log_level, worker_log=worker_log, observer=metrics)
         app.state.broker = broker
         metrics.set_pool_source(broker.metrics_snapshot)
+        metrics.set_gpu_source(broker.gpu_snapshot)
         await broker.start()
         loop = asyncio.get_running_loop()
         on_sighup = _reload_on_sighup(loop, broker)

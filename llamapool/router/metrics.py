@@ -35,13 +35,30 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
-class WorkerSnapshot(TypedDict):
-    """One worker as the pool reports it at scrape time."""
-
+class _WorkerBase(TypedDict):
     worker: str
     state: str
     rss: int | None
     pss: int | None
+
+
+class WorkerSnapshot(_WorkerBase, total=False):
+    """One worker as the pool reports it at scrape time (VRAM only where NVML reports it)."""
+
+    gpu: int | None
+    vram: dict[int, int] | None
+
+
+class GpuSnapshot(TypedDict):
+    """One GPU at scrape time: NVML's reading, the pool's budget and the pool's share."""
+
+    index: int
+    name: str
+    total: int
+    used: int
+    free: int
+    budget: int | None
+    pool_used: int
 
 
 class ModelSnapshot(TypedDict):
@@ -54,6 +71,8 @@ class ModelSnapshot(TypedDict):
 
 
 PoolSource = Callable[[], Iterable[ModelSnapshot]]
+GpuSource = Callable[[], Iterable[GpuSnapshot]]
+GPU_KINDS = ("total", "used", "free", "budget", "pool_used")
 
 
 class _PoolCollector(Collector):
@@ -61,6 +80,7 @@ class _PoolCollector(Collector):
 
     def __init__(self) -> None:
         self.source: PoolSource | None = None
+        self.gpu_source: GpuSource | None = None
 
     def describe(self) -> Iterable[Metric]:
         # Nothing to declare up front; returning [] also keeps the registry from
@@ -86,13 +106,29 @@ class _PoolCollector(Collector):
             "Worker memory as last sampled (PSS counts shared mmap'ed weights once).",
             labels=["model", "worker", "kind"],
         )
+        vram = GaugeMetricFamily(
+            "llamapool_worker_vram_bytes",
+            "Worker VRAM per GPU as NVML last reported it for the worker's process.",
+            labels=["model", "worker", "gpu"],
+        )
+        gpu_memory = GaugeMetricFamily(
+            "llamapool_gpu_memory_bytes",
+            "Per GPU: total, used and free VRAM (NVML), the pool's budget, and what the "
+            "pool's workers hold (pool_used).",
+            labels=["gpu", "kind"],
+        )
         try:
             snapshot = list(self.source()) if self.source is not None else []
+            gpus = list(self.gpu_source()) if self.gpu_source is not None else []
         except Exception:
             # A broken snapshot must not turn the whole scrape into a 500: the
             # counters and histograms are still worth having.
             log.exception("cannot read the pool for /metrics")
-            snapshot = []
+            snapshot, gpus = [], []
+        for g in gpus:
+            for kind in GPU_KINDS:
+                if g.get(kind) is not None:
+                    gpu_memory.add_metric([str(g["index"]), kind], g[kind])
         for m in snapshot:
             model = m["model"]
             queue.add_metric([model], m["queue_depth"])
@@ -106,7 +142,9 @@ class _PoolCollector(Collector):
                     value = w.get(kind)
                     if value is not None:
                         memory.add_metric([*labels, kind], value)
-        yield from (queue, model_state, worker_state, memory)
+                for gpu, value in sorted((w.get("vram") or {}).items()):
+                    vram.add_metric([*labels, str(gpu)], value)
+        yield from (queue, model_state, worker_state, memory, vram, gpu_memory)
 
 
 def _states(known: tuple[str, ...], current: str) -> tuple[str, ...]:
@@ -174,6 +212,10 @@ class Metrics(PoolObserver):
     def set_pool_source(self, fn: PoolSource | None) -> None:
         """Read gauges from `fn()` at every scrape; it runs on the scraping thread."""
         self._pool.source = fn
+
+    def set_gpu_source(self, fn: GpuSource | None) -> None:
+        """Read per-GPU gauges from `fn()` at every scrape."""
+        self._pool.gpu_source = fn
 
     def request_finished(self, model: str, status: int, code: str | None = None) -> None:
         """Count one finished request (`code` is the OpenAI error code, None on success)."""
