@@ -1,0 +1,1 @@
+"""The GPU run of issue #15: llamapool against llama-server on one lent GPU (see run.sh)."""
