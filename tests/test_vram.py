@@ -236,3 +236,21 @@ def test_a_gpu_nvml_does_not_see_is_named(tiny_gguf):
     pool, _ = _gpu_pool(tiny_gguf, [{"id": "m", "gpus": [3]}])
     with pytest.raises(errors.InsufficientMemory, match=r"on GPU 3 \(gpus\), but NVML sees"):
         pool.sup.ensure_capacity("m")
+
+
+def test_a_scale_beyond_a_gpus_budget_is_refused_up_front(tiny_gguf):
+    pool, _ = _gpu_pool(tiny_gguf, [{"id": "m", "max_instances": 4, "gpus": [0, 1]}])
+    fp = pool.sup.models["m"].footprint
+    # Room for two instances on each GPU: four fit, placed 0, 1, 0, 1.
+    pool.sup.memory.vram.limits = {0: 2 * fp.vram + fp.vram // 2, 1: 2 * fp.vram + fp.vram // 2}
+    pool.sup.scale("m", 4)
+    for _ in range(4):
+        pool.sup.reconcile(pool.clock())
+    assert sorted(w.gpu for w in pool.workers()) == [0, 0, 1, 1]
+    pool.sup.scale("m", 2)  # the two still booting are killed
+    pool.tick()
+    assert sorted(w.gpu for w in pool.workers()) == [0, 1]
+    # Another process now holds GPU 1 but for one and a half instances.
+    pool.sup.memory.vram.limits = {0: 2 * fp.vram + fp.vram // 2, 1: fp.vram + fp.vram // 2}
+    with pytest.raises(errors.InsufficientMemory, match=r"more VRAM on GPU 1 .* gpu_memory_budget"):
+        pool.sup.scale("m", 4)  # the second one on GPU 1 would not fit

@@ -292,6 +292,23 @@ class MemoryBudget:
             other.settle(reason)
         return False
 
+    def vram_shortfall(self, runtime: ModelRuntime, more: int) -> Shortfall | None:
+        """What `more` instances of a model would lack on the first GPU short of VRAM,
+        placed as they would be (round-robin over its gpus); None if they fit or there
+        is no VRAM accounting."""
+        if self.vram is None or runtime.footprint is None or more <= 0:
+            return None
+        needs: dict[int, int] = {}
+        planned: dict[int, int] = {}
+        for _ in range(more):
+            gpu = self.pool.gpu_for(runtime.id, planned)
+            if gpu is not None:
+                planned[gpu] = planned.get(gpu, 0) + 1
+            for d, n in self.vram.estimate(runtime.footprint, runtime.spec, gpu).items():
+                needs[d] = needs.get(d, 0) + n
+        short = self.vram.shortfalls(needs, self.vram_used())
+        return short[0] if short else None
+
     def eviction_candidates(self, model_id: str) -> list[Candidate]:
         """Idle instances of other models, least recently used first, never below a model's
         min_instances and never a busy one."""

@@ -214,6 +214,14 @@ class ModelRuntime:
                     f"{fmt_bytes(max(0, free))} of the {fmt_bytes(budget)} budget is free",
                     retry_after=5,
                 )
+            short = self.pool.memory.vram_shortfall(self, instances - len(live))
+            if short is not None:
+                raise errors.InsufficientMemory(
+                    f"scaling {self.id} to {instances} needs ~{fmt_bytes(short.needed)} more "
+                    f"VRAM on GPU {short.device} but only {fmt_bytes(max(0, short.free))} of "
+                    f"its {fmt_bytes(short.limit)} gpu_memory_budget is free",
+                    retry_after=5,
+                )
         self._want(instances, f"scaled to {instances}")
         extra = len(live) - instances
         # Idle ones first (least recently used), then busy ones, which finish before exiting.

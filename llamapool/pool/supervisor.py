@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO
 
 import msgspec
@@ -194,14 +194,15 @@ class Supervisor:
         ranked = sorted(self.cpus, key=lambda c: (load[c], c))
         return sorted(ranked[: min(n, len(ranked))])
 
-    def gpu_for(self, model_id: str) -> int | None:
+    def gpu_for(self, model_id: str, planned: Mapping[int, int] | None = None) -> int | None:
         """The GPU the next instance of `model_id` gets: of the model's `gpus`, the one with
         the fewest of its instances (first listed on a tie), so instances go 0, 1, 0, 1 and
-        a replacement takes the place of the one it replaces; None without `gpus`."""
+        a replacement takes the place of the one it replaces; None without `gpus`.
+        `planned`: instances per GPU about to be added (a scale's check)."""
         gpus = self.models[model_id].spec.gpus
         if not gpus:
             return None
-        count = dict.fromkeys(gpus, 0)
+        count = {g: (planned or {}).get(g, 0) for g in gpus}
         for w in self.serving(model_id):
             if w.gpu in count:
                 count[w.gpu] += 1
