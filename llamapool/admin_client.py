@@ -230,6 +230,15 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _format_vram(vram: Any) -> str:
+    """A worker's VRAM: one GPU's bytes, or `gpu:bytes` for each of several."""
+    if not isinstance(vram, dict) or not vram:
+        return "-"
+    if len(vram) == 1:
+        return format_bytes(next(iter(vram.values())))
+    return " ".join(f"{gpu}:{format_bytes(n)}" for gpu, n in sorted(vram.items()))
+
+
 def render_pool(pool: dict[str, Any], *, now: float | None = None) -> str:
     """The `llamapool ps` text for a `GET /admin/pool` body: models, then workers."""
     now = time.time() if now is None else now
@@ -248,6 +257,8 @@ def render_pool(pool: dict[str, Any], *, now: float | None = None) -> str:
                 _cell(m.get("last_error")),
             ]
         )
+    # GPU columns only where a worker has a GPU or VRAM to show: CPU pools read as before.
+    gpus = any(w.get("gpu") is not None or w.get("vram") for w in workers)
     worker_rows = [
         [
             _cell(w.get("id")),
@@ -257,6 +268,7 @@ def render_pool(pool: dict[str, Any], *, now: float | None = None) -> str:
             format_cores(w.get("cores")),
             format_bytes(w.get("rss")),
             format_bytes(w.get("pss")),
+            *([_cell(w.get("gpu")), _format_vram(w.get("vram"))] if gpus else []),
             format_duration(w.get("uptime_s")),
             _cell(w.get("served")),
             _cell(w.get("restarts")),
@@ -272,8 +284,9 @@ def render_pool(pool: dict[str, Any], *, now: float | None = None) -> str:
         parts.append("no models")
     if worker_rows:
         headers = [
-            *("WORKER", "MODEL", "PID", "STATE", "CORES", "RSS", "PSS", "UPTIME"),
-            *("SERVED", "RESTARTS", "LAST TRANSITION"),
+            *("WORKER", "MODEL", "PID", "STATE", "CORES", "RSS", "PSS"),
+            *(("GPU", "VRAM") if gpus else ()),
+            *("UPTIME", "SERVED", "RESTARTS", "LAST TRANSITION"),
         ]
         parts.append(render_table(headers, worker_rows))
     else:

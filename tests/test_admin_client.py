@@ -337,3 +337,15 @@ def test_reload_names_the_failed_models_it_retried():
     body = {"added": [], "removed": [], "changed": [], "unchanged": ["a", "b"], "retried": ["b"]}
     assert render_reload(body).splitlines()[-1] == "retried:   b"
     assert "retried" not in render_reload({**body, "retried": []})
+
+
+def test_render_pool_shows_gpus_only_where_there_are_some():
+    assert "VRAM" not in render_pool(POOL, now=NOW)
+    worker = {**POOL["workers"][0], "gpu": 1, "vram": {"1": 700 * 1024 * 1024}}
+    spread = {**POOL["workers"][0], "id": "w2", "gpu": None, "vram": {"0": 1 << 30, "1": 1 << 30}}
+    text = render_pool({"models": [], "workers": [worker, spread]}, now=NOW)
+    header, first, second = text.splitlines()[2:5]
+    assert header.split()[6:9] == ["PSS", "GPU", "VRAM"]
+    at = header.index("GPU")
+    assert first[at:].startswith(f"1    {format_bytes(700 * 1024 * 1024)}")
+    assert f"-    0:{format_bytes(1 << 30)} 1:{format_bytes(1 << 30)}" in second
