@@ -25,8 +25,7 @@ MODEL=${MODEL:-$WORK/llama-1b-shape-f16.gguf}
 
 die() { echo "run.sh: $*" >&2; exit 1; }
 
-sdist=$(ls "$CARRY"/llama_cpp_python-*.tar.gz 2>/dev/null | head -n1) ||
-  true
+sdist=$(ls "$CARRY"/llama_cpp_python-*.tar.gz 2>/dev/null | head -n1 || true)
 [ -n "$sdist" ] || die "no $CARRY/llama_cpp_python-*.tar.gz: run benchmarks/gpu/prepare.sh where a package registry is reachable, then carry .gpu-carry"
 SRC=$WORK/$(basename "$sdist" .tar.gz)
 LLAMA_CPP=$SRC/vendor/llama.cpp
@@ -37,33 +36,43 @@ unpack() {
   [ -d "$SRC" ] || tar xzf "$sdist" -C "$WORK"
 }
 
+built() { [ "$(cat "$WORK/build.rc" 2>/dev/null)" = 0 ]; }
+
 build() {
   unpack
-  if [ ! -f "$WORK/build.done" ] && ! { [ -f "$WORK/build.pid" ] && kill -0 "$(cat "$WORK/build.pid")" 2>/dev/null; }; then
+  if [ -f "$WORK/build.rc" ] && ! built; then
+    tail -n 40 "$WORK/build.log"
+    die "the build failed (log above; rm -r $WORK to start again)"
+  fi
+  if [ ! -f "$WORK/build.rc" ] && [ ! -f "$WORK/build.started" ]; then
     export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
     [ -x "$CUDACXX" ] || die "nvcc not found (set CUDACXX)"
     echo "building llama.cpp with CUDA (archs $CUDA_ARCHS, $JOBS jobs, $CUDACXX); log: $WORK/build.log"
-    # setsid + nohup: the build outlives this command (one command may run 10 minutes).
+    touch "$WORK/build.started"
+    # setsid + nohup: the build outlives this command (one command may run 10 minutes);
+    # its exit status lands in build.rc, whatever pid setsid ends up with.
     setsid nohup bash -c "
-      set -e
       cmake -S '$LLAMA_CPP' -B '$BUILD' -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES='$CUDA_ARCHS' -DBUILD_SHARED_LIBS=ON \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF
+        -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF &&
       cmake --build '$BUILD' -j '$JOBS' --target llama llama-server
-      touch '$WORK/build.done'
+      echo \$? >'$WORK/build.rc.tmp' && mv '$WORK/build.rc.tmp' '$WORK/build.rc'
     " >"$WORK/build.log" 2>&1 </dev/null &
-    echo $! >"$WORK/build.pid"
   fi
   local waited=0
-  while [ ! -f "$WORK/build.done" ] && kill -0 "$(cat "$WORK/build.pid")" 2>/dev/null; do
-    [ "$waited" -ge "$WAIT_S" ] && { tail -n 3 "$WORK/build.log"; echo "still building: run build again"; return 0; }
+  while [ ! -f "$WORK/build.rc" ]; do
+    if [ "$waited" -ge "$WAIT_S" ]; then
+      tail -n 3 "$WORK/build.log"
+      echo "still building after ${WAIT_S} s: run build again"
+      return 0
+    fi
     sleep 10
     waited=$((waited + 10))
   done
-  [ -f "$WORK/build.done" ] || { tail -n 40 "$WORK/build.log"; die "the build failed (log above)"; }
+  built || { tail -n 40 "$WORK/build.log"; die "the build failed (log above)"; }
   ls -la "$BUILD/bin"
-  echo "built in $WORK ($(grep -c . "$WORK/build.log") log lines)"
+  echo "built in $WORK"
 }
 
 python_env() {
@@ -95,11 +104,15 @@ check() {
   for f in "$REPO"/benchmarks/gpu/*.sh; do bash -n "$f"; done
   python3 -c 'import sys; print("python", sys.version.split()[0])'
   python3 -c 'import numpy, msgspec, zmq, psutil, yaml, jinja2, starlette, uvicorn, httpx, gguf, rich, diskcache, prometheus_client, pynvml; print("imports ok")'
-  [ -f "$WORK/build.done" ] && python3 -c 'import llama_cpp; print("llama.cpp GPU offload:", llama_cpp.llama_supports_gpu_offload())' || echo "not built yet"
+  if built; then
+    python3 -c 'import llama_cpp; print("llama.cpp GPU offload:", llama_cpp.llama_supports_gpu_offload())'
+  else
+    echo "not built yet"
+  fi
 }
 
 bench() {
-  [ -f "$WORK/build.done" ] || die "not built yet: benchmarks/gpu/run.sh build"
+  built || die "not built yet: benchmarks/gpu/run.sh build"
   python_env
   python3 -c 'import llama_cpp, sys; ok = llama_cpp.llama_supports_gpu_offload(); print("GPU offload:", ok); sys.exit(0 if ok else 1)' ||
     die "llama.cpp was built without a GPU backend"
