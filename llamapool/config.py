@@ -151,11 +151,26 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=64 << 20)] = 1 << 20
 
 
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class PlacementSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The top-level `placement:` block: where workers run, how they reach the router."""
+
+    backend: Literal["local", "ray"] = "local"  # ray: issue #11, refused until built
+    # ipc: socket pairs and ipc:// (local only); tcp: workers dial back (ipc.remote).
+    transport: Literal["ipc", "tcp"] = "ipc"
+    advertise_host: str = "127.0.0.1"  # the address workers dial; the router binds it
+    port: Port = 0  # control (ZeroMQ + CURVE); 0: any free port
+    data_port: Port = 0  # data (TLS); 0: any free port
+
+
 class _TopLevel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     models: list[Any]
     pool: PoolSettings = msgspec.field(default_factory=PoolSettings)
     admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    placement: PlacementSettings = msgspec.field(default_factory=PlacementSettings)
     api_keys: list[str] | None = None
 
 
@@ -170,6 +185,7 @@ class Config:
     path: Path | None = None
     admin: AdminSettings = field(default_factory=AdminSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    placement: PlacementSettings = field(default_factory=PlacementSettings)
 
 
 def resolve_model_path(value: str, base_dir: Path | None = None) -> Path:
@@ -332,6 +348,10 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
                 raise ValueError(f"{value!r} must be more than 0 bytes")
         except ValueError as exc:
             raise ConfigError(f"{where}: pool.{key}: {exc}") from None
+    if top.placement.backend == "ray":
+        raise ConfigError(
+            f"{where}: placement.backend: ray is not built yet (issue #11); use local"
+        )
     if top.api_keys is not None:
         _check_api_keys(top.api_keys, where)
     base_dir = path.parent if path else None
@@ -362,6 +382,7 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
         path=path,
         admin=top.admin,
         server=top.server,
+        placement=top.placement,
     )
 
 

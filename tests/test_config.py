@@ -108,6 +108,27 @@ def test_unknown_pool_key_rejects_the_file(tiny_gguf):
         parse_config({"pool": {"heartbeat": 1}, "models": [_model(tiny_gguf)]})
 
 
+def test_placement_defaults_to_local_ipc_and_takes_the_tcp_wire(tiny_gguf):
+    assert parse_config({"models": [_model(tiny_gguf)]}).placement.transport == "ipc"
+    placement = {"transport": "tcp", "advertise_host": "10.0.0.5", "port": 7001, "data_port": 0}
+    p = parse_config({"placement": placement, "models": [_model(tiny_gguf)]}).placement
+    assert (p.backend, p.transport, p.advertise_host, p.port) == ("local", "tcp", "10.0.0.5", 7001)
+
+
+@pytest.mark.parametrize(
+    ("placement", "match"),
+    [
+        ({"transprt": "tcp"}, "transprt"),
+        ({"transport": "udp"}, "transport"),
+        ({"port": 70000}, "port"),
+        ({"backend": "ray"}, "ray is not built yet"),
+    ],
+)
+def test_bad_placement_rejects_the_file(tiny_gguf, placement, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"placement": placement, "models": [_model(tiny_gguf)]})
+
+
 def test_infinite_times_are_refused(tiny_gguf, tmp_path):
     with pytest.raises(ConfigError, match=r"pool.heartbeat_interval: Expected `float` <= "):
         load_config(_write(tmp_path, {"pool": {"heartbeat_interval": float("inf")},
