@@ -28,9 +28,16 @@ def broker_endpoint(ipc_dir: str) -> str:
     return f"ipc://{os.path.join(ipc_dir, 'broker')}"
 
 
-def router_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    """The router's ROUTER socket; a send to a gone worker raises EHOSTUNREACH."""
+def router_socket(ctx: zmq.Context, endpoint: str, curve_secret: bytes | None = None) -> zmq.Socket:
+    """The router's ROUTER socket; a send to a gone worker raises EHOSTUNREACH.
+
+    With `curve_secret` it is a CURVE server whose clients ZAP checks (ipc.remote).
+    """
     sock = ctx.socket(zmq.ROUTER)
+    if curve_secret is not None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret)
+        sock.setsockopt_string(zmq.ZAP_DOMAIN, "llamapool")
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, _HWM)
@@ -39,9 +46,22 @@ def router_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def dealer_socket(ctx: zmq.Context, endpoint: str, identity: str) -> zmq.Socket:
-    """A worker's DEALER socket whose identity is its worker id."""
+def dealer_socket(
+    ctx: zmq.Context,
+    endpoint: str,
+    identity: str,
+    curve: tuple[bytes, bytes, bytes] | None = None,
+) -> zmq.Socket:
+    """A worker's DEALER socket whose identity is its worker id.
+
+    `curve`: (server public, own public, own secret) keys for a CURVE-encrypted link.
+    """
     sock = ctx.socket(zmq.DEALER)
+    if curve is not None:
+        server, public, secret = curve
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, _HWM)
