@@ -1,4 +1,5 @@
-"""The data channel between the router and a worker's engine, over a real socket pair.
+"""The data channel between the router and a worker's engine, over a real socket pair,
+and over a TLS connection as a worker that dials back has (ipc.remote).
 
 The router's end (`DataChannel`, on an asyncio loop) and the engine's end (`Inbox`,
 read like a queue by `serve`) talk to each other here exactly as they do in the pool.
@@ -10,12 +11,14 @@ import asyncio
 import os
 import queue
 import socket
+import ssl
 import threading
 
 import pytest
 
 from llamapool.ipc import protocol as P
 from llamapool.ipc.channel import DataChannel
+from llamapool.ipc.remote import make_certificate
 from llamapool.pool.engine_io import Inbox
 from llamapool.pool.worker import Worker
 
@@ -48,9 +51,34 @@ class _Engineside:
         os.close(self.wake_w)
 
 
-@pytest.fixture
-def pair():
-    router_end, engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[str, str]:
+    cert, key, _ = make_certificate(str(tmp_path_factory.mktemp("wire")))
+    return cert, key
+
+
+def _tls_pair(certificate: tuple[str, str]) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """Both ends of a socket pair wrapped in TLS 1.3, as the router and a worker hold them."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(*certificate)
+    server.num_tickets = 0
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    ends: list = []
+    thread = threading.Thread(target=lambda: ends.append(client.wrap_socket(b)))
+    thread.start()
+    router_end = server.wrap_socket(a, server_side=True)
+    thread.join(10)
+    return router_end, ends[0]
+
+
+@pytest.fixture(params=["socketpair", "tls"])
+def pair(request, certificate):
+    if request.param == "tls":
+        router_end, engine_end = _tls_pair(certificate)
+    else:
+        router_end, engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     worker = _Engineside()
     yield router_end, Inbox(worker, engine_end), worker  # type: ignore[arg-type]
     engine_end.close()

@@ -3,6 +3,10 @@
 Frames in are read by a loop reader and handed over one message at a time; frames out
 are written at once and, if the socket is full, buffered until it drains. Nothing here
 ever blocks the loop.
+
+The socket is a socket pair's end, or a worker's TLS connection (ipc.remote): TLS says
+"try again" with SSLWantReadError / SSLWantWriteError, which are OSErrors, not
+BlockingIOErrors, and holds decrypted bytes the descriptor no longer shows.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +23,7 @@ from llamapool.ipc import protocol as P
 log = logging.getLogger("llamapool.channel")
 
 _READ_SIZE = 1 << 16
+_AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class DataChannel:
@@ -40,6 +46,7 @@ class DataChannel:
         self.out = bytearray()
         self.closed = False
         self.eof = False
+        self.tls = isinstance(sock, ssl.SSLSocket)
         loop.add_reader(self.fd, self.read)
 
     def send(self, message: Any) -> bool:
@@ -50,7 +57,8 @@ class DataChannel:
         if not self.out:
             try:
                 sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except _AGAIN:
+                # TLS: a retry must offer the same bytes first, and `out` starts with them.
                 sent = 0
             except OSError:
                 return False
@@ -64,7 +72,7 @@ class DataChannel:
     def _flush(self) -> None:
         try:
             sent = self.sock.send(self.out)
-        except (BlockingIOError, InterruptedError):
+        except _AGAIN:
             return
         except OSError:
             sent = len(self.out)  # the worker is gone; its reaping tells the story
@@ -78,7 +86,7 @@ class DataChannel:
         while not self.closed and not self.eof:
             try:
                 data = self.sock.recv(_READ_SIZE)
-            except (BlockingIOError, InterruptedError):
+            except _AGAIN:
                 return
             except OSError:
                 data = b""
@@ -97,7 +105,10 @@ class DataChannel:
                 self.on_broken(str(self.reader.error))
                 return
             if len(data) < _READ_SIZE and not to_the_end:
-                return  # a short read emptied the socket; spare the EAGAIN syscall
+                # A short read emptied the socket (spare the EAGAIN syscall), unless TLS
+                # holds decrypted bytes: one TLS read returns at most one record.
+                if not (self.tls and self.sock.pending()):
+                    return
 
     def close(self) -> None:
         if self.closed:

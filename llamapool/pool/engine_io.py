@@ -8,6 +8,7 @@ import os
 import queue
 import select
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -51,13 +52,19 @@ class Inbox:
         """Wait up to `timeout` (None: forever) for bytes or a stop; False if none came."""
         # poll, not select: the socket's descriptor number comes from the router's
         # process and may be over select's limit of 1024.
-        ready = {fd for fd, _ in self.poller.poll(None if timeout is None else timeout * 1000)}
+        tls = isinstance(self.sock, ssl.SSLSocket)
+        if tls and self.sock.pending():
+            ready = {self.sock.fileno()}  # TLS holds decrypted bytes the descriptor hides
+        else:
+            ready = {fd for fd, _ in self.poller.poll(None if timeout is None else timeout * 1000)}
         if self.worker.wake_r in ready:
             os.read(self.worker.wake_r, 64)
         if self.sock.fileno() not in ready:
             return bool(ready)
         try:
-            data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            # A blocking TLS socket (it takes no flags): the router writes whole records, so
+            # a readable descriptor means a record is arriving and the wait is short.
+            data = self.sock.recv(1 << 16) if tls else self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
