@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import ssl
 import time
 from typing import IO, Any
 
@@ -18,11 +20,12 @@ from llamapool import errors
 from llamapool.config import Config, ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.ipc.channel import DataChannel
+from llamapool.ipc.remote import RemoteWire
 from llamapool.ipc.sockets import broker_endpoint, make_ipc_dir, remove_ipc_dir, router_socket
 from llamapool.pool import status as views
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
-from llamapool.pool.launcher import Launcher
+from llamapool.pool.launcher import Launcher, LocalLauncher
 from llamapool.pool.lifecycle import ExitCause, ModelState, WorkerState, fatal_cause
 from llamapool.pool.reload import plan_reload, read_config
 from llamapool.pool.scheduler import Job, Scheduler
@@ -53,7 +56,12 @@ class Broker:
         # A plain socket read from a loop reader: with zmq.asyncio's future per receive
         # the router's routing overhead at concurrency 1 was ~0.7 ms higher (bench p50).
         self.ctx = zmq.Context()
-        self.sock = router_socket(self.ctx, self.endpoint)
+        self.wire: RemoteWire | None = None
+        if config.placement.transport == "tcp":
+            self._open_wire()
+            launcher = launcher or LocalLauncher(worker_log, wire=self.wire)
+        else:
+            self.sock = router_socket(self.ctx, self.endpoint)
         self.supervisor = Supervisor(
             config.pool,
             self.endpoint,
@@ -82,6 +90,23 @@ class Broker:
         for model_id, reason in config.broken.items():
             log.error("model %s is not served: %s", model_id, reason)
 
+    def _open_wire(self) -> None:
+        """Workers dial back over TCP: a CURVE ROUTER socket and a TLS data listener."""
+        p = self.config.placement
+        self.wire = RemoteWire(self.ctx, self.ipc_dir, p.advertise_host, p.data_port)
+        port = p.port or "*"
+        self.sock = router_socket(
+            self.ctx, f"tcp://{p.advertise_host}:{port}", self.wire.server_secret
+        )
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info(
+            "workers dial back over TCP: control %s (CURVE, server key %s), data %s:%d (TLS)",
+            self.endpoint,
+            self.wire.server_public.decode(),
+            p.advertise_host,
+            self.wire.data_port,
+        )
+
     def _add_model(self, spec: ModelSpec) -> None:
         self.supervisor.add_model(spec)
         self.scheduler.add_model(spec)
@@ -92,6 +117,8 @@ class Broker:
         self._loop = asyncio.get_running_loop()
         self.supervisor.tick()
         self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._read_control)
+        if self.wire is not None:
+            self.wire.start(self._loop, self._on_dialed)
         self._tasks = [asyncio.create_task(self._tick_loop(), name="broker-tick")]
 
     async def stop(self, grace: float | None = None) -> None:
@@ -116,6 +143,8 @@ class Broker:
                 w.channel.close()
         await asyncio.to_thread(self.supervisor.terminate_all, 3.0)
         self._closed = True
+        if self.wire is not None:
+            self.wire.close()
         self.sock.close(linger=0)
         self.ctx.term()
         remove_ipc_dir(self.ipc_dir)
@@ -210,10 +239,23 @@ class Broker:
 
     def _attach(self, worker: WorkerHandle) -> None:
         """Read a newly spawned worker's data socket from the loop."""
-        assert self._loop is not None and worker.data is not None
+        if worker.data is not None:  # else it dials back: _on_dialed
+            self._open_channel(worker, worker.data)
+
+    def _on_dialed(self, worker_id: str, tls: ssl.SSLSocket) -> None:
+        """A worker's data connection, its token checked by the wire."""
+        worker = self.supervisor.workers.get(worker_id)
+        if worker is None or worker.channel is not None or worker.process.poll() is not None:
+            log.warning("data connection of worker %s closed: the worker is gone", worker_id)
+            tls.close()
+            return
+        self._open_channel(worker, tls)
+
+    def _open_channel(self, worker: WorkerHandle, sock: socket.socket) -> None:
+        assert self._loop is not None
         worker.channel = DataChannel(
             self._loop,
-            worker.data,
+            sock,
             lambda msg: self._on_data(worker, msg),
             lambda why: self._protocol_violation(worker, why),
         )
@@ -265,6 +307,8 @@ class Broker:
         if worker.channel is not None:
             # The supervisor has read what the worker wrote before it went.
             worker.channel.close()
+        if self.wire is not None:
+            self.wire.revoke(worker.id)
         self.scheduler.on_worker_lost(worker, reason)
 
     def _on_model_failed(self, model_id: str, reason: str) -> None:
@@ -368,6 +412,7 @@ class Broker:
             )
         # The API keys come with `new`; the restart-only blocks stay as they started.
         new.pool, new.server, new.admin = self.config.pool, self.config.server, self.config.admin
+        new.placement = self.config.placement
         self.config = new
         result = plan.summary()
         log.info("config reloaded: %s", result)

@@ -4,7 +4,8 @@ The supervisor only ever talks to a `Launcher` and the `ProcessHandle`s it retur
 its state logic runs against fakes in tests, and a launcher for processes elsewhere
 (Ray, issue #11) plugs in without touching it. `LocalLauncher` starts local
 subprocesses: its own session each (the supervisor kills process groups), the data
-socket handed over with `pass_fds`, the model spec in the environment.
+socket handed over with `pass_fds`, the model spec in the environment; or, given a
+`RemoteWire`, no socket: the worker dials back over TCP with the ticket it is handed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import IO, Protocol
 import msgspec
 
 from llamapool.config import ModelSpec
+from llamapool.ipc.remote import WIRE_ENV, RemoteWire
 from llamapool.pool.memory import Sample, sample
 from llamapool.pool.worker import SPEC_ENV
 
@@ -68,7 +70,7 @@ class Launcher(Protocol):
 class LocalProcess:
     """A worker subprocess of this router, in its own session."""
 
-    def __init__(self, popen: subprocess.Popen, data: socket.socket):
+    def __init__(self, popen: subprocess.Popen, data: socket.socket | None):
         self.popen = popen
         self.pid = popen.pid
         self.data: socket.socket | None = data
@@ -99,14 +101,21 @@ class LocalProcess:
 class LocalLauncher:
     """Runs `python -m llamapool.pool.worker` as a subprocess of this router."""
 
-    def __init__(self, worker_log: IO | None = None, python: str = sys.executable):
+    def __init__(
+        self,
+        worker_log: IO | None = None,
+        python: str = sys.executable,
+        wire: RemoteWire | None = None,
+    ):
         self.worker_log = worker_log
         self.python = python
+        self.wire = wire  # set: workers dial back over TCP (ipc.remote), no socket pair
 
     def start(self, launch: WorkerLaunch) -> LocalProcess:
         """Popen with a fresh socket pair; the child gets its end by file descriptor."""
         # The data socket: a pair, so no address to guard and no connection to wait for.
-        router_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # With a wire, none: the worker dials back and proves itself with its ticket.
+        router_end, child_end = _data_pair(self.wire is None)
         env = dict(os.environ)
         env[SPEC_ENV] = msgspec.json.encode(launch.spec).decode()
         # llama.cpp reads OMP/OpenBLAS thread counts from the environment; keep them in step.
@@ -124,8 +133,7 @@ class LocalLauncher:
             launch.worker_id,
             "--endpoint",
             launch.endpoint,
-            "--data-fd",
-            str(child_end.fileno()),
+            *(["--data-fd", str(child_end.fileno())] if child_end else []),
             "--parent-pid",
             str(os.getpid()),
             "--cores",
@@ -139,6 +147,8 @@ class LocalLauncher:
             "--log-level",
             launch.log_level,
         ]
+        if self.wire is not None:
+            env[WIRE_ENV] = self.wire.issue(launch.worker_id).encode()
         try:
             popen = subprocess.Popen(
                 cmd,
@@ -146,12 +156,22 @@ class LocalLauncher:
                 stdin=subprocess.DEVNULL,
                 stdout=self.worker_log,
                 stderr=self.worker_log,
-                pass_fds=(child_end.fileno(),),
+                pass_fds=(child_end.fileno(),) if child_end else (),
                 start_new_session=True,  # its own process group: we kill the whole group
             )
         except BaseException:
-            router_end.close()
+            if self.wire is not None:
+                self.wire.revoke(launch.worker_id)
+            if router_end:
+                router_end.close()
             raise
         finally:
-            child_end.close()
+            if child_end:
+                child_end.close()
         return LocalProcess(popen, router_end)
+
+
+def _data_pair(wanted: bool) -> tuple[socket.socket | None, socket.socket | None]:
+    if not wanted:
+        return None, None
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

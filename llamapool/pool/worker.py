@@ -11,7 +11,8 @@ An inproc PAIR socket tells the I/O thread when a request has finished or the en
 has died.
 
 Run as `python -m llamapool.pool.worker` by the supervisor; the model spec comes
-as JSON in the LLAMAPOOL_WORKER_SPEC environment variable.
+as JSON in the LLAMAPOOL_WORKER_SPEC environment variable. Without `--data-fd` the
+worker dials back over TCP (ipc.remote): its keys and token come in LLAMAPOOL_WORKER_WIRE.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import zmq
 from llamapool.config import ModelSpec
 from llamapool.errors import ErrorCode
 from llamapool.ipc import protocol as P
+from llamapool.ipc.remote import WIRE_ENV, WireTicket, curve_keys, dial_data
 from llamapool.ipc.sockets import dealer_socket
 from llamapool.pool.batch import BatchEngine
 from llamapool.pool.engine import Engine
@@ -87,10 +89,17 @@ class Worker:
         self.interval = args.heartbeat_interval
         self.liveness = args.heartbeat_liveness
         self.ctx = zmq.Context()
-        self.sock = dealer_socket(self.ctx, args.endpoint, self.worker_id)
+        curve = None
+        if args.data_fd is not None:
+            self.data = socket.socket(fileno=args.data_fd)  # the engine thread's alone
+        else:
+            # Before READY can be sent: the router has this connection when READY comes.
+            ticket = WireTicket.decode(os.environ.pop(WIRE_ENV))
+            self.data = dial_data(ticket)
+            curve = curve_keys(ticket)
+        self.sock = dealer_socket(self.ctx, args.endpoint, self.worker_id, curve)
         self.events = self.ctx.socket(zmq.PAIR)
         self.events.bind(_EVENTS)
-        self.data = socket.socket(fileno=args.data_fd)  # the engine thread's alone
         self.wake_r, self.wake_w = os.pipe()  # the I/O thread wakes an idle engine to stop
         self.stopping = False
         # Requests the engine accepted and has not finished: both threads read it (the
@@ -331,7 +340,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llamapool-worker")
     p.add_argument("--worker-id", required=True)
     p.add_argument("--endpoint", required=True)
-    p.add_argument("--data-fd", type=int, required=True)
+    p.add_argument("--data-fd", type=int, default=None)  # none: dial back over TCP
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--cores", default="")
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
@@ -354,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM from the supervisor: leave at once (no graceful stop here).
     signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))
     spec = msgspec.json.decode(os.environ[SPEC_ENV].encode(), type=ModelSpec)
-    worker = Worker(args, spec)
+    try:
+        worker = Worker(args, spec)
+    except OSError as exc:  # the router's data listener refused or cannot be reached
+        log.error("worker %s: cannot reach the router: %s", args.worker_id, exc)
+        return EXIT_CANNOT_BOOT
     worker.boot()
     code = worker.run()
     worker.stop_engine()  # lets an idle engine thread close its socket, so close() is quick
