@@ -127,3 +127,20 @@ def test_tcp_worker_exits_when_the_router_is_killed(serve, tiny_gguf):
         time.sleep(0.1)
     assert not tagged_processes(server.tag)
     assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+
+
+def test_tcp_worker_exits_when_the_router_falls_silent(serve, tiny_gguf):
+    # A stopped router keeps its TCP connections open, as a remote node's view of a hung
+    # or partitioned router would: only the heartbeat silence check can end the worker.
+    server = serve([model_entry("m", tiny_gguf)], pool=FAST, extra=TCP)
+    (worker,) = server.workers()
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        # A zombie until its stopped parent reaps it.
+        server.wait_for(
+            lambda: worker.status() == psutil.STATUS_ZOMBIE, timeout=10, what="the worker's exit"
+        )
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert "no message from the router for 2." in server.log_text()  # 0.5 s × 5 of silence
+    assert chat(server.url, max_tokens=4).status_code == 200  # served by a replacement
