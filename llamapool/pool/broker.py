@@ -26,8 +26,8 @@ from llamapool.pool import status as views
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
 from llamapool.pool.launcher import Launcher, LocalLauncher
-from llamapool.pool.lifecycle import ExitCause, ModelState, WorkerState, fatal_cause
-from llamapool.pool.reload import plan_reload, read_config
+from llamapool.pool.lifecycle import ExitCause, WorkerState, fatal_cause
+from llamapool.pool.reload import apply_reload, read_config
 from llamapool.pool.scheduler import Job, Scheduler
 from llamapool.pool.supervisor import Supervisor
 
@@ -384,32 +384,7 @@ class Broker:
         nothing.
         """
         new = read_config(path or self.config.path)
-        sup = self.supervisor
-        plan = plan_reload(
-            {model_id: runtime.spec for model_id, runtime in sup.models.items()},
-            new,
-            failed=[
-                model_id
-                for model_id, runtime in sup.models.items()
-                if runtime.state is ModelState.FAILED and not runtime.unloaded
-            ],
-            current=self.config,
-        )
-        for spec in plan.added:
-            self._add_model(spec)
-        for spec in plan.changed:
-            sup.replace_spec(spec)
-            self.scheduler.add_model(spec)  # its queue takes the new limits
-        for spec in plan.retuned:
-            sup.models[spec.id].spec = spec  # the instances stay: nothing they run changed
-            self.scheduler.add_model(spec)
-        for model_id in plan.retried:
-            sup.load(model_id)
-        for model_id in plan.removed:
-            sup.remove_model(model_id)
-            self.scheduler.fail_queued(
-                model_id, errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
-            )
+        plan = apply_reload(new, self.config, self.supervisor, self.scheduler)
         # The API keys come with `new`; the restart-only blocks stay as they started.
         new.pool, new.server, new.admin = self.config.pool, self.config.server, self.config.admin
         new.placement = self.config.placement

@@ -1,7 +1,7 @@
 """What a reload changes: the diff between the running models and a new config, as data.
 
-Pure functions, testable without processes; `Broker.reload` reads the file with
-`read_config`, asks `plan_reload` what to do and applies the plan.
+`plan_reload` is a pure function, testable without processes; `Broker.reload` reads the
+file with `read_config` and `apply_reload` carries the plan out on the running pool.
 """
 
 from __future__ import annotations
@@ -9,11 +9,17 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from llamapool import errors
 from llamapool.config import Config, ConfigError, ModelSpec, load_config
+from llamapool.pool.lifecycle import ModelState
+
+if TYPE_CHECKING:
+    from llamapool.pool.scheduler import Scheduler
+    from llamapool.pool.supervisor import Supervisor
 
 # Blocks read once at start; a reload reports their changes instead of applying them.
 RESTART_BLOCKS = ("pool", "server", "admin")
@@ -104,3 +110,37 @@ def plan_reload(
 def _only_queue_limits_differ(old: ModelSpec, new: ModelSpec) -> bool:
     same_limits = {name: getattr(old, name) for name in QUEUE_LIMITS}
     return msgspec.structs.replace(new, **same_limits) == old
+
+
+def apply_reload(
+    new: Config, current: Config, supervisor: Supervisor, scheduler: Scheduler
+) -> ReloadPlan:
+    """Take the running pool to `new`'s models; the plan it carried out."""
+    sup = supervisor
+    plan = plan_reload(
+        {model_id: runtime.spec for model_id, runtime in sup.models.items()},
+        new,
+        failed=[
+            model_id
+            for model_id, runtime in sup.models.items()
+            if runtime.state is ModelState.FAILED and not runtime.unloaded
+        ],
+        current=current,
+    )
+    for spec in plan.added:
+        sup.add_model(spec)
+        scheduler.add_model(spec)
+    for spec in plan.changed:
+        sup.replace_spec(spec)
+        scheduler.add_model(spec)  # its queue takes the new limits
+    for spec in plan.retuned:
+        sup.models[spec.id].spec = spec  # the instances stay: nothing they run changed
+        scheduler.add_model(spec)
+    for model_id in plan.retried:
+        sup.load(model_id)
+    for model_id in plan.removed:
+        sup.remove_model(model_id)
+        scheduler.fail_queued(
+            model_id, errors.ModelNotFound(f"model {model_id!r} was removed by a reload")
+        )
+    return plan
