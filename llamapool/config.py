@@ -71,6 +71,17 @@ class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Flash attention in every context: auto (llama-server's default: on where the device
     # supports it), on, or off. YAML 1.1 reads a bare on/off as a boolean: both are taken.
     flash_attn: str | bool = "auto"
+    # RAM for saved KV states of prompts that slots gave up (llama-server's --cache-ram);
+    # 0 turns it off. The default holds ~11k tokens of SmolLM2-135M's f16 KV cache (23 KiB
+    # a token): some 20 chats of a few hundred tokens, 2.7 full 4096-token contexts.
+    prompt_cache_bytes: str | int = "256MiB"
+
+    def prompt_cache_limit(self) -> int:
+        """Bytes the batching engine's RAM prompt cache may hold; 0 where none is kept
+        (embedding and multimodal models, reset_each_request)."""
+        if self.embedding or self.mmproj_path is not None or self.reset_each_request:
+            return 0
+        return parse_bytes(self.prompt_cache_bytes)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -255,6 +266,13 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
             f"{', '.join(FLASH_ATTN_VALUES)}"
         )
     _check_gpu_placement(label, spec)
+    try:
+        if str(cfg.prompt_cache_bytes).strip().endswith("%"):
+            raise ValueError(f"{cfg.prompt_cache_bytes!r}: give a size like 512MiB, not a share")
+        if parse_bytes(cfg.prompt_cache_bytes) < 0:
+            raise ValueError(f"{cfg.prompt_cache_bytes!r} is below 0 (0 turns the cache off)")
+    except ValueError as exc:
+        raise ConfigError(f"{label}: config.prompt_cache_bytes: {exc}") from None
     # A disabled model is not served, so its files need not exist (yet).
     check = check_files and spec.enabled
     cfg.model_path = _model_file(label, "model_path", cfg.model_path, base_dir, check)

@@ -45,6 +45,7 @@ def test_every_llama_key_is_accepted(tiny_gguf):
         "stop": ["</s>"],
         "seed": 7,
         "reset_each_request": True,
+        "prompt_cache_bytes": "64MiB",
     }
     config = parse_config(
         {
@@ -510,3 +511,34 @@ def test_bad_gpu_settings_name_the_model_and_key(tiny_gguf, kw, message):
 def test_bad_gpu_memory_budget_rejects_the_file(tiny_gguf):
     with pytest.raises(ConfigError, match="pool.gpu_memory_budget"):
         parse_config({"pool": {"gpu_memory_budget": "110%"}, "models": [_model(tiny_gguf)]})
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"),
+    [("1GiB", 1 << 30), ("512MB", 512_000_000), (0, 0), ("0", 0), (4096, 4096)],
+)
+def test_prompt_cache_bytes_takes_sizes(tiny_gguf, value, limit):
+    cfg = {"model_path": str(tiny_gguf), "prompt_cache_bytes": value}
+    config = parse_config({"models": [{"id": "e", "config": cfg}]})
+    assert config.models["e"].config.prompt_cache_limit() == limit
+
+
+def test_prompt_cache_is_off_where_no_batching_engine_keeps_one(tiny_gguf):
+    cfg = {"model_path": str(tiny_gguf), "embedding": True}
+    assert (
+        parse_config({"models": [{"id": "e", "config": cfg}]})
+        .models["e"]
+        .config.prompt_cache_limit()
+        == 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("lots", "not a size"), (-1, "below 0"), ("20%", "not a share"), (True, "Expected")],
+)
+def test_prompt_cache_bytes_is_a_clear_error(tiny_gguf, value, message):
+    cfg = {"model_path": str(tiny_gguf), "prompt_cache_bytes": value}
+    config = parse_config({"models": [{"id": "e", "config": cfg}]})
+    assert "config.prompt_cache_bytes" in config.broken["e"]
+    assert message in config.broken["e"]

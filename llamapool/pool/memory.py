@@ -49,10 +49,12 @@ class Footprint:
     overhead: int
     shared_weights: bool
     vram: int = 0
+    prompt_cache: int = 0  # the RAM prompt cache's limit (prompt_cache_bytes)
 
     @property
     def per_instance(self) -> int:
-        return self.kv_cache + self.overhead + (0 if self.shared_weights else self.weights)
+        weights = 0 if self.shared_weights else self.weights
+        return self.kv_cache + self.overhead + self.prompt_cache + weights
 
     def cost(self, running_instances: int) -> int:
         """What one more instance adds, given how many of this model already run."""
@@ -91,7 +93,13 @@ def estimate(spec: ModelSpec, *, gpu: bool = False) -> Footprint:
     # the weights covers the rest.
     n_vocab = int(meta.get("tokenizer.ggml.tokens#count") or meta.get(f"{arch}.vocab_size") or 0)
     overhead = PROCESS_BASE + weights // 20 + cfg.n_batch * n_vocab * 4
-    fp = Footprint(weights=weights, kv_cache=kv, overhead=overhead, shared_weights=cfg.use_mmap)
+    fp = Footprint(
+        weights=weights,
+        kv_cache=kv,
+        overhead=overhead,
+        shared_weights=cfg.use_mmap,
+        prompt_cache=cfg.prompt_cache_limit(),
+    )
     return offload(fp, cfg, header) if gpu and header is not None else fp
 
 
