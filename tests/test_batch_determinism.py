@@ -213,20 +213,102 @@ def test_smollm2_greedy_text_is_the_same_alone_and_under_load(smollm2_gguf):
         assert loaded.text[rid] == text, f"{rid} differs under load"
 
 
-def test_a_prefix_is_reused_only_by_the_slot_that_holds_it(tiny_gguf):
-    # Each slot keeps its own tokens; nothing copies a prefix from one slot to another.
-    engine = _engine(tiny_gguf)
-    shared = "a long shared system prompt about the sea and its many waves " * 3
-    _alone(engine, [_ask("first", shared, temperature=0, max_tokens=2)])
-    both = _together(
-        engine,
-        [
-            _ask("a", shared + " one", temperature=0, max_tokens=2),
-            _ask("b", shared + " two", temperature=0, max_tokens=2),
-        ],
-        {},
+def _second_turns(first: Texts, questions: list[str], **params) -> list[Request]:
+    return [
+        _chat(
+            f"u{i}",
+            [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": first.text[f"t{i}"]},
+                {"role": "user", "content": "and then?"},
+            ],
+            **params,
+        )
+        for i, q in enumerate(questions)
+    ]
+
+
+def test_tiny_a_history_restored_from_ram_gives_the_same_text(tiny_gguf):
+    # Two slots, four conversations: by their second turns the first two histories are
+    # held only in the RAM prompt cache.
+    first = [_ask(f"t{i}", q, temperature=0, max_tokens=20) for i, q in enumerate(QUESTIONS[:4])]
+    engine = _engine(tiny_gguf, n_parallel=2)
+    turn1 = _alone(engine, first)
+    second = _second_turns(turn1, QUESTIONS[:4], temperature=0, max_tokens=30)
+    reference = _reference(tiny_gguf, second)
+    # u0 and u1 restore side by side; u2 and u3 join as they end (two slots: no more).
+    loaded = _together(
+        engine, second[:2], {("u0", "done"): [second[2]], ("u1", "done"): [second[3]]}
     )
     engine.close()
-    cached = sorted(both.results[rid].usage.cached_tokens for rid in ("a", "b"))
-    assert cached[0] == 0
-    assert cached[1] > 30
+    restored = [rid for rid, r in loaded.results.items() if r.timings.cache_ram_n > 0]
+    assert len(restored) >= 2, {rid: r.timings for rid, r in loaded.results.items()}
+    for rid in restored:
+        assert (
+            loaded.results[rid].usage.cached_tokens
+            >= turn1.results[f"t{rid[1:]}"].usage.prompt_tokens
+        )
+    for rid, text in reference.text.items():
+        assert len(text) > 10, rid
+        assert loaded.text[rid] == text, f"{rid} differs after a restore"
+
+
+SYSTEM = "You answer questions about sailing boats, kayaks and paddle boards, briefly. " * 2
+
+
+def _with_system(rid: str, question: str, **params) -> Request:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    return _chat(rid, messages, **params)
+
+
+def test_tiny_a_prefix_copied_from_another_slot_gives_the_same_text(tiny_gguf):
+    requests = [
+        _with_system(f"s{i}", q, temperature=0, max_tokens=25) for i, q in enumerate(QUESTIONS[:4])
+    ]
+    reference = _reference(tiny_gguf, requests)
+    engine = _engine(tiny_gguf)
+    # s0 evaluates the system prompt; s1 joins while s0 generates, s2 and s3 as s0 and s1
+    # end: each copies it from a slot that holds it (generating or idle).
+    loaded = _together(engine, [requests[0]], {("s0", 2): [requests[1]], ("s1", 4): requests[2:]})
+    engine.close()
+    n_system = len(SYSTEM)  # one token per character in the tiny model
+    shared = [rid for rid, r in loaded.results.items() if r.timings.cache_shared_n > n_system]
+    assert len(shared) == 3, {rid: r.timings for rid, r in loaded.results.items()}
+    for rid, text in reference.text.items():
+        assert len(text) > 10, rid
+        assert loaded.text[rid] == text, f"{rid} differs with a copied prefix"
+
+
+def test_smollm2_restored_and_copied_prefixes_give_the_same_text(smollm2_gguf):
+    path = str(smollm2_gguf)
+    # Questions long enough (over MIN_TOKENS) that a slot giving one up saves it in RAM.
+    detail = " Explain it step by step, with one example, for someone who has never sailed."
+    first = [
+        _with_system(f"t{i}", q + detail, temperature=0, max_tokens=8)
+        for i, q in enumerate(QUESTIONS[:3])
+    ]
+    second = [
+        _chat(
+            f"u{i}",
+            [
+                *r.messages,
+                {"role": "assistant", "content": "I see."},
+                {"role": "user", "content": "more?"},
+            ],
+            temperature=0,
+            max_tokens=8,
+        )
+        for i, r in enumerate(first)
+    ]
+    reference = _reference(path, first + second, n_ctx=256)
+    engine = _engine(path, n_ctx=256, n_parallel=2)
+    # t1 copies the system prompt from t0's slot; t2 overwrites a slot (its history goes to
+    # RAM), so a second turn restores it.
+    loaded = _alone(engine, first + second)
+    engine.close()
+    timings = {rid: r.timings for rid, r in loaded.results.items()}
+    assert timings["t1"].cache_shared_n > 0, timings
+    assert any(timings[f"u{i}"].cache_ram_n > 0 for i in range(3)), timings
+    for rid, text in reference.text.items():
+        assert text, rid
+        assert loaded.text[rid] == text, f"{rid} differs with a cached prefix"

@@ -37,6 +37,11 @@ class Timings(msgspec.Struct):
     prompt_ms: float
     generate_ms: float
     cached_tokens: int = 0
+    # Where the cached tokens came from (they add up to cached_tokens): the slot's own
+    # sequence, the RAM prompt cache, another slot of the same instance.
+    cache_slot_n: int = 0
+    cache_ram_n: int = 0
+    cache_shared_n: int = 0
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -300,10 +300,53 @@ class BatchContext:
         """Drop everything sequence `seq` holds."""
         self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
+    def save_seq(self, seq: int) -> SeqState | None:
+        """A copy of everything sequence `seq` holds (its KV cells), or None if it is empty
+        or llama.cpp cannot write it."""
+        lib = self._llama_cpp
+        size = lib.llama_state_seq_get_size(self._context.ctx, seq)
+        if size == 0:
+            return None
+        buffer = (ctypes.c_uint8 * size)()
+        if lib.llama_state_seq_get_data(self._context.ctx, buffer, size, seq) != size:
+            return None
+        return SeqState(buffer)
+
+    def load_seq(self, seq: int, state: SeqState) -> bool:
+        """Replace what sequence `seq` holds with `state`; False (and `seq` empty) if
+        llama.cpp refused it (no room in the sequence's stream, another model's state)."""
+        lib = self._llama_cpp
+        loaded = lib.llama_state_seq_set_data(self._context.ctx, state.buffer, state.nbytes, seq)
+        if loaded != state.nbytes:
+            lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            return False
+        return True
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Make sequence `dst` hold what `src` holds (llama_memory_seq_cp). With split KV
+        streams this copies `src`'s whole stream, all n_ctx cells, at the next decode."""
+        self._llama_cpp.llama_memory_seq_rm(self._memory, dst, -1, -1)
+        self._llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+
     def close(self) -> None:
         """Free the batch and the context (the process exit would too)."""
         self._llama_cpp.llama_batch_free(self._tokens)
         self._context.close()
+
+
+class SeqState:
+    """One sequence's saved KV cells (llama_state_seq_get_data), held in a C buffer so that
+    restoring it copies nothing in Python."""
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, buffer: Any):
+        self.buffer = buffer
+
+    @property
+    def nbytes(self) -> int:
+        """The state's size in bytes."""
+        return len(self.buffer)
 
 
 class Sampler:

@@ -115,6 +115,9 @@ def _timings(done: P.Done) -> dict[str, Any] | None:
         return None
     return {
         "cache_n": t.cached_tokens,
+        "cache_slot_n": t.cache_slot_n,
+        "cache_ram_n": t.cache_ram_n,
+        "cache_shared_n": t.cache_shared_n,
         "prompt_n": done.usage.prompt_tokens - t.cached_tokens,
         "prompt_ms": round(t.prompt_ms, 3),
         "predicted_n": done.usage.completion_tokens,
