@@ -260,3 +260,19 @@ def test_restart_label_is_the_typed_cause(tiny_gguf, code, report, reason, label
         assert value(m, "llamapool_worker_restarts_total", model="m", reason=label) == 1
     finally:
         asyncio.run(broker.stop(grace=0))
+
+
+def test_prompt_cache_reuse_and_size():
+    m = Metrics()
+    m.prompt_reused("tiny", "ram", 120)
+    m.prompt_reused("tiny", "ram", 30)
+    m.prompt_reused("tiny", "none", 0)
+    worker = {"worker": "w1", "state": "IDLE", "rss": 1, "pss": 1, "prompt_cache_bytes": 4096}
+    m.set_pool_source(
+        lambda: [{"model": "tiny", "queue_depth": 0, "state": "READY", "workers": [worker]}]
+    )
+    assert value(m, "llamapool_prompt_cache_requests_total", model="tiny", source="ram") == 2
+    assert value(m, "llamapool_prompt_cache_requests_total", model="tiny", source="none") == 1
+    assert value(m, "llamapool_prompt_cache_tokens_total", model="tiny", source="ram") == 150
+    assert value(m, "llamapool_prompt_cache_tokens_total", model="tiny", source="none") is None
+    assert value(m, "llamapool_prompt_cache_bytes", model="tiny", worker="w1") == 4096

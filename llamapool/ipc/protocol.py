@@ -74,6 +74,9 @@ class Ready(msgspec.Struct):
 class Heartbeat(msgspec.Struct):
     seq: int
     busy_request: str | None = None
+    # The RAM prompt cache: bytes held and saved states (the scheduler's affinity reads it).
+    cache_bytes: int = 0
+    cache_entries: int = 0
 
 
 class Chunk(msgspec.Struct):

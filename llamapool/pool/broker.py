@@ -290,7 +290,9 @@ class Broker:
         elif isinstance(msg, P.Fatal):
             cause = fatal_cause(msg.kind)
             self.supervisor.note_fatal(worker, cause, msg.reason)
-        elif not isinstance(msg, P.Heartbeat):
+        elif isinstance(msg, P.Heartbeat):
+            worker.cache_bytes, worker.cache_entries = msg.cache_bytes, msg.cache_entries
+        else:
             self._protocol_violation(worker, f"unexpected {type(msg).__name__}")
 
     def _protocol_violation(self, worker: WorkerHandle, what: str) -> None:

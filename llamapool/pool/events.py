@@ -23,6 +23,10 @@ class PoolObserver:
     def generation_finished(self, model: str, tokens: int, seconds: float) -> None:
         """A request decoded `tokens` in `seconds` after its first token."""
 
+    def prompt_reused(self, model: str, source: str, tokens: int) -> None:
+        """A request finished having reused `tokens` prompt tokens from `source` (slot, ram,
+        shared; "none" with 0 tokens when nothing was cached)."""
+
     def worker_restarted(self, model: str, cause: ExitCause) -> None:
         """A worker died or was restarted, and why."""
 

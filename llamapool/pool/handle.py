@@ -30,6 +30,8 @@ class WorkerHandle:
     served: int = 0
     last_used: float = 0.0
     last_prefix: str = ""  # prefix key of the last request it served (its KV cache holds it)
+    cache_bytes: int = 0  # its RAM prompt cache, as its last heartbeat said
+    cache_entries: int = 0
     # Why it is ending, once known (a kill, a drain, its own FATAL), and in words.
     cause: ExitCause | None = None
     cause_detail: str | None = None

@@ -206,6 +206,16 @@ class Scheduler:
             job.move(JobState.STREAMING)
         job.events.put_nowait(msg)
 
+    def _observe_reuse(self, model_id: str, t: P.Timings | None) -> None:
+        if t is None:
+            return
+        split = {"slot": t.cache_slot_n, "ram": t.cache_ram_n, "shared": t.cache_shared_n}
+        source = max(split, key=split.__getitem__)
+        if split[source] > 0:
+            self.observer.prompt_reused(model_id, source, split[source])
+        else:
+            self.observer.prompt_reused(model_id, "none", 0)
+
     def _observe_first_output(self, job: Job) -> None:
         assert job.first_output_at is not None
         self.observer.time_to_first_token(job.model_id, job.first_output_at - job.enqueued_at)
@@ -218,6 +228,7 @@ class Scheduler:
         self._release_slot(worker, job)
         tokens = msg.usage.completion_tokens
         self.observer.tokens_generated(job.model_id, tokens)
+        self._observe_reuse(job.model_id, msg.timings)
         if job.first_output_at is not None and tokens > 1:
             self.observer.generation_finished(
                 job.model_id, tokens, time.monotonic() - job.first_output_at

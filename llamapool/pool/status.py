@@ -64,6 +64,7 @@ def worker_status(sup: Supervisor, w: WorkerHandle) -> dict[str, Any]:
         "capacity": w.capacity,
         "restarts": runtime.restarts if runtime else 0,
         "in_flight": list(w.in_flight),
+        "prompt_cache": {"bytes": w.cache_bytes, "entries": w.cache_entries},
         "last_transition": {"state": state, "reason": reason, "at": at},
         "history": [{"at": a, "state": st, "reason": r} for a, st, r in w.history],
     }
@@ -91,9 +92,16 @@ def model_status(sup: Supervisor, scheduler: Scheduler, model_id: str) -> dict[s
         "last_error": runtime.reason or runtime.memory_blocked,
         "restarts": runtime.restarts,
         "evictions": runtime.evictions,
-        "estimate": {"weights": fp.weights, "per_instance": fp.per_instance, "vram": fp.vram}
-        if fp
-        else None,
+        "estimate": (
+            {
+                "weights": fp.weights,
+                "per_instance": fp.per_instance,
+                "vram": fp.vram,
+                "prompt_cache": fp.prompt_cache,
+            }
+            if fp
+            else None
+        ),
     }
 
 
@@ -151,6 +159,7 @@ def metrics_snapshot(sup: Supervisor, scheduler: Scheduler) -> list[dict[str, An
                 "pss": w.memory.pss if w.memory else None,
                 "gpu": w.gpu,
                 "vram": w.vram,
+                "prompt_cache_bytes": w.cache_bytes,
             }
             for w in sup.workers_of(model_id)
         ]

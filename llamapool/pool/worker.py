@@ -255,7 +255,15 @@ class Worker:
                 self.seq += 1
                 with self.active_lock:
                     busy = next(iter(self.active), None)
-                self.send(P.Heartbeat(seq=self.seq, busy_request=busy))
+                cache = getattr(self.engine, "prompt_cache", None)  # BatchEngine's only
+                self.send(
+                    P.Heartbeat(
+                        seq=self.seq,
+                        busy_request=busy,
+                        cache_bytes=cache.nbytes if cache is not None else 0,
+                        cache_entries=len(cache) if cache is not None else 0,
+                    )
+                )
                 next_beat = now + self.interval
                 if os.getppid() != parent:
                     log.error("worker %s: router process is gone; exiting", self.worker_id)

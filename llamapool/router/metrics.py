@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -40,6 +40,7 @@ class _WorkerBase(TypedDict):
     state: str
     rss: int | None
     pss: int | None
+    prompt_cache_bytes: NotRequired[int]
 
 
 class WorkerSnapshot(_WorkerBase, total=False):
@@ -117,6 +118,11 @@ class _PoolCollector(Collector):
             "pool's workers hold (pool_used).",
             labels=["gpu", "kind"],
         )
+        cache = GaugeMetricFamily(
+            "llamapool_prompt_cache_bytes",
+            "Bytes of saved prompt states in the worker's RAM prompt cache.",
+            labels=["model", "worker"],
+        )
         try:
             snapshot = list(self.source()) if self.source is not None else []
             gpus = list(self.gpu_source()) if self.gpu_source is not None else []
@@ -144,7 +150,8 @@ class _PoolCollector(Collector):
                         memory.add_metric([*labels, kind], value)
                 for gpu, value in sorted((w.get("vram") or {}).items()):
                     vram.add_metric([*labels, str(gpu)], value)
-        yield from (queue, model_state, worker_state, memory, vram, gpu_memory)
+                cache.add_metric(labels, w.get("prompt_cache_bytes", 0))
+        yield from (queue, model_state, worker_state, memory, vram, gpu_memory, cache)
 
 
 def _states(known: tuple[str, ...], current: str) -> tuple[str, ...]:
@@ -206,6 +213,19 @@ class Metrics(PoolObserver):
             ["model"],
             registry=r,
         )
+        self._reuse = Counter(
+            "llamapool_prompt_cache_requests",
+            "Finished requests by where their cached prompt tokens came from: slot, ram "
+            "(the RAM prompt cache), shared (another slot), none (a miss).",
+            ["model", "source"],
+            registry=r,
+        )
+        self._reused_tokens = Counter(
+            "llamapool_prompt_cache_tokens",
+            "Prompt tokens reused instead of evaluated, by source.",
+            ["model", "source"],
+            registry=r,
+        )
         self._pool = _PoolCollector()
         r.register(self._pool)
 
@@ -242,6 +262,12 @@ class Metrics(PoolObserver):
         """Observe one request's decode rate; does not add to the token counter."""
         if tokens > 0 and seconds > 0:
             self._rate.labels(model).observe(tokens / seconds)
+
+    def prompt_reused(self, model: str, source: str, tokens: int) -> None:
+        """Count a finished request under where its cached prompt came from."""
+        self._reuse.labels(model, source).inc()
+        if tokens > 0:
+            self._reused_tokens.labels(model, source).inc(tokens)
 
     def worker_restarted(self, model: str, cause: ExitCause) -> None:
         """Count a worker death or an asked-for restart under its typed cause."""
