@@ -1,4 +1,4 @@
-"""The scheduler: prompt-cache affinity helpers, and requeues on fake processes."""
+"""Prompt-cache affinity: prefix keys and what an instance is taken to hold."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import pytest
 from fakepool import fake_pool
 
 from llamapool.ipc.protocol import Request
-from llamapool.pool.job import Job, JobState
-from llamapool.pool.lifecycle import WorkerState
-from llamapool.pool.memory import Sample
-from llamapool.pool.scheduler import Scheduler, common_prefix_len, prefix_key
+from llamapool.pool.affinity import cached_prefix, common_prefix_len, prefix_key, remember_prefix
+from llamapool.pool.handle import WorkerHandle
 
 
 @pytest.mark.parametrize(
@@ -38,35 +36,24 @@ def test_prefix_key_grows_with_the_conversation():
     assert prefix_key(Request(request_id="", kind="completion", prompt="abc")) == "abc"
 
 
-def test_a_requeue_waits_for_the_replacement_whatever_memory_said(tiny_gguf):
-    # Room for one instance of two wanted: the model's memory verdict says "blocked". When
-    # the one worker dies, its request must wait for the replacement, not fail with
-    # insufficient_memory (the dead worker is out of the table by then).
-    probe = fake_pool(tiny_gguf)
-    fp = probe.sup.models["m"].footprint
-    pool = fake_pool(
-        tiny_gguf,
-        models=[{"id": "m", "min_instances": 2, "max_instances": 2}],
-        memory_budget=fp.cost(0) + fp.per_instance // 2,
-    )
-    sup = pool.sup
+def _worker(capacity: int, cache_entries: int = 0) -> WorkerHandle:
+    w = WorkerHandle(id="w", model_id="m", process=None, cores=[], n_threads=1, started_at=0.0)
+    w.capacity, w.cache_entries = capacity, cache_entries
+    return w
 
-    async def scenario() -> Job:
-        scheduler = Scheduler(sup, lambda w, m: True, max_requeues=2)
-        scheduler.add_model(sup.models["m"].spec)
-        sup.on_worker_lost = scheduler.on_worker_lost
-        pool.tick()
-        (w,) = pool.workers()
-        pool.proc(w).sample = Sample(rss=fp.cost(0), pss=fp.cost(0))
-        pool.ready(w)
-        pool.tick(1)
-        assert sup.models["m"].memory_blocked
-        job = scheduler.submit("m", Request(request_id="", kind="completion", prompt="x"))
-        assert job.state is JobState.RUNNING
-        pool.proc(w).exit(-9)
-        pool.tick()
-        return job
 
-    job = asyncio.run(scenario())
-    assert job.state is JobState.QUEUED, job.events.get_nowait() if job.events.qsize() else None
-    assert [x.state for x in pool.workers()] == [WorkerState.STARTING]
+def test_an_instance_remembers_as_many_prefixes_as_its_slots_and_saved_states():
+    w = _worker(capacity=2, cache_entries=1)
+    for key in ("a1", "b1", "c1", "d1"):
+        remember_prefix(w, key)
+    assert list(w.recent_prefixes) == ["d1", "c1", "b1"]  # a1's state is the oldest: evicted
+    assert cached_prefix(w, "b1 and more") == 2
+    assert cached_prefix(w, "a1") == 0
+
+
+def test_a_conversations_next_turn_replaces_its_earlier_turns():
+    w = _worker(capacity=1, cache_entries=5)
+    remember_prefix(w, "sys|q1")
+    remember_prefix(w, "other")
+    remember_prefix(w, "sys|q1|a1|q2")  # the state that holds it holds its first turn too
+    assert list(w.recent_prefixes) == ["sys|q1|a1|q2", "other"]

@@ -29,7 +29,9 @@ class WorkerHandle:
     in_flight: dict = field(default_factory=dict)  # request id → Job
     served: int = 0
     last_used: float = 0.0
-    last_prefix: str = ""  # prefix key of the last request it served (its KV cache holds it)
+    # Prefix keys of the requests it served, most recent first, as many as its slots and its
+    # RAM prompt cache hold states: what it most likely has cached (the scheduler's affinity).
+    recent_prefixes: deque = field(default_factory=deque)
     cache_bytes: int = 0  # its RAM prompt cache, as its last heartbeat said
     cache_entries: int = 0
     # Why it is ending, once known (a kill, a drain, its own FATAL), and in words.

@@ -19,6 +19,7 @@ from typing import Any
 from llamapool import errors
 from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
+from llamapool.pool.affinity import cached_prefix, prefix_key, remember_prefix
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
 from llamapool.pool.job import Event, Job, JobState
@@ -154,7 +155,7 @@ class Scheduler:
             self.observer.queue_wait(model_id, job.dispatched_at - job.enqueued_at)
             worker.in_flight[job.id] = job
             worker.last_used = job.dispatched_at
-            worker.last_prefix = job.prefix_key
+            remember_prefix(worker, job.prefix_key)
             self.running[job.id] = job
             self.supervisor.note_dispatched(worker)
             try:
@@ -177,16 +178,12 @@ class Scheduler:
             return None
         # Least loaded first: a batching instance with a free slot still shares its cores
         # among its requests, so an idle instance serves sooner. Among equally loaded
-        # ones, prompt-cache affinity: the instance whose last prompt shares the longest
-        # prefix with this one keeps that prefix in its KV cache (a chat's next turn).
+        # ones, prompt-cache affinity: the instance that served the longest prefix of this
+        # one lately holds it in a slot or its RAM prompt cache (a chat's next turn).
         # Ties, and requests that share nothing, go to the least recently used instance.
         return min(
             candidates,
-            key=lambda w: (
-                len(w.in_flight),
-                -common_prefix_len(w.last_prefix, key),
-                w.last_used,
-            ),
+            key=lambda w: (len(w.in_flight), -cached_prefix(w, key), w.last_used),
         )
 
     # -- events from workers ----------------------------------------------------
@@ -420,22 +417,3 @@ class Scheduler:
 
     def queue_depth(self, model_id: str) -> int:
         return len(self.queues[model_id].jobs)
-
-
-def prefix_key(request: P.Request) -> str:
-    """The request's text in the order the model sees it (roles and contents, or the prompt)."""
-    if request.messages is not None:
-        return "".join(f"{m.get('role')}\x1f{m.get('content')}\x1e" for m in request.messages)
-    return request.prompt or ""
-
-
-def common_prefix_len(a: str, b: str) -> int:
-    """Length of the common prefix, by bisection over C-speed slice comparisons."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
