@@ -198,6 +198,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="n_parallel of each pool instance: requests it decodes together (default: 4)",
     )
     servers.add_argument(
+        "--prompt-cache",
+        default=None,
+        metavar="SIZE",
+        help="prompt_cache_bytes of each pool instance, e.g. 1GiB or 0 for none "
+        "(default: the pool's own)",
+    )
+    servers.add_argument(
         "--mutex-threads",
         type=_positive(int),
         default=cores,
@@ -380,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
         ready_timeout=args.ready_timeout,
         url=args.url,
         model_name=args.model_name,
+        prompt_cache_bytes=args.prompt_cache,
     )
     load = LoadSettings(
         levels=args.concurrency,

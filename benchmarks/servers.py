@@ -74,6 +74,7 @@ def write_pool_config(
     max_queue: int,
     queue_timeout: float,
     n_parallel: int = 1,
+    prompt_cache_bytes: str | None = None,
 ) -> None:
     """The models.yaml that `llamapool serve` runs for a benchmark: one model, N instances."""
     config = {
@@ -90,6 +91,12 @@ def write_pool_config(
                     "n_ctx": n_ctx,
                     "n_threads": n_threads,
                     "n_parallel": n_parallel,
+                    # None: the pool's default.
+                    **(
+                        {}
+                        if prompt_cache_bytes is None
+                        else {"prompt_cache_bytes": prompt_cache_bytes}
+                    ),
                 },
             }
         ]

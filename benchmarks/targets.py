@@ -51,6 +51,7 @@ class TargetSettings:
     ready_timeout: float
     url: str | None = None
     model_name: str | None = None
+    prompt_cache_bytes: str | None = None  # the pool's RAM prompt cache (None: its default)
 
 
 class Target(Protocol):
@@ -224,6 +225,7 @@ async def open_target(
                 settings.max_queue,
                 settings.queue_timeout,
                 settings.parallel,
+                settings.prompt_cache_bytes,
             )
             command = pool_command(config_path, port)
             extra = {
