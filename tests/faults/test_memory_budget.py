@@ -11,7 +11,10 @@ from llamapool.pool.memory import MiB, estimate
 
 
 def _entry(model_id, path, **kw):
-    return model_entry(model_id, path, min_instances=0, config={"n_ctx": 8192}, **kw)
+    # No RAM prompt cache: its limit counts in the estimate but not in a fresh worker's PSS,
+    # and these budgets are sized from the estimate as if it were what a worker uses.
+    config = {"n_ctx": 8192, "prompt_cache_bytes": 0}
+    return model_entry(model_id, path, min_instances=0, config=config, **kw)
 
 
 def test_second_model_evicts_the_idle_first(serve, smollm2_gguf):
