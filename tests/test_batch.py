@@ -259,3 +259,27 @@ def test_an_illegal_slot_transition_raises(engine):
     with pytest.raises(SlotStateError, match="from IDLE to GENERATING"):
         engine._set_state(slot, SlotState.GENERATING, "a test")
     assert slot.state is SlotState.IDLE
+
+
+def test_a_request_waiting_for_a_shared_prefix_can_be_cancelled(engine):
+    system = "a system prompt that only this test sends, long enough to share " * 3
+    sink = Recorder()
+    record_start = sink.start
+
+    def start(rid):
+        record_start(rid)
+        if rid == "third":  # admitted after "waiting", which waits for "first"'s prompt
+            engine.cancel("waiting")
+
+    sink.start = start
+    _serve(
+        engine,
+        _chat("first", system + "one", max_tokens=3),
+        _chat("waiting", system + "two", max_tokens=3),
+        _chat("third", "unrelated", max_tokens=3),
+        sink=sink,
+    )
+    assert sink.end("waiting")[2][0] == "cancelled"
+    assert sink.tokens("waiting") == 0
+    assert sink.end("first")[2].usage.completion_tokens == 3
+    assert sink.end("third")[2].usage.completion_tokens == 3

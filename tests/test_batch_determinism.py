@@ -312,3 +312,19 @@ def test_smollm2_restored_and_copied_prefixes_give_the_same_text(smollm2_gguf):
     for rid, text in reference.text.items():
         assert text, rid
         assert loaded.text[rid] == text, f"{rid} differs with a cached prefix"
+
+
+def test_tiny_requests_arriving_together_evaluate_their_system_prompt_once(tiny_gguf):
+    requests = [
+        _with_system(f"w{i}", q, temperature=0, max_tokens=20) for i, q in enumerate(QUESTIONS[:3])
+    ]
+    reference = _reference(tiny_gguf, requests)
+    engine = _engine(tiny_gguf)
+    # All three admitted at once: the first evaluates the system prompt, the others wait
+    # for it and copy it.
+    loaded = _together(engine, requests, {})
+    engine.close()
+    shared = sorted(r.timings.cache_shared_n for r in loaded.results.values())
+    assert shared[0] == 0 and all(n > len(SYSTEM) for n in shared[1:]), shared
+    for rid, text in reference.text.items():
+        assert loaded.text[rid] == text, f"{rid} differs after waiting for a shared prefix"

@@ -32,6 +32,7 @@ from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request
 from llamapool.pool.llama_adapter import DECODE_ABORTED, BatchContext, Sampler
 from llamapool.pool.prepare import (
+    Prepared,
     Preparer,
     RequestFailed,
     Sink,
@@ -39,21 +40,19 @@ from llamapool.pool.prepare import (
     is_broken_pipe,
     load_llama,
 )
-from llamapool.pool.prompt_cache import CacheSource, Entry, PromptCache, shared_prefix
+from llamapool.pool.prompt_cache import (
+    CacheSource,
+    Entry,
+    PromptCache,
+    shared_prefix,
+    worth_copying,
+)
 
 log = logging.getLogger(__name__)
 
 # The Llama object only tokenizes and formats here; its own context stays this small.
 _TOKENIZER_CTX = 64
 _NO_REQUEST = object()
-# A copy of cells (from another slot, or a saved state) is made when it adds at least this
-# many prompt tokens to what the slot holds, and at least 1/COPY_RATIO of the tokens copied:
-# the state API copies the source's whole sequence. Measured with SmolLM2 on the 2-core box
-# (n_ctx 2048): get+set of a state took 0.1 ms for 16 tokens and 31 ms for 1024 (~0.03 ms a
-# token), against 1-8 ms a token to evaluate; llama_memory_seq_cp between split streams
-# copies all n_ctx cells of the stream at the next decode (~200 ms however short the prefix).
-COPY_MIN_TOKENS = 16
-COPY_RATIO = 32
 
 
 class SlotState(enum.Enum):
@@ -95,11 +94,6 @@ class _Slot:
     logits_at: int = -1  # index in the current batch whose logits this slot samples
 
 
-def _worth_copying(gain: int, source: list[int]) -> bool:
-    """Whether copying a sequence of `source` tokens in, to evaluate `gain` fewer, pays."""
-    return gain >= max(COPY_MIN_TOKENS, len(source) // COPY_RATIO)
-
-
 @dataclass(frozen=True)
 class _Reuse:
     """How a slot gets its cached prefix of a prompt: `n` tokens, from `source`."""
@@ -108,6 +102,16 @@ class _Reuse:
     source: CacheSource
     donor: _Slot | None = None  # SHARED: the slot whose cells are copied
     entry: Entry | None = None  # RAM: the saved state restored
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A prepared request held back until another slot has evaluated the prefix it shares."""
+
+    rid: str
+    prep: Prepared
+    sampler: Sampler
+    started: float
 
 
 class BatchEngine:
@@ -132,6 +136,7 @@ class BatchEngine:
         self.prompt_cache = PromptCache(cfg.prompt_cache_limit())
         self.n_vocab = self.llama.n_vocab()
         self._cancelled_ids: set[str] = set()
+        self._waiting: list[_Waiting] = []
         # time.monotonic() of the engine's last decode step; the I/O thread's stall watchdog
         # reads it (a float assignment is atomic under the GIL).
         self.progress_at = time.monotonic()
@@ -164,11 +169,14 @@ class BatchEngine:
                     req = _NO_REQUEST
             self.progress_at = time.monotonic()
             self._drop_cancelled(sink)
+            for held in [w for w in self._waiting if not self._should_wait(w.prep.tokens)]:
+                self._waiting.remove(held)
+                self._place(held, sink)
             if self._busy():
                 self._step(sink)
 
     def _busy(self) -> bool:
-        return any(s.state is not SlotState.IDLE for s in self.slots)
+        return bool(self._waiting) or any(s.state is not SlotState.IDLE for s in self.slots)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step; abort the decode if it is all that runs.
@@ -177,6 +185,7 @@ class BatchEngine:
         """
         self._cancelled_ids.add(request_id)
         running = {s.rid for s in self.slots if s.state is not SlotState.IDLE}
+        running |= {w.rid for w in self._waiting}
         if request_id in running and running <= self._cancelled_ids:
             self.context.abort.set()
 
@@ -209,6 +218,31 @@ class BatchEngine:
             log.exception("request %s failed at admission", rid)
             sink.error(rid, ErrorCode.GENERATION_FAILED, self._failure(exc))
             return
+        held = _Waiting(rid, prep, sampler, started)
+        if self._should_wait(prep.tokens):
+            self._waiting.append(held)
+        else:
+            self._place(held, sink)
+
+    def _should_wait(self, tokens: list[int]) -> bool:
+        """Whether a slot evaluating its prompt will soon hold a prefix of `tokens` worth
+        copying: requests that arrive together evaluate a shared system prompt once."""
+        if self.cfg.reset_each_request:
+            return False
+        limit = len(tokens) - 1
+        now = max(min(shared_prefix(s.cached, tokens), limit) for s in self.slots)
+        for slot in self.slots:
+            if slot.state is SlotState.PROMPT and slot.pending:
+                soon = min(shared_prefix(slot.cached + slot.pending, tokens), limit)
+                if soon > len(slot.cached) and worth_copying(
+                    soon - now, slot.cached + slot.pending
+                ):
+                    return True
+        return False
+
+    def _place(self, held: _Waiting, sink: Sink) -> None:
+        """Give a prepared request a slot and its cached prefix; it is evaluated from now."""
+        rid, prep, sampler, started = held.rid, held.prep, held.sampler, held.started
         slot, plan = self._pick_slot(prep.tokens)
         keep, source = self._reuse(slot, prep.tokens, plan)
         slot.rid = rid
@@ -224,7 +258,7 @@ class BatchEngine:
         """The free slot that evaluates the least of `tokens`, and how it gets the rest.
 
         A slot has its own prefix of `tokens`, or can copy a longer one from another slot
-        or the RAM prompt cache (when that pays: `_worth_copying`). Among slots that
+        or the RAM prompt cache (when that pays: `worth_copying`). Among slots that
         evaluate as little, the one that loses the least of what it holds, then the least
         recently used: a free slot takes a copy of a shared system prompt rather than a
         slot holding another conversation giving that up.
@@ -242,12 +276,12 @@ class BatchEngine:
             best = _Reuse(own, CacheSource.SLOT)
             for other in self.slots:
                 n = held[other.seq]
-                if other is not slot and n > best.n and _worth_copying(n - own, other.cached):
+                if other is not slot and n > best.n and worth_copying(n - own, other.cached):
                     best = _Reuse(n, CacheSource.SHARED, donor=other)
             if (
                 found is not None
                 and in_ram > best.n
-                and _worth_copying(in_ram - own, found[0].tokens)
+                and worth_copying(in_ram - own, found[0].tokens)
             ):
                 best = _Reuse(in_ram, CacheSource.RAM, entry=found[0])
             return best
@@ -407,6 +441,10 @@ class BatchEngine:
         slot.state = state
 
     def _drop_cancelled(self, sink: Sink) -> None:
+        for held in [w for w in self._waiting if w.rid in self._cancelled_ids]:
+            self._waiting.remove(held)
+            self._cancelled_ids.discard(held.rid)
+            sink.error(held.rid, ErrorCode.CANCELLED, "request cancelled")
         for slot in self.slots:
             if slot.state is not SlotState.IDLE and slot.rid in self._cancelled_ids:
                 self._finish_error(slot, sink, ErrorCode.CANCELLED, "request cancelled")
