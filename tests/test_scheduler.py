@@ -3,12 +3,17 @@ recently used."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from fakepool import fake_pool
 
 from llamapool.ipc.protocol import Request
 from llamapool.pool.affinity import cached_prefix, common_prefix_len, prefix_key, remember_prefix
 from llamapool.pool.handle import WorkerHandle
+from llamapool.pool.job import Job, JobState
 from llamapool.pool.lifecycle import WorkerState
+from llamapool.pool.memory import Sample
 from llamapool.pool.scheduler import Scheduler
 
 
@@ -96,3 +101,37 @@ def test_a_conversations_next_turn_replaces_its_earlier_turns():
     remember_prefix(w, "other")
     remember_prefix(w, "sys|q1|a1|q2")  # the state that holds it holds its first turn too
     assert list(w.recent_prefixes) == ["sys|q1|a1|q2", "other"]
+
+
+def test_a_requeue_waits_for_the_replacement_whatever_memory_said(tiny_gguf):
+    # Room for one instance of two wanted: the model's memory verdict says "blocked". When
+    # the one worker dies, its request must wait for the replacement, not fail with
+    # insufficient_memory (the dead worker is out of the table by then).
+    probe = fake_pool(tiny_gguf)
+    fp = probe.sup.models["m"].footprint
+    pool = fake_pool(
+        tiny_gguf,
+        models=[{"id": "m", "min_instances": 2, "max_instances": 2}],
+        memory_budget=fp.cost(0) + fp.per_instance // 2,
+    )
+    sup = pool.sup
+
+    async def scenario() -> Job:
+        scheduler = Scheduler(sup, lambda w, m: True, max_requeues=2)
+        scheduler.add_model(sup.models["m"].spec)
+        sup.on_worker_lost = scheduler.on_worker_lost
+        pool.tick()
+        (w,) = pool.workers()
+        pool.proc(w).sample = Sample(rss=fp.cost(0), pss=fp.cost(0))
+        pool.ready(w)
+        pool.tick(1)
+        assert sup.models["m"].memory_blocked
+        job = scheduler.submit("m", Request(request_id="", kind="completion", prompt="x"))
+        assert job.state is JobState.RUNNING
+        pool.proc(w).exit(-9)
+        pool.tick()
+        return job
+
+    job = asyncio.run(scenario())
+    assert job.state is JobState.QUEUED, job.events.get_nowait() if job.events.qsize() else None
+    assert [x.state for x in pool.workers()] == [WorkerState.STARTING]
