@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import signal
 
+import msgspec
 import pytest
 from fakepool import fake_pool
 
 from llamapool.config import PoolSettings, parse_config
+from llamapool.pool import placement
 from llamapool.pool.lifecycle import ExitCause, IllegalTransition, ModelState, WorkerState
 from llamapool.pool.memory import Sample
 from llamapool.pool.runtime import FlapPolicy
@@ -58,22 +60,18 @@ def _supervisor(tiny_gguf, *instances: int) -> Supervisor:
 
 
 def test_threads_split_cores_between_instances(tiny_gguf):
-    sup = _supervisor(tiny_gguf, 2)
-    sup.cpus = [0, 1, 2, 3]
-    assert sup._threads_for(sup.models["m0"].spec) == 2
-    sup = _supervisor(tiny_gguf, 1)
-    sup.cpus = [0, 1, 2, 3]
-    assert sup._threads_for(sup.models["m0"].spec) == 4
-    sup = _supervisor(tiny_gguf, 4, 4)
-    sup.cpus = [0, 1]
-    assert sup._threads_for(sup.models["m0"].spec) == 1
+    spec = _supervisor(tiny_gguf, 2).models["m0"].spec
+    assert placement.threads_for(spec, [0, 1, 2, 3], instances_wanted=2) == 2
+    assert placement.threads_for(spec, [0, 1, 2, 3], instances_wanted=1) == 4
+    assert placement.threads_for(spec, [0, 1], instances_wanted=8) == 1
+    pinned = msgspec.structs.replace(spec.config, n_threads=3)
+    assert placement.threads_for(msgspec.structs.replace(spec, config=pinned), [0, 1], 8) == 3
 
 
-def test_cores_are_least_loaded_first(tiny_gguf):
-    sup = _supervisor(tiny_gguf, 2)
-    sup.cpus = [0, 1, 2, 3]
-    assert sup._pick_cores(2) == [0, 1]
-    assert sup._pick_cores(8) == [0, 1, 2, 3]
+def test_cores_are_least_loaded_first():
+    assert placement.pick_cores([0, 1, 2, 3], [], 2) == [0, 1]
+    assert placement.pick_cores([0, 1, 2, 3], [], 8) == [0, 1, 2, 3]
+    assert placement.pick_cores([0, 1, 2, 3], [[0], [1, 2]], 2) == [0, 3]
 
 
 # -- the state logic over fake processes (tests/fakepool.py) -------------------

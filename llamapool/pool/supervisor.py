@@ -21,6 +21,7 @@ import msgspec
 
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
+from llamapool.pool import placement
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.gpus import GpuReader, open_reader
 from llamapool.pool.handle import WorkerHandle
@@ -176,43 +177,24 @@ class Supervisor:
 
     # -- processes --------------------------------------------------------------
 
-    def _threads_for(self, spec: ModelSpec) -> int:
-        if spec.config.n_threads is not None:
-            return spec.config.n_threads
-        wanted = sum(
+    def gpu_for(self, model_id: str, planned: Mapping[int, int] | None = None) -> int | None:
+        """The GPU the next instance of `model_id` gets (placement.gpu_for)."""
+        serving = [w.gpu for w in self.serving(model_id)]
+        return placement.gpu_for(self.models[model_id].spec.gpus, serving, planned)
+
+    def _instances_wanted(self) -> int:
+        return sum(
             max(1, m.target) for m in self.models.values() if m.state is not ModelState.FAILED
         )
-        return max(1, len(self.cpus) // max(1, wanted))
-
-    def _pick_cores(self, n: int) -> list[int]:
-        # Least-loaded cores first, so instances never share a core while cores are free.
-        load = dict.fromkeys(self.cpus, 0)
-        for w in self.live_workers():
-            for c in w.cores:
-                if c in load:
-                    load[c] += 1
-        ranked = sorted(self.cpus, key=lambda c: (load[c], c))
-        return sorted(ranked[: min(n, len(ranked))])
-
-    def gpu_for(self, model_id: str, planned: Mapping[int, int] | None = None) -> int | None:
-        """The GPU the next instance of `model_id` gets: of the model's `gpus`, the one with
-        the fewest of its instances (first listed on a tie), so instances go 0, 1, 0, 1 and
-        a replacement takes the place of the one it replaces; None without `gpus`.
-        `planned`: instances per GPU about to be added (a scale's check)."""
-        gpus = self.models[model_id].spec.gpus
-        if not gpus:
-            return None
-        count = {g: (planned or {}).get(g, 0) for g in gpus}
-        for w in self.serving(model_id):
-            if w.gpu in count:
-                count[w.gpu] += 1
-        return min(gpus, key=lambda g: count[g])
 
     def spawn(self, model_id: str) -> WorkerHandle:
         """Start one worker of `model_id` through the launcher."""
         spec = self.models[model_id].spec
-        n_threads = self._threads_for(spec)
-        cores = self._pick_cores(n_threads)
+        wanted = [
+            max(1, m.target) for m in self.models.values() if m.state is not ModelState.FAILED
+        ]
+        n_threads = placement.threads_for(spec, self.cpus, sum(wanted))
+        cores = placement.pick_cores(self.cpus, [w.cores for w in self.live_workers()], n_threads)
         gpu = self.gpu_for(model_id)
         worker_spec = msgspec.structs.replace(
             spec, config=msgspec.structs.replace(spec.config, n_threads=n_threads)
