@@ -6,8 +6,6 @@ import asyncio
 import base64
 import functools
 import struct
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,6 +19,7 @@ from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.pool.broker import Broker
 from llamapool.pool.scheduler import Job
+from llamapool.router.render import Shape, sse
 from llamapool.router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -99,104 +98,6 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _usage(u: P.Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    }
-
-
-def _timings(done: P.Done) -> dict[str, Any] | None:
-    """The worker's own clock, in llama-server's `timings` shape (an extension field)."""
-    t = done.timings
-    if t is None:
-        return None
-    return {
-        "cache_n": t.cached_tokens,
-        "cache_slot_n": t.cache_slot_n,
-        "cache_ram_n": t.cache_ram_n,
-        "cache_shared_n": t.cache_shared_n,
-        "prompt_n": done.usage.prompt_tokens - t.cached_tokens,
-        "prompt_ms": round(t.prompt_ms, 3),
-        "predicted_n": done.usage.completion_tokens,
-        "predicted_ms": round(t.generate_ms, 3),
-    }
-
-
-def _sse(payload: Any) -> bytes:
-    return b"data: " + _json.encode(payload) + b"\n\n"
-
-
-class _Shape:
-    """How one endpoint renders deltas, final choices and whole responses."""
-
-    def __init__(self, kind: str, model: str):
-        self.kind, self.model = kind, model
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
-        self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def _envelope(self, choices: list[dict[str, Any]], obj: str) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    def delta(
-        self,
-        text: str | None,
-        finish: str | None = None,
-        role: bool = False,
-        done: P.Done | None = None,
-    ) -> bytes:
-        if self.kind == "chat":
-            delta: dict[str, Any] = {}
-            if role:
-                delta = {"role": "assistant", "content": ""}
-            elif text is not None:
-                delta = {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        env = self._envelope([choice], self.chunk_object)
-        if done is not None and (timings := _timings(done)) is not None:
-            env["timings"] = timings
-        return _sse(env)
-
-    def usage_chunk(self, usage: P.Usage) -> bytes:
-        env = self._envelope([], self.chunk_object)
-        env["usage"] = _usage(usage)
-        return _sse(env)
-
-    def whole(self, text: str, done: P.Done) -> dict[str, Any]:
-        if self.kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": done.finish_reason,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": done.finish_reason,
-            }
-        env = self._envelope([choice], self.object)
-        env["usage"] = _usage(done.usage)
-        if (timings := _timings(done)) is not None:
-            env["timings"] = timings
-        return env
-
-
 # Put in a job's event queue when the client hangs up before its answer is complete.
 CLIENT_GONE = object()
 # nginx's "client closed request": nobody reads it, but the request counter does.
@@ -264,7 +165,7 @@ class _EventStream(Response):
 
 
 async def _respond(
-    request: Request, broker: Broker, job: Job, shape: _Shape, *, stream: bool, include_usage: bool
+    request: Request, broker: Broker, job: Job, shape: Shape, *, stream: bool, include_usage: bool
 ) -> Response:
     watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
 
@@ -301,7 +202,7 @@ async def _respond(
             close()
 
 
-async def _stream(job: Job, shape: _Shape, first: Any, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(job: Job, shape: Shape, first: Any, include_usage: bool) -> AsyncIterator[bytes]:
     """The SSE bytes of a job's events; whatever is already queued goes out in one write."""
     # The role delta rides with the first token: one write, one packet, one client wake-up.
     data = shape.delta(None, role=True) if shape.kind == "chat" else b""
@@ -322,7 +223,7 @@ async def _stream(job: Job, shape: _Shape, first: Any, include_usage: bool) -> A
             return
         else:
             # Output already went out, so the status is 200: the error travels in-band.
-            yield data + _sse(event.body()) + b"data: [DONE]\n\n"
+            yield data + sse(event.body()) + b"data: [DONE]\n\n"
             return
         if job.events.empty():
             if data:
@@ -344,7 +245,7 @@ async def chat_completions(request: Request) -> Response:
         P.Request(request_id="", kind="chat", messages=messages, params=body.sampling(max_tokens)),
         stream=bool(body.stream),
     )
-    shape = _Shape("chat", body.model)
+    shape = Shape("chat", body.model)
     return await _respond(
         request, broker, job, shape, stream=bool(body.stream), include_usage=body.include_usage
     )
@@ -361,7 +262,7 @@ async def completions(request: Request) -> Response:
         ),
         stream=bool(body.stream),
     )
-    shape = _Shape("completion", body.model)
+    shape = Shape("completion", body.model)
     return await _respond(
         request, broker, job, shape, stream=bool(body.stream), include_usage=body.include_usage
     )
