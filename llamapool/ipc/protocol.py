@@ -58,6 +58,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop: list[str] | None = None
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
+    # GBNF the output must match (rule `root`): JSON mode, a JSON Schema, a forced tool
+    # call. The router converts; the worker parses each distinct text once.
+    grammar: str | None = None
 
 
 # worker → router

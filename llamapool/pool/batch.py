@@ -30,7 +30,7 @@ from typing import Any
 from llamapool.config import ModelSpec
 from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request
-from llamapool.pool.llama_adapter import DECODE_ABORTED, BatchContext, Sampler
+from llamapool.pool.llama_adapter import DECODE_ABORTED, BatchContext, Grammars, Sampler
 from llamapool.pool.prepare import (
     Prepared,
     Preparer,
@@ -135,6 +135,7 @@ class BatchEngine:
         self.slots = [_Slot(seq=i) for i in range(cfg.n_parallel)]
         self.prompt_cache = PromptCache(cfg.prompt_cache_limit())
         self.n_vocab = self.llama.n_vocab()
+        self.grammars = Grammars(self.llama)  # constrained requests' grammars, parsed once
         self._cancelled_ids: set[str] = set()
         self._waiting: list[_Waiting] = []
         # time.monotonic() of the engine's last decode step; the I/O thread's stall watchdog
@@ -208,7 +209,7 @@ class BatchEngine:
             return
         try:
             prep = self.preparer.prepare(req)
-            sampler = Sampler(prep, self.n_vocab)
+            sampler = Sampler(prep, self.n_vocab, self.grammars)
         except RequestFailed as exc:
             sink.error(rid, exc.code, exc.message, exc.param)
             return

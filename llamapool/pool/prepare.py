@@ -98,6 +98,7 @@ class Prepared:
     frequency_penalty: float
     presence_penalty: float
     logit_bias: dict[int, float]
+    grammar: str | None = None  # GBNF the output must match (the batching engine only)
 
 
 class Detokenizer(Protocol):
@@ -266,6 +267,7 @@ class Preparer:
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
             logit_bias=p.logit_bias or {},
+            grammar=p.grammar,
         )
 
 

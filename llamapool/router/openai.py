@@ -19,6 +19,7 @@ from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.pool.broker import Broker
 from llamapool.pool.scheduler import Job
+from llamapool.router import structured
 from llamapool.router.render import Shape, sse
 from llamapool.router.schemas import (
     ChatCompletionRequest,
@@ -239,10 +240,13 @@ async def chat_completions(request: Request) -> Response:
     body = parse_body(await read_body(request), ChatCompletionRequest)
     spec = _checked_model(request, body.model)
     messages = message_dicts(body.messages, images=spec.config.mmproj_path is not None)
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = body.sampling(body.max_completion_tokens or body.max_tokens)
+    params.grammar = structured.response_grammar(body.response_format)
+    if params.grammar is not None:
+        structured.check_constrainable(spec, "response_format")
     job = broker.submit(
         body.model,
-        P.Request(request_id="", kind="chat", messages=messages, params=body.sampling(max_tokens)),
+        P.Request(request_id="", kind="chat", messages=messages, params=params),
         stream=bool(body.stream),
     )
     shape = Shape("chat", body.model)

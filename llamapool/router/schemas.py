@@ -23,11 +23,29 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     include_usage: bool | None = False
 
 
+# OpenAI's rule for schema (and function) names.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+
+
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_call_id: str | None = None  # a `tool` message answers this call
+
+
+class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`response_format.json_schema`: OpenAI's shape; the schema is always enforced."""
+
+    name: Name
+    description: str | None = None
+    schema: dict[str, Any] | None = None  # none: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -102,15 +120,18 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     # Accepted where they ask for nothing this server lacks (clients send the defaults).
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     def check(self) -> None:
         super().check()
         if self.logprobs or self.top_logprobs:
             raise _unsupported("logprobs", "`logprobs`")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise _unsupported("response_format", f"response_format of type {kind!r}")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise errors.InvalidRequest(
+                "response_format of type `json_schema` needs `response_format.json_schema`",
+                param="response_format.json_schema",
+            )
 
 
 class CompletionRequest(_Sampling, kw_only=True):

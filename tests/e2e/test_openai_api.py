@@ -218,7 +218,7 @@ def _msg(extra: bytes) -> bytes:
         ),
         (_msg(b'"stream_options": {"include_usage": true}'), "stream_options"),
         (_msg(b'"logprobs": true'), "logprobs"),
-        (_msg(b'"response_format": {"type": "json_object"}'), "json_object"),
+        (_msg(b'"response_format": {"type": "xml"}'), "xml"),
         (
             b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}]}',
             "without a string `text`",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import llama_cpp
 import openai
 import pytest
@@ -50,3 +53,39 @@ def test_chat_template_from_the_gguf_is_applied(smol, smollm2_gguf):
     with openai.OpenAI(base_url=f"{smol.url}/v1", api_key="x", max_retries=0) as client:
         r = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=1)
     assert r.usage.prompt_tokens == expected
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+EXTRACT = [
+    {"role": "system", "content": "Extract the person from the text as JSON."},
+    {"role": "user", "content": "Maria Lopez, who is 34 years old, lives in Madrid."},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_extraction_with_a_json_schema(smol, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    with openai.OpenAI(base_url=f"{smol.url}/v1", api_key="x", max_retries=0) as client:
+        r = client.chat.completions.create(
+            model="smollm2",
+            messages=EXTRACT,
+            response_format=fmt,
+            temperature=0,
+            max_tokens=80,
+            stream=stream,
+        )
+        if stream:
+            chunks = list(r)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    assert finish == "stop"
+    person = json.loads(text)
+    jsonschema.validate(person, PERSON)
+    assert person["name"]  # the shape, not the model's wisdom
