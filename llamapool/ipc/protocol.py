@@ -134,6 +134,10 @@ class Request(msgspec.Struct, kw_only=True):
     prompt: str | None = None
     inputs: list[str] | None = None
     params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    # Tools a chat may call (OpenAI tool dicts), for a chat template that renders them; a
+    # template that does not gets `tool_prompt` as a system message instead.
+    tools: list[dict[str, Any]] | None = None
+    tool_prompt: str | None = None
 
 
 class Cancel(msgspec.Struct):

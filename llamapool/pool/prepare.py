@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from llamapool.config import LlamaSettings, ModelSpec
 from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request, Timings, Usage
-from llamapool.pool import llama_adapter
+from llamapool.pool import llama_adapter, tool_prompt
 
 EmitFn = Callable[[str, int], None]
 
@@ -196,6 +196,9 @@ class Preparer:
             if self.cfg.mmproj_path is not None
             else llama_adapter.chat_formatter(llama, self.cfg.chat_format_template)
         )
+        self.native_tools = self.formatter is not None and tool_prompt.supports_tools(
+            self.formatter
+        )
 
     def _prompt_tokens(self, req: Request) -> tuple[list[int], list[str]]:
         llama = self.llama
@@ -209,8 +212,15 @@ class Preparer:
                 ErrorCode.INVALID_REQUEST,
                 f"model {self.spec.id!r} chats only through its multimodal handler",
             )
+        messages, extra = req.messages or [], {}
+        if req.tools or tool_prompt.has_tool_turns(messages):
+            if self.native_tools:
+                messages = tool_prompt.native_messages(messages)
+                extra = {"tools": req.tools} if req.tools else {}
+            else:
+                messages = tool_prompt.generic_messages(messages, req.tool_prompt)
         try:
-            result = self.formatter(messages=req.messages or [])
+            result = self.formatter(messages=messages, **extra)
         except Exception as exc:  # a template's raise_exception, or a bad message shape
             raise RequestFailed(
                 ErrorCode.INVALID_REQUEST,

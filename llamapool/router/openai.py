@@ -19,7 +19,7 @@ from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.pool.broker import Broker
 from llamapool.pool.scheduler import Job
-from llamapool.router import structured
+from llamapool.router import structured, tools
 from llamapool.router.render import Shape, sse
 from llamapool.router.schemas import (
     ChatCompletionRequest,
@@ -166,7 +166,14 @@ class _EventStream(Response):
 
 
 async def _respond(
-    request: Request, broker: Broker, job: Job, shape: Shape, *, stream: bool, include_usage: bool
+    request: Request,
+    broker: Broker,
+    job: Job,
+    shape: Shape,
+    *,
+    stream: bool,
+    include_usage: bool,
+    plan: tools.ToolPlan | None = None,
 ) -> Response:
     watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
 
@@ -184,7 +191,7 @@ async def _respond(
         headers = {WORKER_HEADER: job.served_by or ""}
         if stream:
             response = _EventStream(
-                _stream(job, shape, first, include_usage),
+                _stream(job, shape, first, include_usage, plan),
                 {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
                 close,
             )
@@ -193,8 +200,10 @@ async def _respond(
         parts, event = await _until_final(job, first)
         if (unfinished := _unfinished(event)) is not None:
             return unfinished
+        text = "".join(parts)
+        calls = tools.parse_calls(text, plan) if plan is not None else None
         return Response(
-            _json.encode(shape.whole("".join(parts), event)),
+            _json.encode(shape.whole(text, event, calls)),
             media_type="application/json",
             headers=headers,
         )
@@ -203,21 +212,31 @@ async def _respond(
             close()
 
 
-async def _stream(job: Job, shape: Shape, first: Any, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    job: Job, shape: Shape, first: Any, include_usage: bool, plan: tools.ToolPlan | None
+) -> AsyncIterator[bytes]:
     """The SSE bytes of a job's events; whatever is already queued goes out in one write."""
+    reader = tools.CallReader(plan) if plan is not None else None
     # The role delta rides with the first token: one write, one packet, one client wake-up.
     data = shape.delta(None, role=True) if shape.kind == "chat" else b""
     event = first
     while True:
         if isinstance(event, P.Chunk):
-            if event.text:
-                data += shape.delta(event.text)
+            text = event.text if reader is None else reader.feed(event.text)
+            if text:
+                data += shape.delta(text)
         elif event is CLIENT_GONE:
             return
         elif isinstance(event, P.Done):
-            data += shape.delta(
-                None if shape.kind == "chat" else "", finish=event.finish_reason, done=event
-            )
+            finish = event.finish_reason
+            if reader is not None:
+                calls, held = reader.finish()
+                if calls:
+                    data += shape.tool_calls_delta(calls)
+                    finish = "tool_calls"
+                elif held:
+                    data += shape.delta(held)
+            data += shape.delta(None if shape.kind == "chat" else "", finish=finish, done=event)
             if include_usage:
                 data += shape.usage_chunk(event.usage)
             yield data + b"data: [DONE]\n\n"
@@ -244,14 +263,29 @@ async def chat_completions(request: Request) -> Response:
     params.grammar = structured.response_grammar(body.response_format)
     if params.grammar is not None:
         structured.check_constrainable(spec, "response_format")
-    job = broker.submit(
-        body.model,
-        P.Request(request_id="", kind="chat", messages=messages, params=params),
-        stream=bool(body.stream),
-    )
+    plan = tools.plan(body)
+    req = P.Request(request_id="", kind="chat", messages=messages, params=params)
+    if plan is not None:
+        if params.grammar is not None:
+            raise errors.InvalidRequest(
+                "`response_format` cannot be combined with `tools` (unless `tool_choice` is "
+                "`none`)",
+                param="response_format",
+            )
+        if plan.grammar is not None:
+            structured.check_constrainable(spec, "tool_choice")
+        params.grammar = plan.grammar
+        req.tools, req.tool_prompt = plan.tools, plan.instructions
+    job = broker.submit(body.model, req, stream=bool(body.stream))
     shape = Shape("chat", body.model)
     return await _respond(
-        request, broker, job, shape, stream=bool(body.stream), include_usage=body.include_usage
+        request,
+        broker,
+        job,
+        shape,
+        stream=bool(body.stream),
+        include_usage=body.include_usage,
+        plan=plan,
     )
 
 

@@ -89,8 +89,23 @@ class Shape:
         env["usage"] = usage_dict(usage)
         return sse(env)
 
-    def whole(self, text: str, done: P.Done) -> dict[str, Any]:
-        if self.kind == "chat":
+    def tool_calls_delta(self, calls: list[dict[str, Any]]) -> bytes:
+        """A chat stream's calls, one chunk each, whole (the `openai` client joins them)."""
+        out = b""
+        for i, call in enumerate(calls):
+            delta = {"tool_calls": [{"index": i, **call}]}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            out += sse(self._envelope([choice], self.chunk_object))
+        return out
+
+    def whole(
+        self, text: str, done: P.Done, calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            choice = {"index": 0, "message": message, "logprobs": None}
+            choice["finish_reason"] = "tool_calls"
+        elif self.kind == "chat":
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},

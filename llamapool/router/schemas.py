@@ -23,8 +23,21 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     include_usage: bool | None = False
 
 
-# OpenAI's rule for schema (and function) names.
+# OpenAI's rule for function and schema names.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+
+
+class ToolCallFunction(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A call an assistant message made, sent back in the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -32,6 +45,33 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_call_id: str | None = None  # a `tool` message answers this call
+    tool_calls: list[ToolCall] | None = None  # an assistant message's calls
+    # Clients echo an assistant message back whole; these two carry nothing for the prompt.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+
+
+class FunctionDef(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    description: str | None = None
+    parameters: Any = None  # a JSON Schema of type object (router/tools.py checks it)
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    # Not forbid_unknown_fields: another tool type's own fields must not hide that the
+    # type itself is what this server lacks (router/tools.py names `tools[i].type`).
+    type: str
+    function: FunctionDef | None = None
+
+
+class NamedFunction(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -121,6 +161,9 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         super().check()
@@ -226,5 +269,12 @@ def message_dicts(messages: list[ChatMessage], *, images: bool) -> list[dict[str
             d["name"] = m.name
         if m.tool_call_id is not None:
             d["tool_call_id"] = m.tool_call_id
+        elif m.role == "tool":
+            raise errors.InvalidRequest(
+                f"messages[{i}] has role `tool` but no `tool_call_id` (the call it answers)",
+                param=f"messages[{i}].tool_call_id",
+            )
+        if m.tool_calls:
+            d["tool_calls"] = [msgspec.to_builtins(call) for call in m.tool_calls]
         out.append(d)
     return out

@@ -89,3 +89,51 @@ def test_extraction_with_a_json_schema(smol, stream):
     person = json.loads(text)
     jsonschema.validate(person, PERSON)
     assert person["name"]  # the shape, not the model's wisdom
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_a_tool_round_trip(smol):
+    messages: list[dict] = [{"role": "user", "content": "What is the weather in Paris now?"}]
+    with openai.OpenAI(base_url=f"{smol.url}/v1", api_key="x", max_retries=0) as client:
+        first = client.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            temperature=0,
+            max_tokens=80,
+        )
+        assert first.choices[0].finish_reason == "tool_calls"
+        (call,) = first.choices[0].message.tool_calls
+        assert call.function.name == "get_weather"
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, WEATHER_TOOL["function"]["parameters"])
+        messages.append(first.choices[0].message.model_dump(exclude_none=True))
+        messages.append(
+            {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny", "c": 21}'}
+        )
+        final = client.chat.completions.create(
+            model="smollm2", messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=60
+        )
+    choice = final.choices[0]
+    # "auto": a plain answer, or a well-formed call; either way the shapes hold.
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+    else:
+        assert choice.finish_reason in ("stop", "length")
+        assert choice.message.content
+    assert final.usage.prompt_tokens > first.usage.prompt_tokens
