@@ -33,6 +33,10 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+# A random model would add calls to the list until max_tokens: a bias on "]" (the tiny
+# model's byte token for it) closes the list at its first chance. The grammar still
+# decides where "]" may go (inside a string it is just a character).
+CLOSE_LIST = {str(5 + ord("]")): 100}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 # A template that renders `tools` (as Hermes/Qwen templates do), for the native path.
 TOOLS_TEMPLATE = (
@@ -81,7 +85,12 @@ CHOICES = [
 @pytest.mark.parametrize(("tool_choice", "names"), CHOICES)
 def test_a_forced_call_parses(client, model, tool_choice, names):
     r = client.chat.completions.create(
-        model=model, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, max_tokens=300
+        model=model,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice=tool_choice,
+        max_tokens=300,
+        logit_bias=CLOSE_LIST,
     )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -92,7 +101,9 @@ def test_a_forced_call_parses(client, model, tool_choice, names):
 
 @pytest.mark.parametrize(("tool_choice", "names"), CHOICES)
 def test_a_forced_call_streams_and_the_client_assembles_it(client, tool_choice, names):
-    kwargs = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice)
+    kwargs = dict(
+        model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, logit_bias=CLOSE_LIST
+    )
     with client.chat.completions.stream(**kwargs, max_tokens=300) as stream:
         final = stream.get_final_completion()
     assert final.choices[0].finish_reason == "tool_calls"
