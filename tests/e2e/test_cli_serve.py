@@ -185,25 +185,15 @@ def test_an_unusable_directory_is_a_one_line_error(tmp_path, tiny_gguf, where, p
 # -- SIGTERM's grace --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grace", [0, 0.5])
-def test_a_grace_under_a_second_is_honoured(serve, tiny_gguf, tmp_path, grace):
-    # The worker's engine stalls after the first chunk: the request runs until the stall
-    # watchdog (120 s), so only the grace can end the router's wait for it.
-    server = serve(
-        [model_entry("m", tiny_gguf)],
-        pool={"grace": grace},
-        env={"LLAMAPOOL_TEST_FAULT": "stall:1", "LLAMAPOOL_TEST_FAULT_FILE": str(tmp_path / "f")},
-    )
+def _stream_until_cut(server) -> threading.Thread:
+    """A streamed chat read in the background, returned once its first token has come."""
     streaming = threading.Event()
 
     def stream() -> None:
-        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 64}
+        body = chat_body("m", "x", 64, stream=True)
         try:
             with httpx.stream(
-                "POST",
-                f"{server.url}/v1/chat/completions",
-                json={**body, "stream": True},
-                timeout=60,
+                "POST", f"{server.url}/v1/chat/completions", json=body, timeout=60
             ) as r:
                 for line in r.iter_lines():
                     if is_content_line(line):
@@ -214,6 +204,19 @@ def test_a_grace_under_a_second_is_honoured(serve, tiny_gguf, tmp_path, grace):
     client = threading.Thread(target=stream, daemon=True)
     client.start()
     assert streaming.wait(30), server.log_text()
+    return client
+
+
+@pytest.mark.parametrize("grace", [0, 0.5])
+def test_a_grace_under_a_second_is_honoured(serve, tiny_gguf, tmp_path, grace):
+    # The worker's engine stalls after the first chunk: the request runs until the stall
+    # watchdog (120 s), so only the grace can end the router's wait for it.
+    server = serve(
+        [model_entry("m", tiny_gguf)],
+        pool={"grace": grace},
+        env={"LLAMAPOOL_TEST_FAULT": "stall:1", "LLAMAPOOL_TEST_FAULT_FILE": str(tmp_path / "f")},
+    )
+    client = _stream_until_cut(server)
     server.proc.send_signal(signal.SIGTERM)
     # Measured: 0.3 s with grace 0, 1.4 s with 0.5; waiting forever would take 120 s.
     assert server.proc.wait(15) == 0, server.log_text()
@@ -263,23 +266,7 @@ def test_a_sighup_while_the_pool_drains_does_not_kill_the_server(serve, tiny_ggu
         pool={"grace": 3},
         env={"LLAMAPOOL_TEST_FAULT": "stall:1", "LLAMAPOOL_TEST_FAULT_FILE": str(tmp_path / "f")},
     )
-    streaming = threading.Event()
-
-    def stream() -> None:
-        body = chat_body("m", "x", 64, stream=True)
-        try:
-            with httpx.stream(
-                "POST", f"{server.url}/v1/chat/completions", json=body, timeout=60
-            ) as r:
-                for line in r.iter_lines():
-                    if is_content_line(line):
-                        streaming.set()
-        except httpx.HTTPError:
-            pass  # the server cut it, as it should
-
-    client = threading.Thread(target=stream, daemon=True)
-    client.start()
-    assert streaming.wait(30), server.log_text()
+    client = _stream_until_cut(server)
     server.proc.send_signal(signal.SIGTERM)
     server.wait_for(lambda: "pool shutting down" in server.log_text(), what="the pool's drain")
     server.proc.send_signal(signal.SIGHUP)
