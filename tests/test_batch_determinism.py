@@ -8,10 +8,7 @@ must be byte-identical, and so must a seeded request's text at temperature 0.8.
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Callable
-
-import pytest
+from engineutil import Texts, alone, together
 
 from llamapool.config import parse_config
 from llamapool.ipc.protocol import Request, SamplingParams
@@ -42,88 +39,13 @@ def _ask(rid: str, question: str, **params) -> Request:
     return _chat(rid, [{"role": "user", "content": question}], **params)
 
 
-class Texts:
-    """A sink that keeps each request's text and end, and runs actions at its events."""
-
-    def __init__(self) -> None:
-        self.text: dict[str, str] = {}
-        self.results: dict[str, object] = {}
-        self.chunks: dict[str, int] = {}
-        self.at: dict[tuple[str, int | str], Callable[[], None]] = {}
-
-    def start(self, rid: str) -> None:
-        self.text[rid] = ""
-
-    def chunk(self, rid: str, text: str, tokens: int) -> None:
-        self.text[rid] += text
-        n = self.chunks[rid] = self.chunks.get(rid, 0) + 1
-        self._fire(rid, n)
-
-    def done(self, rid: str, result: object) -> None:
-        self.results[rid] = result
-        self._fire(rid, "done")
-
-    def error(self, rid: str, code: str, message: str, param: str | None = None) -> None:
-        pytest.fail(f"request {rid} failed: {code}: {message}")
-
-    def _fire(self, rid: str, when: int | str) -> None:
-        action = self.at.pop((rid, when), None)
-        if action is not None:
-            action()
-
-
-def _alone(engine: BatchEngine, requests: list[Request]) -> Texts:
-    """Serve `requests` one after another, each alone in the engine."""
-    sink = Texts()
-    for req in requests:
-        jobs: queue.Queue = queue.Queue()
-        jobs.put(req)
-        jobs.put(None)
-        engine.serve(jobs, sink)
-    return sink
-
-
 def _reference(path, requests: list[Request], **config) -> Texts:
     """Each request alone, from an empty sequence, in an engine of its own."""
     engine = _engine(path, reset_each_request=True, **config)
     try:
-        return _alone(engine, requests)
+        return alone(engine, requests)
     finally:
         engine.close()
-
-
-def _together(
-    engine: BatchEngine,
-    first: list[Request],
-    joins: dict[tuple[str, int | str], list[Request]],
-) -> Texts:
-    """Serve `first` at once; at each (request, n-th chunk or "done") the listed ones join.
-
-    The stop comes once every request queued so far has ended, so none is cut short.
-    """
-    sink = Texts()
-    jobs: queue.Queue = queue.Queue()
-    queued = [0]
-
-    def put(reqs: list[Request]) -> None:
-        for req in reqs:
-            queued[0] += 1
-            jobs.put(req)
-
-    for when, reqs in joins.items():
-        sink.at[when] = lambda reqs=reqs: put(reqs)
-    put(first)
-    record_done = sink.done
-
-    def done(rid: str, result: object) -> None:
-        record_done(rid, result)  # may queue joiners
-        if len(sink.results) == queued[0]:
-            jobs.put(None)
-
-    sink.done = done  # type: ignore[method-assign]
-    engine.serve(jobs, sink)
-    assert not sink.at, f"joins that never happened: {list(sink.at)}"
-    return sink
 
 
 def test_tiny_greedy_and_seeded_text_is_the_same_alone_and_under_load(tiny_gguf):
@@ -139,7 +61,7 @@ def test_tiny_greedy_and_seeded_text_is_the_same_alone_and_under_load(tiny_gguf)
     engine = _engine(tiny_gguf)
     # Two start together; the rest join while others are mid-prompt or mid-generation,
     # and as slots free up, so the batch's make-up keeps changing.
-    loaded = _together(
+    loaded = together(
         engine,
         greedy[:2],
         {
@@ -159,10 +81,10 @@ def test_tiny_greedy_and_seeded_text_is_the_same_alone_and_under_load(tiny_gguf)
         assert loaded.text[rid] == text, f"{rid} differs under load"
 
 
-def test_tiny_second_turn_with_a_cached_prefix_matches_it_evaluated_alone(tiny_gguf):
+def test_tiny_second_turn_with_a_cached_prefix_matches_it_evaluatedalone(tiny_gguf):
     first = [_ask(f"t{i}", q, temperature=0, max_tokens=20) for i, q in enumerate(QUESTIONS[:4])]
     engine = _engine(tiny_gguf)
-    turn1 = _together(engine, first, {})  # slot i now holds first turn t{i}
+    turn1 = together(engine, first, {})  # slot i now holds first turn t{i}
     second = [
         _chat(
             f"u{i}",
@@ -183,7 +105,7 @@ def test_tiny_second_turn_with_a_cached_prefix_matches_it_evaluated_alone(tiny_g
     ]
     reference = _reference(tiny_gguf, second)
 
-    loaded = _together(
+    loaded = together(
         engine,
         [second[0], others[0]],
         {("u0", 4): [second[1]], ("o0", 6): [second[2]], ("o0", "done"): [others[1]]},
@@ -204,7 +126,7 @@ def test_smollm2_greedy_text_is_the_same_alone_and_under_load(smollm2_gguf):
     reference = _reference(path, greedy, n_ctx=256)
     engine = _engine(path, n_ctx=256)
     # Four prompts evaluated in one decode, then two joining as slots free up.
-    loaded = _together(
+    loaded = together(
         engine, greedy[:4], {("g0", "done"): [greedy[4]], ("g1", "done"): [greedy[5]]}
     )
     engine.close()
@@ -233,11 +155,11 @@ def test_tiny_a_history_restored_from_ram_gives_the_same_text(tiny_gguf):
     # held only in the RAM prompt cache.
     first = [_ask(f"t{i}", q, temperature=0, max_tokens=20) for i, q in enumerate(QUESTIONS[:4])]
     engine = _engine(tiny_gguf, n_parallel=2)
-    turn1 = _alone(engine, first)
+    turn1 = alone(engine, first)
     second = _second_turns(turn1, QUESTIONS[:4], temperature=0, max_tokens=30)
     reference = _reference(tiny_gguf, second)
     # u0 and u1 restore side by side; u2 and u3 join as they end (two slots: no more).
-    loaded = _together(
+    loaded = together(
         engine, second[:2], {("u0", "done"): [second[2]], ("u1", "done"): [second[3]]}
     )
     engine.close()
@@ -269,7 +191,7 @@ def test_tiny_a_prefix_copied_from_another_slot_gives_the_same_text(tiny_gguf):
     engine = _engine(tiny_gguf)
     # s0 evaluates the system prompt; s1 joins while s0 generates, s2 and s3 as s0 and s1
     # end: each copies it from a slot that holds it (generating or idle).
-    loaded = _together(engine, [requests[0]], {("s0", 2): [requests[1]], ("s1", 4): requests[2:]})
+    loaded = together(engine, [requests[0]], {("s0", 2): [requests[1]], ("s1", 4): requests[2:]})
     engine.close()
     n_system = len(SYSTEM)  # one token per character in the tiny model
     shared = [rid for rid, r in loaded.results.items() if r.timings.cache_shared_n > n_system]
@@ -304,7 +226,7 @@ def test_smollm2_restored_and_copied_prefixes_give_the_same_text(smollm2_gguf):
     engine = _engine(path, n_ctx=256, n_parallel=2)
     # t1 copies the system prompt from t0's slot; t2 overwrites a slot (its history goes to
     # RAM), so a second turn restores it.
-    loaded = _alone(engine, first + second)
+    loaded = alone(engine, first + second)
     engine.close()
     timings = {rid: r.timings for rid, r in loaded.results.items()}
     assert timings["t1"].cache_shared_n > 0, timings
@@ -322,7 +244,7 @@ def test_tiny_requests_arriving_together_evaluate_their_system_prompt_once(tiny_
     engine = _engine(tiny_gguf)
     # All three admitted at once: the first evaluates the system prompt, the others wait
     # for it and copy it.
-    loaded = _together(engine, requests, {})
+    loaded = together(engine, requests, {})
     engine.close()
     shared = sorted(r.timings.cache_shared_n for r in loaded.results.values())
     assert shared[0] == 0 and all(n > len(SYSTEM) for n in shared[1:]), shared

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import queue
-
 import pytest
+from engineutil import alone
 
 from llamapool.config import parse_config
 from llamapool.ipc.protocol import Request, SamplingParams
@@ -86,33 +85,6 @@ def _engine(path, **config) -> BatchEngine:
     return BatchEngine(parse_config({"models": [{"id": "m", "config": cfg}]}).models["m"])
 
 
-class _Results:
-    def __init__(self) -> None:
-        self.results: dict[str, object] = {}
-
-    def start(self, rid):
-        pass
-
-    def chunk(self, rid, text, tokens):
-        pass
-
-    def done(self, rid, result):
-        self.results[rid] = result
-
-    def error(self, rid, code, message, param=None):
-        pytest.fail(f"{rid}: {code}: {message}")
-
-
-def _serve(engine: BatchEngine, *requests: Request) -> _Results:
-    sink = _Results()
-    for req in requests:
-        jobs: queue.Queue = queue.Queue()
-        jobs.put(req)
-        jobs.put(None)
-        engine.serve(jobs, sink)
-    return sink
-
-
 def _ask(rid: str, content: str, kind: str = "chat") -> Request:
     params = SamplingParams(temperature=0, max_tokens=4)
     if kind == "completion":
@@ -125,8 +97,8 @@ def _ask(rid: str, content: str, kind: str = "chat") -> Request:
 def test_a_history_comes_back_from_ram_after_its_slot_was_overwritten(tiny_gguf):
     engine = _engine(tiny_gguf)
     try:
-        sink = _serve(
-            engine, _ask("a", HISTORY), _ask("b", "something else entirely"), _ask("a2", HISTORY)
+        sink = alone(
+            engine, [_ask("a", HISTORY), _ask("b", "something else entirely"), _ask("a2", HISTORY)]
         )
         first, again = sink.results["a"].usage, sink.results["a2"]
         assert len(engine.prompt_cache) == 2  # a's state, then b's when a2 took the slot
@@ -140,7 +112,9 @@ def test_a_history_comes_back_from_ram_after_its_slot_was_overwritten(tiny_gguf)
 def test_a_prompt_shorter_than_the_minimum_is_not_saved(tiny_gguf):
     engine = _engine(tiny_gguf)
     try:
-        _serve(engine, _ask("short", "abc", kind="completion"), _ask("b", "xyz", kind="completion"))
+        alone(
+            engine, [_ask("short", "abc", kind="completion"), _ask("b", "xyz", kind="completion")]
+        )
         assert len(engine.prompt_cache) == 0
     finally:
         engine.close()
@@ -149,7 +123,7 @@ def test_a_prompt_shorter_than_the_minimum_is_not_saved(tiny_gguf):
 def test_prompt_cache_bytes_0_turns_it_off(tiny_gguf):
     engine = _engine(tiny_gguf, prompt_cache_bytes=0)
     try:
-        sink = _serve(engine, _ask("a", HISTORY), _ask("b", "something else"), _ask("a2", HISTORY))
+        sink = alone(engine, [_ask("a", HISTORY), _ask("b", "something else"), _ask("a2", HISTORY)])
         assert len(engine.prompt_cache) == 0 and engine.prompt_cache.nbytes == 0
         # Only the chat template's default system prompt, which b shares, is reused.
         assert sink.results["a2"].timings.cache_ram_n == 0

@@ -1,0 +1,86 @@
+"""Driving a BatchEngine in the test process: a sink that keeps texts, and feeding it."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+
+import pytest
+
+from llamapool.ipc.protocol import Request
+from llamapool.pool.batch import BatchEngine
+
+
+class Texts:
+    """A sink that keeps each request's text and end, and runs actions at its events."""
+
+    def __init__(self) -> None:
+        self.text: dict[str, str] = {}
+        self.results: dict[str, object] = {}
+        self.chunks: dict[str, int] = {}
+        self.at: dict[tuple[str, int | str], Callable[[], None]] = {}
+
+    def start(self, rid: str) -> None:
+        self.text[rid] = ""
+
+    def chunk(self, rid: str, text: str, tokens: int) -> None:
+        self.text[rid] += text
+        n = self.chunks[rid] = self.chunks.get(rid, 0) + 1
+        self._fire(rid, n)
+
+    def done(self, rid: str, result: object) -> None:
+        self.results[rid] = result
+        self._fire(rid, "done")
+
+    def error(self, rid: str, code: str, message: str, param: str | None = None) -> None:
+        pytest.fail(f"request {rid} failed: {code}: {message}")
+
+    def _fire(self, rid: str, when: int | str) -> None:
+        action = self.at.pop((rid, when), None)
+        if action is not None:
+            action()
+
+
+def alone(engine: BatchEngine, requests: list[Request]) -> Texts:
+    """Serve `requests` one after another, each alone in the engine."""
+    sink = Texts()
+    for req in requests:
+        jobs: queue.Queue = queue.Queue()
+        jobs.put(req)
+        jobs.put(None)
+        engine.serve(jobs, sink)
+    return sink
+
+
+def together(
+    engine: BatchEngine,
+    first: list[Request],
+    joins: dict[tuple[str, int | str], list[Request]],
+) -> Texts:
+    """Serve `first` at once; at each (request, n-th chunk or "done") the listed ones join.
+
+    The stop comes once every request queued so far has ended, so none is cut short.
+    """
+    sink = Texts()
+    jobs: queue.Queue = queue.Queue()
+    queued = [0]
+
+    def put(reqs: list[Request]) -> None:
+        for req in reqs:
+            queued[0] += 1
+            jobs.put(req)
+
+    for when, reqs in joins.items():
+        sink.at[when] = lambda reqs=reqs: put(reqs)
+    put(first)
+    record_done = sink.done
+
+    def done(rid: str, result: object) -> None:
+        record_done(rid, result)  # may queue joiners
+        if len(sink.results) == queued[0]:
+            jobs.put(None)
+
+    sink.done = done  # type: ignore[method-assign]
+    engine.serve(jobs, sink)
+    assert not sink.at, f"joins that never happened: {list(sink.at)}"
+    return sink
