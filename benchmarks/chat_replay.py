@@ -16,14 +16,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 from benchmarks.client import RequestResult, chat_body
-from benchmarks.modelfile import ModelFileError
-from benchmarks.servers import ServerStartError
 from benchmarks.stats import distribution, errors_by_type
-from benchmarks.sweep import LoadSettings, warm_up
-from benchmarks.targets import HttpTarget, TargetSettings, open_target
+from benchmarks.sweep import LoadSettings, on_each_target
+from benchmarks.targets import HttpTarget, TargetSettings
 
 PREAMBLE = (
     "You are the support assistant of Harbour Lights, a company that rents out sailing "
@@ -313,34 +311,27 @@ async def run_chat_replay(
     progress: Progress,
 ) -> dict[str, dict[str, Any]]:
     """Every target's chat replay by name; a target that could not run has `error` set."""
-    report: dict[str, dict[str, Any]] = {}
-    total = replay.conversations * replay.turns
-    for name in targets:
-        entry: dict[str, Any] = {"kind": name, "error": None}
-        report[name] = entry
-        task = progress.add_task(f"{name}: starting", total=None)
-        target = None
-        try:
-            async with open_target(
-                name, settings, workdir, replay.conversations, load.request_timeout
-            ) as target:
-                if not isinstance(target, HttpTarget):
-                    raise ValueError(f"chat-replay needs an HTTP target, not {name}")
-                progress.update(task, description=f"{name}: warming up")
-                entry["warmup"] = await warm_up(target, load, max(1, load.warmup))
-                progress.update(
-                    task,
-                    description=f"{name}: {replay.conversations} conversations",
-                    total=total,
-                )
-                conversations, wall = await _replay_on(
-                    target, load, replay, lambda result, task=task: progress.advance(task)
-                )
-            entry.update(summarize_replay(conversations, wall, replay.turns, load.max_tokens))
-        except (ServerStartError, ModelFileError, ValueError, OSError) as exc:
-            entry["error"] = str(exc)
-        finally:
-            progress.remove_task(task)
-        if target is not None:
-            entry.update(target.describe())
-    return report
+
+    async def work(target: Any, task: TaskID) -> dict[str, Any]:
+        if not isinstance(target, HttpTarget):
+            raise ValueError(f"chat-replay needs an HTTP target, not {target.name}")
+        progress.update(
+            task,
+            description=f"{target.name}: {replay.conversations} conversations",
+            total=replay.conversations * replay.turns,
+        )
+        conversations, wall = await _replay_on(
+            target, load, replay, lambda result: progress.advance(task)
+        )
+        return summarize_replay(conversations, wall, replay.turns, load.max_tokens)
+
+    return await on_each_target(
+        targets,
+        settings,
+        load,
+        workdir,
+        progress,
+        replay.conversations,
+        load.request_timeout,
+        work,
+    )

@@ -12,14 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 from benchmarks.client import RequestResult, make_requests
-from benchmarks.modelfile import ModelFileError
-from benchmarks.servers import ServerStartError
 from benchmarks.stats import distribution, errors_by_type
-from benchmarks.sweep import LoadSettings, warm_up
-from benchmarks.targets import TargetSettings, open_target
+from benchmarks.sweep import LoadSettings, on_each_target
+from benchmarks.targets import TargetSettings
 
 OUTCOMES = ("ok", "rejected_503", "clear_error", "unclear_error", "hung")
 
@@ -85,39 +83,26 @@ async def run_stress(
     progress: Progress,
 ) -> dict[str, dict[str, Any]]:
     """Every target's stress result by name."""
-    report: dict[str, dict[str, Any]] = {}
-    for name in targets:
-        entry: dict[str, Any] = {"kind": name, "error": None}
-        report[name] = entry
-        task = progress.add_task(f"{name}: starting", total=None)
-        target = None
-        try:
-            async with open_target(
-                name, settings, workdir, stress.requests, stress.client_timeout
-            ) as target:
-                progress.update(task, description=f"{name}: warming up")
-                entry["warmup"] = await warm_up(target, load, max(1, load.warmup))
-                progress.update(
-                    task, description=f"{name}: {stress.requests} at once", total=stress.requests
-                )
-                requests = make_requests(
-                    stress.requests, load.max_tokens, load.temperature, load.seed, load.logit_bias
-                )
-                results, wall = await target.run_level(
-                    requests,
-                    stress.requests,
-                    stress.client_timeout,
-                    lambda result, task=task: progress.advance(task),
-                )
-                post_ok = await _post_check(target, load)
-            entry.update(_summarize(stress.requests, results, wall, post_ok))
-        except (ServerStartError, ModelFileError, ValueError, OSError) as exc:
-            entry["error"] = str(exc)
-        finally:
-            progress.remove_task(task)
-        if target is not None:
-            entry.update(target.describe())
-    return report
+
+    async def work(target: Any, task: TaskID) -> dict[str, Any]:
+        progress.update(
+            task, description=f"{target.name}: {stress.requests} at once", total=stress.requests
+        )
+        requests = make_requests(
+            stress.requests, load.max_tokens, load.temperature, load.seed, load.logit_bias
+        )
+        results, wall = await target.run_level(
+            requests,
+            stress.requests,
+            stress.client_timeout,
+            lambda result: progress.advance(task),
+        )
+        post_ok = await _post_check(target, load)
+        return _summarize(stress.requests, results, wall, post_ok)
+
+    return await on_each_target(
+        targets, settings, load, workdir, progress, stress.requests, stress.client_timeout, work
+    )
 
 
 async def _post_check(target: Any, load: LoadSettings) -> bool:

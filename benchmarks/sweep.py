@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 from benchmarks.client import make_requests
 from benchmarks.modelfile import ModelFileError
@@ -55,6 +56,43 @@ async def warm_up(target: Any, load: LoadSettings, concurrency: int) -> dict[str
         "errors_by_type": errors_by_type(results),
         "wall_s": wall,
     }
+
+
+async def on_each_target(
+    targets: list[str],
+    settings: TargetSettings,
+    load: LoadSettings,
+    workdir: pathlib.Path,
+    progress: Progress,
+    clients: int,
+    client_timeout: float,
+    work: Callable[[Any, TaskID], Awaitable[dict[str, Any]]],
+) -> dict[str, dict[str, Any]]:
+    """Start each target in turn, warm it up, run `work(target, task)`, stop it.
+
+    The report by name: what `work` returned, the warm-up and the target's description; a
+    target that could not start or run has `error` set.
+    """
+    report: dict[str, dict[str, Any]] = {}
+    for name in targets:
+        entry: dict[str, Any] = {"kind": name, "error": None}
+        report[name] = entry
+        task = progress.add_task(f"{name}: starting", total=None)
+        target = None
+        try:
+            async with open_target(name, settings, workdir, clients, client_timeout) as target:
+                progress.update(task, description=f"{name}: warming up")
+                entry["warmup"] = await warm_up(target, load, max(1, load.warmup))
+                results = await work(target, task)
+            entry.update(results)
+        except (ServerStartError, ModelFileError, ValueError, OSError) as exc:
+            entry["error"] = str(exc)
+        finally:
+            progress.remove_task(task)
+        if target is not None:
+            # After the stop, so the pids include every worker the server ever showed.
+            entry.update(target.describe())
+    return report
 
 
 async def run_sweep(
