@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import yaml
@@ -27,6 +28,12 @@ def _metric(server, name: str, **labels) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def _served_config(tmp_path) -> tuple[Path, dict]:
+    """The models.yaml the `serve` fixture wrote last, and what it holds (to edit, then reload)."""
+    config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
+    return config_path, yaml.safe_load(config_path.read_text())
 
 
 def test_admin_needs_the_token(serve, tiny_gguf):
@@ -149,8 +156,7 @@ def test_an_unload_holds_until_load(serve, tiny_gguf, tmp_path):
     assert httpx.get(f"{server.url}/v1/models/m").json()["status"] == "unloaded"
 
     # A reload that changes it keeps it unloaded, and starts nothing for it.
-    config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
-    data = yaml.safe_load(config_path.read_text())
+    config_path, data = _served_config(tmp_path)
     data["models"][0]["max_queue"] = 7
     config_path.write_text(yaml.safe_dump(data))
     r = server.admin("POST", "/admin/reload")
@@ -238,8 +244,7 @@ def test_reload_keeps_unchanged_replaces_changed_drains_removed(serve, tiny_gguf
         ]
     )
     before = {w["model"]: w["pid"] for w in server.pool()["workers"]}
-    config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
-    data = yaml.safe_load(config_path.read_text())
+    config_path, data = _served_config(tmp_path)
 
     config_path.write_text("models: [")  # broken: rejected, nothing changes
     r = server.admin("POST", "/admin/reload")
@@ -273,8 +278,7 @@ def test_reload_keeps_unchanged_replaces_changed_drains_removed(serve, tiny_gguf
 def test_a_reload_of_queue_limits_alone_keeps_the_instances(serve, tiny_gguf, tmp_path):
     server = serve([model_entry("m", tiny_gguf, config={"n_ctx": 4096})])
     (before,) = [w["pid"] for w in server.pool()["workers"]]
-    config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
-    data = yaml.safe_load(config_path.read_text())
+    config_path, data = _served_config(tmp_path)
     data["models"][0]["max_request_time"] = 0.3
     config_path.write_text(yaml.safe_dump(data))
     r = server.admin("POST", "/admin/reload")
@@ -332,8 +336,7 @@ def test_cli_wrappers_talk_to_a_running_server(serve, tiny_gguf, tmp_path):
 
 def test_reload_removing_a_busy_model_lets_its_request_finish(serve, smollm2_gguf, tmp_path):
     server = serve([model_entry("keep", smollm2_gguf), model_entry("drop", smollm2_gguf)])
-    config_path = sorted(tmp_path.glob("models-*.yaml"))[-1]
-    data = yaml.safe_load(config_path.read_text())
+    config_path, data = _served_config(tmp_path)
     with cf.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(chat, server.url, "drop", 300, "story", logit_bias=SMOLLM2_EOG)
         server.wait_for(
