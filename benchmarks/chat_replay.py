@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pathlib
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -146,12 +147,16 @@ class ReplaySettings:
     system_prompt: str
     # As the model file's tokenizer counts it; a --url server with another model differs.
     system_tokens: int
+    # Mean seconds a user reads and types between an answer and their next turn (0: the
+    # next turn is sent at once, a closed loop). See `think_time`.
+    think_s: float = 0.0
 
     def describe(self) -> dict[str, Any]:
         """The JSON config section: enough to check two runs sent the same bytes."""
         return {
             "conversations": self.conversations,
             "turns": self.turns,
+            "think_s": self.think_s,
             "system_prompt_tokens": self.system_tokens,
             "system_prompt_chars": len(self.system_prompt),
             "system_prompt_sha256": hashlib.sha256(self.system_prompt.encode()).hexdigest(),
@@ -159,6 +164,19 @@ class ReplaySettings:
 
 
 Send = Callable[[dict[str, Any], int], Awaitable[RequestResult]]
+
+
+def think_time(mean_s: float, seed: int, conversation: int, turn: int) -> float:
+    """How long conversation `conversation` waits before sending turn `turn` (from 1):
+    exponential with mean `mean_s`, the same for every target and run with the same seed.
+
+    Without it, conversations that finish a turn together send their next turns together,
+    and per-turn TTFT mostly measures that burst queueing for slots; with it, turns arrive
+    spread out as people's do.
+    """
+    if mean_s <= 0:
+        return 0.0
+    return random.Random(f"think:{seed}:{conversation}:{turn}").expovariate(1.0 / mean_s)
 
 
 async def replay_conversations(
@@ -178,6 +196,9 @@ async def replay_conversations(
         results: list[RequestResult] = []
         for turn in range(replay.turns):
             index = conversation * replay.turns + turn
+            if turn > 0:
+                # The user reading and typing: part of the workload, not a synchronisation.
+                await asyncio.sleep(think_time(replay.think_s, load.seed, conversation, turn))
             body = chat_body(
                 model_name,
                 turn_messages(replay.system_prompt, conversation, answers),

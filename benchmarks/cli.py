@@ -92,11 +92,14 @@ def _positive(kind: type) -> Any:
     return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
-    return value
+def _non_negative(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0 or value != value:  # NaN is not a duration either
+            raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
+        return value
+
+    return parse
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +166,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument(
         "--pairs",
-        type=_non_negative_int,
+        type=_non_negative(int),
         default=16,
         help="with pool and direct: single-stream requests the pool, the HTTP floor and "
         "direct take turns on, so the host's drift hits both sides of the ratio; "
@@ -288,6 +291,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=1000,
         help="length of the shared system prompt in the model file's tokens (default: 1000)",
     )
+    replay.add_argument(
+        "--think-time",
+        type=_non_negative(float),
+        default=0.0,
+        metavar="SECONDS",
+        help="mean pause between an answer and the conversation's next turn, drawn "
+        "exponentially from the seed (the same schedule for every target); 0 sends the next "
+        "turn at once (default: 0)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -346,7 +358,7 @@ def _replay_settings(
             f"{args.turns} turns of up to {max_tokens} tokens); --n-ctx is {args.n_ctx}: raise "
             "it or lower --system-tokens, --turns or --max-tokens"
         )
-    return ReplaySettings(args.conversations, args.turns, text, tokens)
+    return ReplaySettings(args.conversations, args.turns, text, tokens, args.think_time)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -315,6 +315,16 @@ def test_chat_replay_counts_must_be_positive(flag: str) -> None:
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_chat_replay_think_time_must_not_be_negative(value: str) -> None:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args(["--chat-replay", "--think-time", "2.5"]).think_time == 2.5
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--chat-replay", "--think-time", value])
+    assert exc.value.code == 2
+
+
 def test_missing_model_is_a_usage_error(tmp_path: pathlib.Path) -> None:
     parser = argparse.ArgumentParser()
     configure_parser(parser)

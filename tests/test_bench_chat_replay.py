@@ -19,6 +19,7 @@ from benchmarks.chat_replay import (
     replay_conversations,
     summarize_replay,
     system_prompt,
+    think_time,
     turn_messages,
     user_message,
 )
@@ -144,6 +145,39 @@ def test_a_failed_turn_ends_its_conversation() -> None:
     assert summary["prompt_tokens"]["sent"] == sum(sent)
     assert turns[0]["prompt_tokens"]["evaluated_fraction"] == pytest.approx(0.5, abs=0.01)
     assert len(summary["requests_detail"]) == 5
+
+
+def test_think_times_are_one_schedule_for_every_target() -> None:
+    assert think_time(0.0, 10, 3, 1) == 0.0
+    times = [think_time(5.0, 10, c, t) for c in range(16) for t in range(1, 4)]
+    assert times == [think_time(5.0, 10, c, t) for c in range(16) for t in range(1, 4)]
+    assert len(set(times)) == len(times) and min(times) > 0
+    assert 2.5 < sum(times) / len(times) < 10  # exponential, mean 5: 48 draws
+    assert think_time(5.0, 11, 3, 1) != think_time(5.0, 10, 3, 1)
+
+
+def test_think_time_comes_between_turns_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[int, float]] = []
+    waited: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:  # record the pause instead of taking it
+        waited.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    send, bodies = _fake_server()
+
+    async def record(body: dict[str, Any], index: int) -> RequestResult:
+        sent.append((index, sum(waited)))
+        return await send(body, index)
+
+    replay = ReplaySettings(1, 3, system_prompt(2), 99, think_s=4.0)
+    asyncio.run(replay_conversations(record, "m", LOAD, replay, lambda result: None))
+    pauses = [think_time(4.0, LOAD.seed, 0, turn) for turn in (1, 2)]
+    assert waited == pauses
+    assert sent == [(0, 0.0), (1, pauses[0]), (2, pauses[0] + pauses[1])]
+    assert replay.describe()["think_s"] == 4.0
 
 
 def test_prompt_counts_are_null_unless_every_answer_has_them() -> None:
