@@ -75,6 +75,9 @@ class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # 0 turns it off. The default holds ~11k tokens of SmolLM2-135M's f16 KV cache (23 KiB
     # a token): some 20 chats of a few hundred tokens, 2.7 full 4096-token contexts.
     prompt_cache_bytes: str | int = "256MiB"
+    # Copy a prefix another slot holds (a shared system prompt) instead of evaluating it
+    # again, and hold a request back while another slot evaluates the prefix it shares.
+    share_prefixes: bool = True
 
     def prompt_cache_limit(self) -> int:
         """Bytes the batching engine's RAM prompt cache may hold; 0 where none is kept

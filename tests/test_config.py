@@ -46,6 +46,7 @@ def test_every_llama_key_is_accepted(tiny_gguf):
         "seed": 7,
         "reset_each_request": True,
         "prompt_cache_bytes": "64MiB",
+        "share_prefixes": False,
     }
     config = parse_config(
         {
@@ -68,6 +69,7 @@ def test_every_llama_key_is_accepted(tiny_gguf):
     assert spec.min_instances == 2 and spec.instance_limit == 3
     assert config.pool.heartbeat_interval == 0.5
     assert spec.config.stop_list() == ["</s>"]
+    assert spec.config.share_prefixes is False
 
 
 def test_unknown_key_names_model_and_key(tiny_gguf):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engineutil import alone
+from engineutil import alone, together
 
 from llamapool.config import parse_config
 from llamapool.ipc.protocol import Request, SamplingParams
@@ -127,5 +127,21 @@ def test_prompt_cache_bytes_0_turns_it_off(tiny_gguf):
         assert len(engine.prompt_cache) == 0 and engine.prompt_cache.nbytes == 0
         # Only the chat template's default system prompt, which b shares, is reused.
         assert sink.results["a2"].timings.cache_ram_n == 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_share_prefixes_false_leaves_each_slot_its_own(tiny_gguf, share):
+    engine = _engine(tiny_gguf, n_parallel=3, share_prefixes=share)
+    asks = [_ask(f"r{i}", HISTORY + f" and question {i}") for i in range(3)]
+    try:
+        sink = together(engine, asks, {})
+        assert sink.text.keys() == {"r0", "r1", "r2"}
+        shared = sorted(r.timings.cache_shared_n for r in sink.results.values())
+        if share:  # one slot evaluates the history, the others wait and copy it
+            assert shared[0] == 0 and all(n >= len(HISTORY) for n in shared[1:]), shared
+        else:
+            assert shared == [0, 0, 0]
     finally:
         engine.close()

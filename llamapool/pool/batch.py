@@ -228,7 +228,7 @@ class BatchEngine:
     def _should_wait(self, tokens: list[int]) -> bool:
         """Whether a slot evaluating its prompt will soon hold a prefix of `tokens` worth
         copying: requests that arrive together evaluate a shared system prompt once."""
-        if self.cfg.reset_each_request:
+        if self.cfg.reset_each_request or not self.cfg.share_prefixes:
             return False
         limit = len(tokens) - 1
         now = max(min(shared_prefix(s.cached, tokens), limit) for s in self.slots)
@@ -275,7 +275,7 @@ class BatchEngine:
         def reuse(slot: _Slot) -> _Reuse:
             own = held[slot.seq]
             best = _Reuse(own, CacheSource.SLOT)
-            for other in self.slots:
+            for other in self.slots if self.cfg.share_prefixes else ():
                 n = held[other.seq]
                 if other is not slot and n > best.n and worth_copying(n - own, other.cached):
                     best = _Reuse(n, CacheSource.SHARED, donor=other)
