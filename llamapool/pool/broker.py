@@ -371,6 +371,10 @@ class Broker:
         while any(w.process.poll() is None for w in workers) and time.monotonic() < deadline:
             await asyncio.sleep(TICK)
         self.supervisor.reap(time.monotonic())
+        if model_id not in self.supervisor.models:  # a reload removed it meanwhile
+            raise errors.ModelNotFound(
+                f"model {model_id!r} was removed by a reload while it unloaded", param="model"
+            )
         return self.model_status(model_id)
 
     def restart_worker(self, worker_id: str) -> dict[str, Any]:

@@ -199,6 +199,32 @@ def test_a_forced_unload_tells_the_running_request_so(serve, smollm2_gguf):
     assert errors and '"model_unloaded"' in errors[0], errors
 
 
+def test_an_unload_whose_model_a_reload_removed_says_so(serve, smollm2_gguf, tmp_path):
+    server = serve([model_entry("m", smollm2_gguf, config={"n_ctx": 4096})])
+    body = chat_body("m", "Write a long story.", 3000, logit_bias=SMOLLM2_EOG, stream=True)
+    with cf.ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()  # kept: dropping the iterator would close the stream
+            skip_to_first_token(lines)
+            # Without force the unload waits for the running request...
+            unload = pool.submit(server.admin, "POST", "/admin/models/m/unload")
+            server.wait_for(
+                lambda: [w["state"] for w in server.pool()["workers"]] == ["DRAINING"],
+                what="the worker draining",
+            )
+            # ...while a reload takes the model out of the config.
+            config_path, data = _served_config(tmp_path)
+            data["models"] = [model_entry("other", smollm2_gguf)]
+            config_path.write_text(yaml.safe_dump(data))
+            reloaded = server.admin("POST", "/admin/reload")
+            assert reloaded.status_code == 200 and reloaded.json()["removed"] == ["m"]
+        # The stream's hang-up ends the request, the worker exits, the unload returns.
+        r = unload.result(timeout=60)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "model_not_found"
+    assert "removed by a reload" in r.json()["error"]["message"]
+
+
 def test_an_on_demand_model_is_on_standby_until_asked(serve, tiny_gguf):
     server = serve([model_entry("lazy", tiny_gguf, min_instances=0, max_instances=1)])
 
