@@ -243,6 +243,28 @@ def test_eviction_drains_the_idle_lru_instance_of_another_model(tiny_gguf):
     assert pool.sup.models["b"].evictions == 1 and pool.sup.models["b"].restarts == 0
 
 
+def test_evicting_two_instances_of_a_model_lowers_its_target_by_two(tiny_gguf):
+    models = [{"id": m, "min_instances": 0, "max_instances": 2} for m in ("b", "c")]
+    pool = fake_pool(tiny_gguf, models=models)
+    cost = pool.sup.models["c"].footprint.cost(0)
+    pool.sup.scale("b", 2)
+    pool.tick()
+    assert len(pool.workers("b")) == 2
+    for w in pool.workers("b"):
+        pool.proc(w).sample = Sample(rss=cost * 6 // 10, pss=cost * 6 // 10)
+        pool.ready(w)
+    # The two instances of b use 1.2 c's; c needs one, so both must go.
+    pool.sup.memory.limit = cost * 13 // 10
+    pool.sup.ensure_capacity("c")
+    assert [w.state for w in pool.workers("b")] == [WorkerState.DRAINING] * 2
+    assert pool.sup.models["b"].target == 0
+    for w in pool.workers("b"):
+        pool.proc(w).exit(0)
+    pool.tick()
+    assert not pool.workers("b"), "an evicted instance came back"
+    assert len(pool.workers("c")) == 1
+
+
 _ACTS = {
     "protocol": lambda p, w: p.sup.kill(w, ExitCause.PROTOCOL, "protocol error: out of order"),
     "unreachable": lambda p, w: p.sup.kill(w, ExitCause.UNREACHABLE, "unreachable on its socket"),

@@ -291,7 +291,8 @@ class MemoryBudget:
         for victim in victims:
             w = self.pool.workers[victim.worker_id]
             other = self.pool.models[w.model_id]
-            other.target = max(other.spec.min_instances, len(self.pool.workers_of(w.model_id)) - 1)
+            # Those already leaving (an earlier victim in this loop) are not counted again.
+            other.target = max(other.spec.min_instances, len(self.pool.serving(w.model_id)) - 1)
             other.evictions += 1
             self.pool.observer.evicted(w.model_id)
             runtime.evicting.add(w.id)
