@@ -14,6 +14,15 @@ from llamapool.ipc import protocol as P
         P.Ready(worker_id="m-1", pid=42, model_id="m", n_ctx=2048, capacity=1),
         P.Heartbeat(seq=3, busy_request="r-1"),
         P.Chunk(request_id="r-1", text="héllo", tokens=2),
+        P.Chunk(
+            request_id="r-1",
+            text="hé",
+            tokens=1,
+            logprobs=[
+                P.TokenLogprob(b"h\xc3", -0.25, [P.TopLogprob(b"h\xc3", -0.25)], 0),
+                P.TokenLogprob(b"a", None, [], 1),
+            ],
+        ),
         P.Done(
             request_id="r-1",
             finish_reason="length",
@@ -34,6 +43,8 @@ from llamapool.ipc import protocol as P
             messages=[{"role": "user", "content": "hi"}],
             params=P.SamplingParams(max_tokens=5, stop=["\n"], logit_bias={2: -100.0}),
         ),
+        P.Request(request_id="r-10", kind="completion", prompt=[1, 2, 3], logprobs=2, echo=True),
+        P.Request(request_id="r-11", kind="embedding", inputs=["a", [1, 2]]),
         P.Cancel(request_id="r-9"),
         P.RouterHeartbeat(seq=1),
         P.Shutdown(drain=False),

@@ -78,6 +78,10 @@ def test_prefix_key_grows_with_the_conversation():
     k2 = prefix_key(Request(request_id="", kind="chat", messages=turn2))
     assert k2.startswith(k1)
     assert prefix_key(Request(request_id="", kind="completion", prompt="abc")) == "abc"
+    tokens = [
+        prefix_key(Request(request_id="", kind="completion", prompt=p)) for p in ([5, 6], [5, 7])
+    ]
+    assert tokens[0][:2] == tokens[1][:2] and tokens[0] != tokens[1]
 
 
 def _handle(capacity: int, cache_entries: int = 0) -> WorkerHandle:

@@ -82,10 +82,31 @@ class Heartbeat(msgspec.Struct):
     cache_entries: int = 0
 
 
+class TopLogprob(msgspec.Struct, array_like=True):
+    """One of the most likely tokens at a position: its bytes and log-probability."""
+
+    token: bytes
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """A token of the output (or of an echoed prompt) with its log-probability under the
+    model, the `top` most likely tokens there, and where its text starts in the choice's
+    text (`text_offset`, the prompt included). `logprob` is None for a prompt's first
+    token, which nothing predicts."""
+
+    token: bytes
+    logprob: float | None
+    top: list[TopLogprob]
+    offset: int
+
+
 class Chunk(msgspec.Struct):
     request_id: str
     text: str
     tokens: int
+    # With a request's `logprobs`: one entry per token whose text starts in `text`.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Done(msgspec.Struct):
@@ -131,9 +152,14 @@ class Request(msgspec.Struct, kw_only=True):
     request_id: str
     kind: Literal["chat", "completion", "embedding"]
     messages: list[dict[str, Any]] | None = None
-    prompt: str | None = None
-    inputs: list[str] | None = None
+    prompt: str | list[int] | None = None  # text, or token ids taken as they are
+    inputs: list[str | list[int]] | None = None
     params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    # Log-probabilities of each output token with this many alternatives (0: the token's
+    # own only); None: none. `echo`: a completion's output starts with its prompt (and,
+    # with `logprobs`, the prompt tokens' log-probabilities).
+    logprobs: int | None = None
+    echo: bool = False
     # Tools a chat may call (OpenAI tool dicts), for a chat template that renders them; a
     # template that does not gets `tool_prompt` as a system message instead.
     tools: list[dict[str, Any]] | None = None

@@ -19,9 +19,14 @@ if TYPE_CHECKING:
 
 
 def prefix_key(request: P.Request) -> str:
-    """The request's text in the order the model sees it (roles and contents, or the prompt)."""
+    """The request's text in the order the model sees it (roles and contents, or the prompt).
+
+    A prompt of token ids becomes one character per token, so keys share a prefix exactly
+    when the prompts do."""
     if request.messages is not None:
         return "".join(f"{m.get('role')}\x1f{m.get('content')}\x1e" for m in request.messages)
+    if isinstance(request.prompt, list):
+        return "\x1d" + "".join(chr(min(t, 0x10FFFF)) for t in request.prompt)
     return request.prompt or ""
 
 
