@@ -283,3 +283,32 @@ def test_a_request_waiting_for_a_shared_prefix_can_be_cancelled(engine):
     assert sink.tokens("waiting") == 0
     assert sink.end("first")[2].usage.completion_tokens == 3
     assert sink.end("third")[2].usage.completion_tokens == 3
+
+
+def test_a_token_prompt_gives_the_text_of_its_string(engine):
+    prompt = "once upon a time"
+    tokens = engine.llama.tokenize(prompt.encode(), add_bos=True, special=True)
+    greedy = {"max_tokens": 8, "temperature": 0.0}
+    text = Request(
+        request_id="s", kind="completion", prompt=prompt, params=SamplingParams(**greedy)
+    )
+    ids = Request(request_id="t", kind="completion", prompt=tokens, params=SamplingParams(**greedy))
+    sink = _serve(engine, text, ids)
+    chunks = {
+        rid: "".join(e[2][0] for e in sink.events if e[0] == "chunk" and e[1] == rid)
+        for rid in "st"
+    }
+    assert chunks["t"] == chunks["s"] and chunks["t"]
+    assert sink.end("t")[2].usage.prompt_tokens == len(tokens)
+
+
+def test_a_token_prompt_outside_the_vocabulary_is_refused_naming_prompt(engine):
+    outside = [1, 2, engine.n_vocab]
+    sink = _serve(
+        engine,
+        Request(request_id="big", kind="completion", prompt=outside),
+        Request(request_id="empty", kind="completion", prompt=[]),
+    )
+    for rid in ("big", "empty"):
+        kind, _, (code, _, param) = sink.end(rid)
+        assert (kind, code, param) == ("error", "invalid_request", "prompt")

@@ -137,6 +137,18 @@ def test_embeddings_are_mean_pooled(tiny_gguf):
     assert result.usage.prompt_tokens > 2
 
 
+def test_embeddings_of_token_ids_are_those_of_their_text(tiny_gguf):
+    eng = _engine(tiny_gguf, embedding=True)
+    tokens = eng.llama.tokenize(b"a b c", add_bos=True)
+    result, _ = _run(eng, Request(request_id="r", kind="embedding", inputs=["a b c", tokens]))
+    text, ids = result.embeddings
+    assert ids == pytest.approx(text, abs=1e-5)
+    assert result.usage.prompt_tokens == 2 * len(tokens)
+    with pytest.raises(RequestFailed) as refused:
+        _run(eng, Request(request_id="r", kind="embedding", inputs=[[1, eng.llama.n_vocab()]]))
+    assert refused.value.param == "input"
+
+
 def test_embeddings_need_embedding_true(engine):
     with pytest.raises(RequestFailed, match="embedding: true"):
         _run(engine, Request(request_id="r", kind="embedding", inputs=["x"]))

@@ -22,6 +22,7 @@ from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request, Usage
 from llamapool.pool.llama_adapter import (
     AbortFlag,
+    embed_tokens,
     evaluated_tokens,
     logit_bias_processor,
     stopping_criteria,
@@ -231,7 +232,10 @@ class Engine:
         vectors: list[list[float]] = []
         n_tokens = 0
         for i, text in enumerate(inputs):
-            tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=True)
+            if isinstance(text, list):  # token ids, taken as they are
+                tokens = self.preparer.check_tokens(text, "input")
+            else:
+                tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=True)
             if not tokens or not text:
                 raise RequestFailed(
                     ErrorCode.INVALID_REQUEST,
@@ -247,7 +251,10 @@ class Engine:
                 )
             n_tokens += len(tokens)
             self.progress_at = time.monotonic()
-            vec = self.llama.embed(text)
+            if isinstance(text, list):
+                vec = embed_tokens(self.llama, tokens)
+            else:
+                vec = self.llama.embed(text)
             if vec and isinstance(vec[0], list):
                 # No pooling in the model: mean-pool the per-token vectors ourselves.
                 width = len(vec[0])

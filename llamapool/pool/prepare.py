@@ -203,6 +203,8 @@ class Preparer:
     def _prompt_tokens(self, req: Request) -> tuple[list[int], list[str]]:
         llama = self.llama
         if req.kind == "completion":
+            if isinstance(req.prompt, list):
+                return self.check_tokens(req.prompt, "prompt"), []
             text = req.prompt or ""
             # Special tokens written in the prompt are tokens, as in llama-cpp-python's and
             # llama-server's completions: a hand-templated prompt means what it says.
@@ -232,6 +234,19 @@ class Preparer:
             result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
         )
         return tokens, [s for s in stops if s]
+
+    def check_tokens(self, tokens: list[int], param: str) -> list[int]:
+        """`tokens` as given (no BOS added, as llama-server takes them), if every id is in
+        the vocabulary; else RequestFailed naming `param`."""
+        n_vocab = self.llama.n_vocab()
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise RequestFailed(
+                ErrorCode.INVALID_REQUEST,
+                f"{param} names token {bad}, outside the vocabulary (0..{n_vocab - 1})",
+                param=param,
+            )
+        return list(tokens)
 
     def prepare(self, req: Request) -> Prepared:
         """Tokenize and validate a chat or completion request; raise RequestFailed if bad."""

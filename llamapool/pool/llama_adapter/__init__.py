@@ -21,6 +21,7 @@ from llamapool.pool.llama_adapter.model import (  # noqa: F401
     Vocab,
     chat_formatter,
     context_flash_attn_type,
+    embed_tokens,
     evaluated_tokens,
     flash_attn_type_of,
     handler_only,

@@ -175,6 +175,29 @@ def evaluated_tokens(llama: Any) -> list[int]:
     return llama._input_ids[: llama.n_tokens].tolist()
 
 
+def embed_tokens(llama: Any, tokens: list[int]) -> list[float] | list[list[float]]:
+    """`Llama.embed` of token ids (it takes only text): the pooled vector, or one per token
+    for a model without pooling; cut to `n_batch` tokens as `embed` cuts text."""
+    import llama_cpp
+
+    tokens = tokens[: llama.n_batch]
+    ctx, batch = llama._ctx, llama._batch
+    batch.reset()
+    ctx.kv_cache_clear()
+    batch.add_sequence(tokens, 0, True)
+    try:
+        ctx.decode(batch)
+        n_embd = llama.n_embd()
+        if llama.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            ptr = llama_cpp.llama_get_embeddings(ctx.ctx)
+            return [ptr[j * n_embd : (j + 1) * n_embd] for j in range(len(tokens))]
+        return llama_cpp.llama_get_embeddings_seq(ctx.ctx, 0)[:n_embd]
+    finally:
+        batch.reset()
+        ctx.kv_cache_clear()
+        llama.reset()
+
+
 def logit_bias_processor(bias: dict[int, float]) -> Any:
     """A `Llama.generate` logits processor that adds `bias` to the named tokens."""
     import numpy as np
