@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from llamapool.ipc.protocol import Request
+from llamapool.ipc.protocol import Request, TokenLogprob
 from llamapool.pool.batch import BatchEngine
 
 
@@ -18,13 +18,18 @@ class Texts:
         self.text: dict[str, str] = {}
         self.results: dict[str, object] = {}
         self.chunks: dict[str, int] = {}
+        self.logprobs: dict[str, list[TokenLogprob]] = {}
         self.at: dict[tuple[str, int | str], Callable[[], None]] = {}
 
     def start(self, rid: str) -> None:
         self.text[rid] = ""
+        self.logprobs[rid] = []
 
-    def chunk(self, rid: str, text: str, tokens: int) -> None:
+    def chunk(
+        self, rid: str, text: str, tokens: int, logprobs: list[TokenLogprob] | None = None
+    ) -> None:
         self.text[rid] += text
+        self.logprobs[rid] += logprobs or []
         n = self.chunks[rid] = self.chunks.get(rid, 0) + 1
         self._fire(rid, n)
 
@@ -41,9 +46,9 @@ class Texts:
             action()
 
 
-def alone(engine: BatchEngine, requests: list[Request]) -> Texts:
+def alone(engine: BatchEngine, requests: list[Request], sink: Texts | None = None) -> Texts:
     """Serve `requests` one after another, each alone in the engine."""
-    sink = Texts()
+    sink = sink or Texts()
     for req in requests:
         jobs: queue.Queue = queue.Queue()
         jobs.put(req)

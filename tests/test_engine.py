@@ -149,6 +149,24 @@ def test_embeddings_of_token_ids_are_those_of_their_text(tiny_gguf):
     assert refused.value.param == "input"
 
 
+@pytest.mark.parametrize("param", ["logprobs", "echo"])
+def test_logprobs_and_echo_are_refused_by_name(engine, param):
+    req = Request(request_id="r", kind="completion", prompt="ab")
+    setattr(req, param, 1 if param == "logprobs" else True)
+    with pytest.raises(RequestFailed) as refused:
+        _run(engine, req)
+    assert refused.value.param == param
+
+
+def test_max_tokens_zero_generates_nothing(engine):
+    req = Request(
+        request_id="r", kind="completion", prompt=[1, 40, 41], params=SamplingParams(max_tokens=0)
+    )
+    result, pieces = _run(engine, req)
+    assert result.usage.completion_tokens == 0 and result.usage.prompt_tokens == 3
+    assert pieces == []
+
+
 def test_embeddings_need_embedding_true(engine):
     with pytest.raises(RequestFailed, match="embedding: true"):
         _run(engine, Request(request_id="r", kind="embedding", inputs=["x"]))

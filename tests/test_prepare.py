@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llamapool.ipc.protocol import TokenLogprob
 from llamapool.pool.prepare import (
     Prepared,
     TextOut,
@@ -59,6 +60,26 @@ def test_a_split_character_at_the_end_is_replaced_not_lost():
     assert out.push(0)  # end of generation with half a character held
     out.result(1, 0, 0.0, None)
     assert "".join(emitted) == "ok\ufffd"
+
+
+def test_logprob_entries_go_with_their_text_and_with_a_cut():
+    pieces = {1: b"ab", 2: b"X", 3: b"Y", 4: b"cd"}
+    sent: list[tuple[str, list[bytes]]] = []
+    prep = Prepared(
+        tokens=[], max_tokens=10, stops=["XY"], seed=0, top_k=40, top_p=1.0, min_p=0.0,
+        temperature=0.0, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+        logit_bias={},
+    )  # fmt: skip
+    out = TextOut(
+        _Pieces(pieces),
+        prep,
+        lambda text, n, lp=None: sent.append((text, [e.token for e in lp or []])),
+    )
+    for token in (1, 2, 4, 2, 3):  # "ab", "X" held (it may start "XY"), "cd", then "XY"
+        finished = out.push(token, TokenLogprob(pieces[token], -1.0, [], 0))
+    assert finished and out.finish == "stop"
+    out.result(0, 0, 0.0, None)
+    assert sent == [("ab", [b"ab"]), ("Xcd", [b"X", b"cd"]), ("", [])]
 
 
 def test_seeds_and_temperatures_as_llama_cpp_takes_them():

@@ -21,6 +21,7 @@ are removed again.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import queue
 import time
@@ -30,7 +31,14 @@ from typing import Any
 from llamapool.config import ModelSpec
 from llamapool.errors import ErrorCode
 from llamapool.ipc.protocol import Request
-from llamapool.pool.llama_adapter import DECODE_ABORTED, BatchContext, Grammars, Sampler
+from llamapool.pool.llama_adapter import (
+    DECODE_ABORTED,
+    BatchContext,
+    Grammars,
+    LogprobReader,
+    Sampler,
+)
+from llamapool.pool.logprobs import Scoring
 from llamapool.pool.prepare import (
     Prepared,
     Preparer,
@@ -92,6 +100,8 @@ class _Slot:
     started: float = 0.0
     first_token_at: float | None = None
     logits_at: int = -1  # index in the current batch whose logits this slot samples
+    scoring: Scoring | None = None  # logprobs and echo, when the request asks for them
+    last_row: int = -1  # index in the current batch of the last token it added
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,7 @@ class _Waiting:
     prep: Prepared
     sampler: Sampler
     started: float
+    scoring: Scoring | None = None
 
 
 class BatchEngine:
@@ -136,6 +147,7 @@ class BatchEngine:
         self.prompt_cache = PromptCache(cfg.prompt_cache_limit())
         self.n_vocab = self.llama.n_vocab()
         self.grammars = Grammars(self.llama)  # constrained requests' grammars, parsed once
+        self.logprob_reader = LogprobReader(self.context, self.n_vocab)
         self._cancelled_ids: set[str] = set()
         self._waiting: list[_Waiting] = []
         # time.monotonic() of the engine's last decode step; the I/O thread's stall watchdog
@@ -210,6 +222,14 @@ class BatchEngine:
         try:
             prep = self.preparer.prepare(req)
             sampler = Sampler(prep, self.n_vocab, self.grammars)
+            scoring = None
+            if prep.logprobs is not None or prep.echo:
+                scoring = Scoring(
+                    prep,
+                    self.logprob_reader,
+                    self.preparer.vocab,
+                    completion=req.kind == "completion",
+                )
         except RequestFailed as exc:
             sink.error(rid, exc.code, exc.message, exc.param)
             return
@@ -219,8 +239,8 @@ class BatchEngine:
             log.exception("request %s failed at admission", rid)
             sink.error(rid, ErrorCode.GENERATION_FAILED, self._failure(exc))
             return
-        held = _Waiting(rid, prep, sampler, started)
-        if self._should_wait(prep.tokens):
+        held = _Waiting(rid, prep, sampler, started, scoring)
+        if self._should_wait(prep.tokens) and not _scores_prompt(held):
             self._waiting.append(held)
         else:
             self._place(held, sink)
@@ -245,11 +265,14 @@ class BatchEngine:
         """Give a prepared request a slot and its cached prefix; it is evaluated from now."""
         rid, prep, sampler, started = held.rid, held.prep, held.sampler, held.started
         slot, plan = self._pick_slot(prep.tokens)
+        if _scores_prompt(held):  # every prompt row's logits are needed: evaluate it all
+            plan = _Reuse(0, CacheSource.SLOT)
         keep, source = self._reuse(slot, prep.tokens, plan)
+        slot.scoring = held.scoring
         slot.rid = rid
         slot.pending = prep.tokens[keep:]
         slot.sampler = sampler
-        slot.out = TextOut(self.preparer.vocab, prep, lambda text, n: sink.chunk(rid, text, n))
+        slot.out = TextOut(self.preparer.vocab, prep, functools.partial(sink.chunk, rid))
         slot.n_prompt, slot.n_reused, slot.reused_from = len(prep.tokens), keep, source
         slot.used_at = started
         slot.started, slot.first_token_at = started, None
@@ -335,7 +358,7 @@ class BatchEngine:
                 continue
             chunk = slot.pending[:budget]
             last = len(chunk) == len(slot.pending)
-            at = self._add(slot, chunk, logits=last)
+            at = self._add(slot, chunk, logits=last, every=_scores_prompt(slot))
             slot.logits_at = at if last else -1
             in_batch.append((slot, chunk))
             budget -= len(chunk)
@@ -358,6 +381,8 @@ class BatchEngine:
             return
 
         for slot, tokens in in_batch:
+            if slot.state is SlotState.PROMPT and _scores_prompt(slot):
+                self._score_prompt(slot, tokens)
             slot.cached.extend(tokens)
             if slot.state is SlotState.GENERATING:  # its token is decoded now
                 slot.next_token = None
@@ -374,20 +399,40 @@ class BatchEngine:
                 self._finish_error(slot, sink, ErrorCode.GENERATION_FAILED, self._failure(exc))
 
     def _sample(self, slot: _Slot, sink: Sink) -> None:
+        assert slot.out is not None
+        if slot.state is SlotState.PROMPT and not self._open(slot):
+            self._finish(slot, sink)  # `max_tokens: 0`: the prompt (echoed) is all
+            return
         token = slot.sampler.sample(self.context, slot.logits_at)  # also accepts it
         if slot.first_token_at is None:
             slot.first_token_at = time.perf_counter()
-        assert slot.out is not None
-        if slot.out.push(token):
+        scored = slot.scoring.sampled(slot.logits_at, token) if slot.scoring else None
+        if slot.out.push(token, scored):
             self._finish(slot, sink)
             return
         slot.next_token = token
         if slot.state is SlotState.PROMPT:
             self._set_state(slot, SlotState.GENERATING, "prompt evaluated")
 
-    def _add(self, slot: _Slot, tokens: list[int], *, logits: bool) -> int:
+    def _add(self, slot: _Slot, tokens: list[int], *, logits: bool, every: bool = False) -> int:
         """Append `tokens` of `slot` to the batch; the index of the last one."""
-        return self.context.add(tokens, pos=len(slot.cached), seq=slot.seq, logits=logits)
+        slot.last_row = self.context.add(
+            tokens, pos=len(slot.cached), seq=slot.seq, logits=logits, every=every
+        )
+        return slot.last_row
+
+    def _score_prompt(self, slot: _Slot, tokens: list[int]) -> None:
+        """Read the logprobs of the prompt tokens this step's rows of `slot` predict."""
+        assert slot.scoring is not None
+        first = slot.last_row - len(tokens) + 1
+        slot.scoring.prompt_rows(first, len(slot.cached), len(tokens))
+
+    def _open(self, slot: _Slot) -> bool:
+        """The prompt is evaluated: echo it if asked; False if no token is to follow."""
+        assert slot.out is not None
+        if slot.scoring is not None and slot.scoring.echo:
+            slot.out.echo(*slot.scoring.opening())
+        return slot.out.wants_tokens
 
     def _trim(self, slot: _Slot, keep: int) -> None:
         """Cut the slot's sequence to its first `keep` tokens; `slot.cached` follows.
@@ -421,7 +466,7 @@ class BatchEngine:
         assert rid is not None
         self._cancelled_ids.discard(rid)
         self._set_state(slot, SlotState.IDLE, reason)
-        slot.rid, slot.sampler, slot.out = None, None, None
+        slot.rid, slot.sampler, slot.out, slot.scoring = None, None, None, None
         slot.pending, slot.next_token = [], None
         return rid
 
@@ -449,3 +494,8 @@ class BatchEngine:
         for slot in self.slots:
             if slot.state is not SlotState.IDLE and slot.rid in self._cancelled_ids:
                 self._finish_error(slot, sink, ErrorCode.CANCELLED, "request cancelled")
+
+
+def _scores_prompt(holder: _Slot | _Waiting) -> bool:
+    """Whether a request needs its prompt's own logprobs (echo with logprobs)."""
+    return holder.scoring is not None and holder.scoring.wants_prompt_rows

@@ -149,6 +149,7 @@ class Engine:
             return self._generate_with_handler(req, emit, cancelled)
         llama = self.llama
         started = time.perf_counter()  # the prompt's clock includes templating and tokenizing
+        _refuse_scoring(req, self.spec.id)
         prep = self.preparer.prepare(req)
         llama.set_seed(prep.seed)
         logits_processor = None
@@ -158,6 +159,8 @@ class Engine:
         cached = self._cached_prefix(prep.tokens)
         first_token_at: float | None = None
         out = TextOut(self.preparer.vocab, prep, emit)
+        if not out.wants_tokens:  # `max_tokens: 0`
+            return out.result(len(prep.tokens), cached, started, None)
         gen = llama.generate(
             prep.tokens,
             top_k=prep.top_k,
@@ -263,6 +266,18 @@ class Engine:
         return Result(
             "stop", Usage(prompt_tokens=n_tokens, completion_tokens=0), embeddings=vectors
         )
+
+
+def _refuse_scoring(req: Request, model_id: str) -> None:
+    """Logprobs and echo are the batching engine's; this one refuses them by name."""
+    for param, asked in (("logprobs", req.logprobs is not None), ("echo", req.echo)):
+        if asked:
+            raise RequestFailed(
+                ErrorCode.INVALID_REQUEST,
+                f"model {model_id!r} cannot return `{param}` (it is served one request at a "
+                "time, through llama-cpp-python's own generation)",
+                param=param,
+            )
 
 
 def _unit(vector: list[float]) -> list[float]:

@@ -134,8 +134,14 @@ class DataSink:
     def start(self, request_id: str) -> None:
         self.faults.at_start()
 
-    def chunk(self, request_id: str, text: str, tokens: int) -> None:
-        self.inbox.send(P.Chunk(request_id=request_id, text=text, tokens=tokens))
+    def chunk(
+        self,
+        request_id: str,
+        text: str,
+        tokens: int,
+        logprobs: list[P.TokenLogprob] | None = None,
+    ) -> None:
+        self.inbox.send(P.Chunk(request_id=request_id, text=text, tokens=tokens, logprobs=logprobs))
         if self.faults.kind:
             self.faults.at_chunk(self.inbox)
 

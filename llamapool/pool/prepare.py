@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 from llamapool.config import LlamaSettings, ModelSpec
 from llamapool.errors import ErrorCode
-from llamapool.ipc.protocol import Request, Timings, Usage
+from llamapool.ipc.protocol import Request, Timings, TokenLogprob, Usage
 from llamapool.pool import llama_adapter, tool_prompt
 
-EmitFn = Callable[[str, int], None]
+# (text, tokens) or (text, tokens, logprobs of the tokens whose text starts in `text`).
+EmitFn = Callable[..., None]
 
 
 class Sink(Protocol):
@@ -29,7 +30,13 @@ class Sink(Protocol):
 
     def start(self, request_id: str) -> None: ...
 
-    def chunk(self, request_id: str, text: str, tokens: int) -> None: ...
+    def chunk(
+        self,
+        request_id: str,
+        text: str,
+        tokens: int,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None: ...
 
     def done(self, request_id: str, result: Result) -> None: ...
 
@@ -99,6 +106,9 @@ class Prepared:
     presence_penalty: float
     logit_bias: dict[int, float]
     grammar: str | None = None  # GBNF the output must match (the batching engine only)
+    logprobs: int | None = None  # alternatives per token's logprob; None: no logprobs
+    echo: bool = False  # the output starts with the prompt (the batching engine only)
+    prompt_text: str | None = None  # a completion's prompt as the client wrote it, if text
 
 
 class Detokenizer(Protocol):
@@ -112,7 +122,9 @@ class Detokenizer(Protocol):
 class TextOut:
     """Turns sampled tokens into emitted text: EOG, stop sequences, max_tokens, UTF-8.
 
-    Text that may be the start of a stop sequence is held back until it cannot be.
+    Text that may be the start of a stop sequence is held back until it cannot be; a
+    token's logprob entry travels with the chunk its text starts in, and is dropped with
+    it when a stop sequence cuts that text away.
     """
 
     def __init__(self, vocab: Detokenizer, prep: Prepared, emit: EmitFn):
@@ -124,37 +136,64 @@ class TextOut:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._pending = ""  # decoded text held back because it may start a stop sequence
         self._unsent_tokens = 0
+        # Logprob entries not sent yet, each with where its token's text starts in _pending.
+        self._entries: list[tuple[int, TokenLogprob]] = []
         self.produced = 0
         self.finish = "length"
 
-    def push(self, token: int) -> bool:
-        """Take one sampled token; True when the request is finished."""
+    @property
+    def wants_tokens(self) -> bool:
+        """False for a request that asks for no output token (`max_tokens: 0`)."""
+        return self._max_tokens > 0
+
+    def echo(self, text: str, entries: list[TokenLogprob] | None) -> None:
+        """Emit the prompt (`echo`) ahead of any output, with its tokens' logprobs."""
+        if text or entries:
+            self._send(text, 0, entries or None)
+
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Take one sampled token (and its logprob entry); True when the request is finished."""
         if self._is_eog(token):
             self.finish = "stop"
             return True
         self.produced += 1
         self._unsent_tokens += 1
+        if logprob is not None:
+            self._entries.append((len(self._pending), logprob))
         self._pending += self._decoder.decode(self._detokenize(token))
         cut = _find_stop(self._pending, self._stops)
         if cut is not None:
             self._pending = self._pending[:cut]
+            self._entries = [e for e in self._entries if e[0] < cut]
             self.finish = "stop"
             self._decoder.reset()  # bytes it holds come after the stop sequence
             return True
         safe = len(self._pending) - _held_back(self._pending, self._stops)
         if safe > 0:
-            self._emit(self._pending[:safe], self._unsent_tokens)
-            self._pending, self._unsent_tokens = self._pending[safe:], 0
+            self._flush(safe)
         return self.produced >= self._max_tokens
+
+    def _flush(self, n: int, final: bool = False) -> None:
+        """Emit the first `n` characters held, with the entries of tokens starting there
+        (all of them when `final`)."""
+        sent = [e for at, e in self._entries if final or at < n]
+        self._entries = [(at - n, e) for at, e in self._entries if not (final or at < n)]
+        self._send(self._pending[:n], self._unsent_tokens, sent or None)
+        self._pending, self._unsent_tokens = self._pending[n:], 0
+
+    def _send(self, text: str, tokens: int, entries: list[TokenLogprob] | None) -> None:
+        if entries is None:
+            self._emit(text, tokens)  # sinks that know nothing of logprobs still work
+        else:
+            self._emit(text, tokens, entries)
 
     def result(
         self, n_prompt: int, n_cached: int, started: float, first_token_at: float | None
     ) -> Result:
         """Emit what is held back (never a stop sequence found) and report the request."""
         self._pending += self._decoder.decode(b"", final=True)
-        if self._pending or self._unsent_tokens:
-            self._emit(self._pending, self._unsent_tokens)
-        self._pending, self._unsent_tokens = "", 0
+        if self._pending or self._unsent_tokens or self._entries:
+            self._flush(len(self._pending), final=True)
         ended = time.perf_counter()
         first = first_token_at or ended
         return Result(
@@ -276,7 +315,8 @@ class Preparer:
                         param="logit_bias",
                     )
         default_max = 16 if req.kind == "completion" else room
-        max_tokens = min(p.max_tokens or cfg.max_tokens or default_max, room)
+        # 0 is a request's own (a completion that only scores its prompt with `echo`).
+        max_tokens = min(pick(p.max_tokens, cfg.max_tokens or default_max), room)
         stops = template_stops + [s for s in (p.stop if p.stop is not None else cfg.stop_list())]
         seed = llama_seed(p.seed if p.seed is not None else cfg.seed)
         return Prepared(
@@ -293,6 +333,9 @@ class Preparer:
             presence_penalty=p.presence_penalty,
             logit_bias=p.logit_bias or {},
             grammar=p.grammar,
+            logprobs=req.logprobs,
+            echo=req.echo,
+            prompt_text=req.prompt if isinstance(req.prompt, str) else None,
         )
 
 

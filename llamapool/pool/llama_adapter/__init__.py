@@ -14,6 +14,7 @@ from llamapool.pool.llama_adapter.context import (  # noqa: F401
     BatchContext,
     SeqState,
 )
+from llamapool.pool.llama_adapter.logprobs import LogprobReader  # noqa: F401
 from llamapool.pool.llama_adapter.model import (  # noqa: F401
     DECODE_ABORTED,
     PENALTY_LAST_N,

@@ -50,10 +50,13 @@ class BatchContext:
         """Start building the next batch."""
         self.n_tokens = 0
 
-    def add(self, tokens: list[int], *, pos: int, seq: int, logits: bool) -> int:
+    def add(
+        self, tokens: list[int], *, pos: int, seq: int, logits: bool, every: bool = False
+    ) -> int:
         """Append `tokens` of sequence `seq` from position `pos`; the index of the last one.
 
-        Only the last token's logits are computed, and only when `logits`.
+        Only the last token's logits are computed, and only when `logits`; with `every`,
+        each token's (a prompt whose own log-probabilities are asked for).
         """
         batch, i = self._tokens, self.n_tokens
         for j, token in enumerate(tokens):
@@ -61,9 +64,9 @@ class BatchContext:
             batch.pos[i + j] = pos + j
             batch.n_seq_id[i + j] = 1
             batch.seq_id[i + j][0] = seq
-            batch.logits[i + j] = False
+            batch.logits[i + j] = every
         last = i + len(tokens) - 1
-        batch.logits[last] = logits
+        batch.logits[last] = logits or every
         self.n_tokens = last + 1
         return last
 

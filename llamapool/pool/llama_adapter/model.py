@@ -160,6 +160,7 @@ class Vocab:
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._vocab = llama._model.vocab
         self._detokenize = llama.detokenize
+        self.bos = llama.token_bos()  # -1 if the model has none
 
     def is_eog(self, token: int) -> bool:
         """Whether `token` ends generation (EOS, EOT, ...)."""
@@ -168,6 +169,10 @@ class Vocab:
     def detokenize(self, token: int) -> bytes:
         """The bytes of one token (maybe part of a character)."""
         return self._detokenize([token])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as written, control tokens included (`<|im_end|>`)."""
+        return self._detokenize([token], special=True)
 
 
 def evaluated_tokens(llama: Any) -> list[int]:
