@@ -43,11 +43,64 @@ def sse(payload: Any) -> bytes:
     return b"data: " + _json.encode(payload) + b"\n\n"
 
 
+def merged_usage(parts: list[P.Usage], n: int) -> P.Usage:
+    """The usage of a request's choices, `n` per prompt in order: each prompt counted once
+    (as OpenAI counts it with `n`), every choice's completion tokens."""
+    first = parts[::n]
+    return P.Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in first),
+        completion_tokens=sum(u.completion_tokens for u in parts),
+        cached_tokens=sum(u.cached_tokens for u in first),
+    )
+
+
+def _text(token: bytes) -> str:
+    return token.decode("utf-8", "replace")
+
+
+def chat_logprobs(entries: list[P.TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's `choices[].logprobs` of a chat: `content`, one object per token."""
+    content = [
+        {
+            "token": _text(e.token),
+            "logprob": e.logprob,
+            "bytes": list(e.token),
+            "top_logprobs": [
+                {"token": _text(t.token), "logprob": t.logprob, "bytes": list(t.token)}
+                for t in e.top
+            ],
+        }
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[P.TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's `choices[].logprobs` of a completion: parallel lists per token. The top
+    alternatives include the token itself (up to `logprobs` + 1, as OpenAI says); an echoed
+    prompt's first token has null for both."""
+    tops: list[dict[str, float] | None] = []
+    for e in entries:
+        if e.logprob is None:
+            tops.append(None)
+            continue
+        top = {_text(t.token): t.logprob for t in e.top}
+        top.setdefault(_text(e.token), e.logprob)
+        tops.append(top)
+    return {
+        "tokens": [_text(e.token) for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": tops,
+        "text_offset": [e.offset for e in entries],
+    }
+
+
 class Shape:
     """How one endpoint renders deltas, final choices and whole responses."""
 
-    def __init__(self, kind: str, model: str):
+    def __init__(self, kind: str, model: str, *, logprobs: bool = False):
         self.kind, self.model = kind, model
+        self.logprobs = logprobs  # the request asked for them: `logprobs` is never null
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -63,22 +116,34 @@ class Shape:
             "choices": choices,
         }
 
+    def render_logprobs(self, entries: list[P.TokenLogprob] | None) -> dict[str, Any] | None:
+        """A choice's (or a chunk's) `logprobs`: null unless the request asked for them."""
+        if not self.logprobs:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries or [])
+        return completion_logprobs(entries or [])
+
     def delta(
         self,
         text: str | None,
         finish: str | None = None,
         role: bool = False,
         done: P.Done | None = None,
+        *,
+        index: int = 0,
+        logprobs: list[P.TokenLogprob] | None = None,
     ) -> bytes:
+        lp = self.render_logprobs(logprobs) if logprobs else None
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta = {"role": "assistant", "content": ""}
             elif text is not None:
                 delta = {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         env = self._envelope([choice], self.chunk_object)
         if done is not None and (timings := timings_dict(done)) is not None:
             env["timings"] = timings
@@ -89,38 +154,59 @@ class Shape:
         env["usage"] = usage_dict(usage)
         return sse(env)
 
-    def tool_calls_delta(self, calls: list[dict[str, Any]]) -> bytes:
+    def tool_calls_delta(self, calls: list[dict[str, Any]], *, index: int = 0) -> bytes:
         """A chat stream's calls, one chunk each, whole (the `openai` client joins them)."""
         out = b""
         for i, call in enumerate(calls):
             delta = {"tool_calls": [{"index": i, **call}]}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
             out += sse(self._envelope([choice], self.chunk_object))
         return out
 
-    def whole(
-        self, text: str, done: P.Done, calls: list[dict[str, Any]] | None = None
+    def choice(
+        self,
+        text: str,
+        done: P.Done,
+        calls: list[dict[str, Any]] | None = None,
+        *,
+        index: int = 0,
+        logprobs: list[P.TokenLogprob] | None = None,
     ) -> dict[str, Any]:
+        """One finished choice of a whole (non-streamed) response."""
+        lp = self.render_logprobs(logprobs)
         if calls:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
-            choice = {"index": 0, "message": message, "logprobs": None}
-            choice["finish_reason"] = "tool_calls"
-        elif self.kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+            return {
+                "index": index,
+                "message": message,
+                "logprobs": lp,
+                "finish_reason": "tool_calls",
+            }
+        if self.kind == "chat":
+            message = {"role": "assistant", "content": text}
+            return {
+                "index": index,
+                "message": message,
+                "logprobs": lp,
                 "finish_reason": done.finish_reason,
             }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": done.finish_reason,
-            }
-        env = self._envelope([choice], self.object)
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": done.finish_reason}
+
+    def whole(
+        self,
+        text: str,
+        done: P.Done,
+        calls: list[dict[str, Any]] | None = None,
+        logprobs: list[P.TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
+        env = self._envelope([self.choice(text, done, calls, logprobs=logprobs)], self.object)
         env["usage"] = usage_dict(done.usage)
         if (timings := timings_dict(done)) is not None:
             env["timings"] = timings
+        return env
+
+    def whole_many(self, choices: list[dict[str, Any]], usage: P.Usage) -> dict[str, Any]:
+        """A whole response of several choices (prompts × n), in index order."""
+        env = self._envelope(choices, self.object)
+        env["usage"] = usage_dict(usage)
         return env
