@@ -18,6 +18,7 @@ from llamapool import errors
 from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.pool.broker import Broker
+from llamapool.pool.prepare import chats_through_handler
 from llamapool.pool.scheduler import Job
 from llamapool.router import structured, tools
 from llamapool.router.render import Shape, sse
@@ -115,11 +116,16 @@ async def _release_on_disconnect(request: Request, broker: Broker, job: Job) -> 
             return
 
 
-async def _until_final(job: Job, event: Any) -> tuple[list[str], Any]:
-    """The texts of `event` and the chunks after it, and the event that ended them."""
+async def _until_final(
+    job: Job, event: Any, logprobs: list[P.TokenLogprob] | None = None
+) -> tuple[list[str], Any]:
+    """The texts of `event` and the chunks after it, and the event that ended them; their
+    logprob entries are added to `logprobs`."""
     parts: list[str] = []
     while isinstance(event, P.Chunk):
         parts.append(event.text)
+        if logprobs is not None and event.logprobs:
+            logprobs.extend(event.logprobs)
         event = await job.events.get()
     return parts, event
 
@@ -197,13 +203,14 @@ async def _respond(
             )
             streaming = True  # from here the response closes the job when it ends
             return response
-        parts, event = await _until_final(job, first)
+        logprobs: list[P.TokenLogprob] = []
+        parts, event = await _until_final(job, first, logprobs)
         if (unfinished := _unfinished(event)) is not None:
             return unfinished
         text = "".join(parts)
         calls = tools.parse_calls(text, plan) if plan is not None else None
         return Response(
-            _json.encode(shape.whole(text, event, calls)),
+            _json.encode(shape.whole(text, event, calls, logprobs)),
             media_type="application/json",
             headers=headers,
         )
@@ -223,8 +230,8 @@ async def _stream(
     while True:
         if isinstance(event, P.Chunk):
             text = event.text if reader is None else reader.feed(event.text)
-            if text:
-                data += shape.delta(text)
+            if text or event.logprobs:
+                data += shape.delta(text, logprobs=event.logprobs)
         elif event is CLIENT_GONE:
             return
         elif isinstance(event, P.Done):
@@ -254,6 +261,17 @@ async def _stream(
             event = job.events.get_nowait()
 
 
+def _check_scoring(spec: ModelSpec, param: str) -> None:
+    """Refuse logprobs and echo for models the one-at-a-time engine serves."""
+    cfg = spec.config
+    if cfg.embedding or chats_through_handler(cfg):
+        raise errors.InvalidRequest(
+            f"model {spec.id!r} cannot return `{param}` (it runs through llama-cpp-python's "
+            "own generation, as embedding and multimodal models do)",
+            param=param,
+        )
+
+
 async def chat_completions(request: Request) -> Response:
     broker = broker_of(request)
     body = parse_body(await read_body(request), ChatCompletionRequest)
@@ -264,7 +282,9 @@ async def chat_completions(request: Request) -> Response:
     if params.grammar is not None:
         structured.check_constrainable(spec, "response_format")
     plan = tools.plan(body)
-    req = P.Request(request_id="", kind="chat", messages=messages, params=params)
+    req = P.Request(
+        request_id="", kind="chat", messages=messages, params=params, logprobs=body.scores
+    )
     if plan is not None:
         if params.grammar is not None:
             raise errors.InvalidRequest(
@@ -276,8 +296,10 @@ async def chat_completions(request: Request) -> Response:
             structured.check_constrainable(spec, "tool_choice")
         params.grammar = plan.grammar
         req.tools, req.tool_prompt = plan.tools, plan.instructions
+    if body.scores is not None:
+        _check_scoring(spec, "logprobs")
     job = broker.submit(body.model, req, stream=bool(body.stream))
-    shape = Shape("chat", body.model)
+    shape = Shape("chat", body.model, logprobs=body.scores is not None)
     return await _respond(
         request,
         broker,
@@ -292,15 +314,22 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     broker = broker_of(request)
     body = parse_body(await read_body(request), CompletionRequest)
-    _checked_model(request, body.model)
+    spec = _checked_model(request, body.model)
+    if body.logprobs is not None or body.echo:
+        _check_scoring(spec, "logprobs" if body.logprobs is not None else "echo")
     job = broker.submit(
         body.model,
         P.Request(
-            request_id="", kind="completion", prompt=body.prompt_text, params=body.sampling()
+            request_id="",
+            kind="completion",
+            prompt=body.prompt_text,
+            params=body.sampling(),
+            logprobs=body.logprobs,
+            echo=bool(body.echo),
         ),
         stream=bool(body.stream),
     )
-    shape = Shape("completion", body.model)
+    shape = Shape("completion", body.model, logprobs=body.logprobs is not None)
     return await _respond(
         request, broker, job, shape, stream=bool(body.stream), include_usage=body.include_usage
     )

@@ -157,7 +157,6 @@ def _unsupported(param: str, what: str) -> errors.InvalidRequest:
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
-    # Accepted where they ask for nothing this server lacks (clients send the defaults).
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
@@ -167,8 +166,10 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     def check(self) -> None:
         super().check()
-        if self.logprobs or self.top_logprobs:
-            raise _unsupported("logprobs", "`logprobs`")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise errors.InvalidRequest(
+                "`top_logprobs` needs `logprobs: true`", param="top_logprobs"
+            )
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             raise errors.InvalidRequest(
@@ -176,21 +177,24 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                 param="response_format.json_schema",
             )
 
+    @property
+    def scores(self) -> int | None:
+        """Alternatives per token's logprob for the worker; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
-    # Accepted where they ask for nothing this server lacks (clients send the defaults).
+    # 0 with `echo`: score the prompt only (what loglikelihood evaluation asks).
+    max_tokens: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)] | None = None
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
     echo: bool | None = None
+    # Accepted where it asks for nothing this server lacks (clients send the default).
     suffix: str | None = None
     best_of: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
 
     def check(self) -> None:
         super().check()
-        if self.logprobs:
-            raise _unsupported("logprobs", "`logprobs`")
-        if self.echo:
-            raise _unsupported("echo", "`echo`")
         if self.suffix:
             raise _unsupported("suffix", "`suffix` (insertion)")
 
