@@ -151,6 +151,9 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # At most 64 MiB: a request must fit a data-channel frame (ipc.protocol.MAX_FRAME).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=64 << 20)] = 1 << 20
+    # The most choices (prompts × n) one completion or chat request may ask for: each is a
+    # request of its own in the model's queue.
+    max_choices: PositiveInt = 64
 
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]

@@ -138,6 +138,7 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.max_body_bytes = config.server.max_body_bytes
+    app.state.max_choices = config.server.max_choices
 
     def api_keys() -> Sequence[str] | None:
         # The running config's: a reload swaps the broker's config, keys included.

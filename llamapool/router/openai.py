@@ -21,7 +21,7 @@ from llamapool.pool.broker import Broker
 from llamapool.pool.prepare import chats_through_handler
 from llamapool.pool.scheduler import Job
 from llamapool.router import structured, tools
-from llamapool.router.render import Shape, sse
+from llamapool.router.render import Shape, merged_usage, sse
 from llamapool.router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -106,13 +106,14 @@ CLIENT_GONE = object()
 CLIENT_CLOSED = 499
 
 
-async def _release_on_disconnect(request: Request, broker: Broker, job: Job) -> None:
-    """Watch the connection; when the client leaves, drop or cancel its job at once."""
+async def _release_on_disconnect(request: Request, broker: Broker, jobs: list[Job]) -> None:
+    """Watch the connection; when the client leaves, drop or cancel its jobs at once."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            broker.release(job)
-            job.events.put_nowait(CLIENT_GONE)
+            for job in jobs:
+                broker.release(job)
+                job.events.put_nowait(CLIENT_GONE)
             return
 
 
@@ -171,49 +172,78 @@ class _EventStream(Response):
             self.close()
 
 
+def _submit_all(broker: Broker, model: str, requests: list[P.Request], stream: bool) -> list[Job]:
+    """Queue every choice's request; if one is refused (a full queue), none stays queued."""
+    jobs: list[Job] = []
+    try:
+        for req in requests:
+            jobs.append(broker.submit(model, req, stream=stream))
+    except errors.LlamapoolError:
+        for job in jobs:
+            broker.release(job)
+        raise
+    return jobs
+
+
 async def _respond(
     request: Request,
     broker: Broker,
-    job: Job,
+    jobs: list[Job],
     shape: Shape,
     *,
     stream: bool,
     include_usage: bool,
     plan: tools.ToolPlan | None = None,
+    n: int = 1,
 ) -> Response:
-    watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
+    """The response to the jobs of a request's choices (one, or prompts × `n` in order).
+
+    Every choice's first event comes before the response starts, so a refusal of any of
+    them (a bad prompt, a full context) is a plain HTTP error.
+    """
+    watcher = asyncio.create_task(_release_on_disconnect(request, broker, jobs))
 
     def close() -> None:
         watcher.cancel()
-        broker.release(job)
+        for job in jobs:
+            broker.release(job)
 
     streaming = False
     try:
-        first = await job.events.get()
-        if first is CLIENT_GONE:
-            return Response(status_code=CLIENT_CLOSED)
-        if isinstance(first, errors.LlamapoolError):
-            return error_response(first)
-        headers = {WORKER_HEADER: job.served_by or ""}
+        firsts = [await job.events.get() for job in jobs]
+        for first in firsts:
+            if first is CLIENT_GONE:
+                return Response(status_code=CLIENT_CLOSED)
+            if isinstance(first, errors.LlamapoolError):
+                return error_response(first)
+        headers = {WORKER_HEADER: jobs[0].served_by or ""}
         if stream:
+            if len(jobs) == 1:
+                events = _stream(jobs[0], shape, firsts[0], include_usage, plan)
+            else:
+                events = _stream_many(jobs, shape, firsts, include_usage, plan, n)
             response = _EventStream(
-                _stream(job, shape, first, include_usage, plan),
+                events,
                 {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
                 close,
             )
-            streaming = True  # from here the response closes the job when it ends
+            streaming = True  # from here the response closes the jobs when it ends
             return response
-        logprobs: list[P.TokenLogprob] = []
-        parts, event = await _until_final(job, first, logprobs)
-        if (unfinished := _unfinished(event)) is not None:
-            return unfinished
-        text = "".join(parts)
-        calls = tools.parse_calls(text, plan) if plan is not None else None
-        return Response(
-            _json.encode(shape.whole(text, event, calls, logprobs)),
-            media_type="application/json",
-            headers=headers,
-        )
+        choices, usages = [], []
+        for index, (job, first) in enumerate(zip(jobs, firsts, strict=True)):
+            logprobs: list[P.TokenLogprob] = []
+            parts, event = await _until_final(job, first, logprobs)
+            if (unfinished := _unfinished(event)) is not None:
+                return unfinished
+            text = "".join(parts)
+            calls = tools.parse_calls(text, plan) if plan is not None else None
+            if len(jobs) == 1:
+                body = shape.whole(text, event, calls, logprobs)
+                return Response(_json.encode(body), media_type="application/json", headers=headers)
+            choices.append(shape.choice(text, event, calls, index=index, logprobs=logprobs))
+            usages.append(event.usage)
+        body = shape.whole_many(choices, merged_usage(usages, n))
+        return Response(_json.encode(body), media_type="application/json", headers=headers)
     finally:
         if not streaming:
             close()
@@ -261,6 +291,74 @@ async def _stream(
             event = job.events.get_nowait()
 
 
+async def _stream_many(
+    jobs: list[Job],
+    shape: Shape,
+    firsts: list[Any],
+    include_usage: bool,
+    plan: tools.ToolPlan | None,
+    n: int,
+) -> AsyncIterator[bytes]:
+    """The SSE bytes of several choices' jobs, each chunk marked with its choice's index, as
+    they come; usage (summed) and `[DONE]` once every choice has finished."""
+    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, job: Job) -> None:
+        while True:
+            event = await job.events.get()
+            merged.put_nowait((index, event))
+            if not isinstance(event, P.Chunk):
+                return
+
+    pumps = []
+    for index, (job, first) in enumerate(zip(jobs, firsts, strict=True)):
+        merged.put_nowait((index, first))
+        if isinstance(first, P.Chunk):
+            pumps.append(asyncio.create_task(pump(index, job)))
+    readers = [tools.CallReader(plan) if plan is not None else None for _ in jobs]
+    started = [False] * len(jobs)
+    usages: list[P.Usage | None] = [None] * len(jobs)
+    try:
+        while True:
+            index, event = await merged.get()
+            data = b""
+            if shape.kind == "chat" and not started[index]:
+                data += shape.delta(None, role=True, index=index)
+            started[index] = True
+            reader = readers[index]
+            if isinstance(event, P.Chunk):
+                text = event.text if reader is None else reader.feed(event.text)
+                if text or event.logprobs:
+                    data += shape.delta(text, index=index, logprobs=event.logprobs)
+            elif event is CLIENT_GONE:
+                return
+            elif isinstance(event, P.Done):
+                finish = event.finish_reason
+                if reader is not None:
+                    calls, held = reader.finish()
+                    if calls:
+                        data += shape.tool_calls_delta(calls, index=index)
+                        finish = "tool_calls"
+                    elif held:
+                        data += shape.delta(held, index=index)
+                end = None if shape.kind == "chat" else ""
+                data += shape.delta(end, finish=finish, index=index)
+                usages[index] = event.usage
+                if all(u is not None for u in usages):
+                    if include_usage:
+                        data += shape.usage_chunk(merged_usage(usages, n))  # type: ignore[arg-type]
+                    yield data + b"data: [DONE]\n\n"
+                    return
+            else:
+                yield data + sse(event.body()) + b"data: [DONE]\n\n"
+                return
+            if data:
+                yield data
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
 def _check_scoring(spec: ModelSpec, param: str) -> None:
     """Refuse logprobs and echo for models the one-at-a-time engine serves."""
     cfg = spec.config
@@ -270,6 +368,19 @@ def _check_scoring(spec: ModelSpec, param: str) -> None:
             "own generation, as embedding and multimodal models do)",
             param=param,
         )
+
+
+def _check_choices(request: Request, n_prompts: int, n: int) -> None:
+    """Refuse more choices (prompts × n) than `server.max_choices`, naming the field."""
+    limit = getattr(request.app.state, "max_choices", 64)
+    if n_prompts * n <= limit:
+        return
+    param = "prompt" if n_prompts > limit or n == 1 else "n"
+    raise errors.InvalidRequest(
+        f"the request asks for {n_prompts} prompt(s) × n={n} = {n_prompts * n} choices; "
+        f"the limit is {limit} (server.max_choices)",
+        param=param,
+    )
 
 
 async def chat_completions(request: Request) -> Response:
@@ -298,16 +409,24 @@ async def chat_completions(request: Request) -> Response:
         req.tools, req.tool_prompt = plan.tools, plan.instructions
     if body.scores is not None:
         _check_scoring(spec, "logprobs")
-    job = broker.submit(body.model, req, stream=bool(body.stream))
+    n = body.n or 1
+    _check_choices(request, 1, n)
+    requests = [req]
+    for j in range(1, n):
+        copy = msgspec.structs.replace(req, params=msgspec.structs.replace(params))
+        copy.params.seed = body.sampling(sample=j).seed
+        requests.append(copy)
+    jobs = _submit_all(broker, body.model, requests, bool(body.stream))
     shape = Shape("chat", body.model, logprobs=body.scores is not None)
     return await _respond(
         request,
         broker,
-        job,
+        jobs,
         shape,
         stream=bool(body.stream),
         include_usage=body.include_usage,
         plan=plan,
+        n=n,
     )
 
 
@@ -317,21 +436,30 @@ async def completions(request: Request) -> Response:
     spec = _checked_model(request, body.model)
     if body.logprobs is not None or body.echo:
         _check_scoring(spec, "logprobs" if body.logprobs is not None else "echo")
-    job = broker.submit(
-        body.model,
+    prompts, n = body.prompts, body.n or 1
+    _check_choices(request, len(prompts), n)
+    requests = [
         P.Request(
             request_id="",
             kind="completion",
-            prompt=body.prompt_text,
-            params=body.sampling(),
+            prompt=prompt,
+            params=body.sampling(sample=j),
             logprobs=body.logprobs,
             echo=bool(body.echo),
-        ),
-        stream=bool(body.stream),
-    )
+        )
+        for prompt in prompts
+        for j in range(n)
+    ]
+    jobs = _submit_all(broker, body.model, requests, bool(body.stream))
     shape = Shape("completion", body.model, logprobs=body.logprobs is not None)
     return await _respond(
-        request, broker, job, shape, stream=bool(body.stream), include_usage=body.include_usage
+        request,
+        broker,
+        jobs,
+        shape,
+        stream=bool(body.stream),
+        include_usage=body.include_usage,
+        n=n,
     )
 
 
@@ -353,7 +481,7 @@ async def embeddings(request: Request) -> Response:
     job = broker.submit(
         body.model, P.Request(request_id="", kind="embedding", inputs=body.inputs), stream=False
     )
-    watcher = asyncio.create_task(_release_on_disconnect(request, broker, job))
+    watcher = asyncio.create_task(_release_on_disconnect(request, broker, [job]))
     try:
         _, event = await _until_final(job, await job.events.get())
     finally:

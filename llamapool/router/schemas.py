@@ -15,6 +15,10 @@ INT32_MAX = 2**31 - 1
 PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # the engine reduces it
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]  # the worker checks the vocabulary
+# A prompt or an input: text, token ids, or a list of either (msgspec allows one array type
+# in a union, so the list's items say which).
+PromptList = Annotated[list[str | TokenId | list[TokenId]], msgspec.Meta(min_length=1)]
 
 T = TypeVar("T")
 
@@ -104,7 +108,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
+    n: PositiveInt | None = None  # server.max_choices bounds prompts × n
     user: str | None = None
 
     def check(self) -> None:
@@ -114,7 +118,9 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 "`stream_options` is only allowed when `stream` is true", param="stream_options"
             )
 
-    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
+    def sampling(self, max_tokens: int | None = None, sample: int = 0) -> SamplingParams:
+        """The request's sampling for its `sample`-th choice of a prompt: with a seed,
+        choice j gets seed + j, so that `n` samples differ and each is repeatable."""
         bias: dict[int, float] | None = None
         if self.logit_bias:
             bias = {}
@@ -141,7 +147,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=stop,
-            seed=self.seed,
+            seed=self.seed + sample if self.seed not in (None, -1) else self.seed,
             logit_bias=bias,
         )
 
@@ -184,7 +190,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    prompt: str | PromptList
     # 0 with `echo`: score the prompt only (what loglikelihood evaluation asks).
     max_tokens: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)] | None = None
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
@@ -197,21 +203,48 @@ class CompletionRequest(_Sampling, kw_only=True):
         super().check()
         if self.suffix:
             raise _unsupported("suffix", "`suffix` (insertion)")
+        self.prompts  # noqa: B018  # refuses a mixed list now, as a 400
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text or token ids."""
+        return _items(self.prompt, "prompt")
+
+
+def _items(value: str | list[Any], param: str) -> list[str | list[int]]:
+    """A prompt or input as OpenAI reads it: text, token ids, or a list of either."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(v, int) for v in value):
+        return [list(value)]
+    if any(isinstance(v, int) for v in value):
+        raise errors.InvalidRequest(
+            f"`{param}` mixes token ids with texts or token lists; send token ids, a list of "
+            "texts, or a list of token lists",
+            param=param,
+        )
+    return list(value)
 
 
 class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=2048)]
+    input: (
+        str
+        | Annotated[
+            list[str | TokenId | list[TokenId]], msgspec.Meta(min_length=1, max_length=2048)
+        ]
+    )
     encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = None
 
+    def check(self) -> None:
+        """What a field's type cannot say; raises InvalidRequest."""
+        self.inputs  # noqa: B018
+
     @property
-    def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per input: text or token ids."""
+        return _items(self.input, "input")
 
 
 def parse_body(body: bytes, schema: type[T]) -> T:

@@ -1,5 +1,5 @@
-"""Logprobs and echo through the HTTP API and the `openai` client, on a real server with
-the tiny model."""
+"""Logprobs, echo, token and list prompts, and n through the HTTP API and the `openai`
+client, on a real server with the tiny model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import openai
 import pytest
 from conftest import running_server
 from serverutil import model_entry
+from tinymodel import IM_END_ID
 
 GREEDY = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
+MAX_CHOICES = 6
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,8 @@ def server(tiny_gguf, tmp_path_factory):
         model_entry("tiny", tiny_gguf, min_instances=1, config={"n_parallel": 4}),
         model_entry("tiny-embed", tiny_gguf, min_instances=1, config={"embedding": True}),
     ]
-    with running_server(tmp_path_factory.mktemp("logprobs"), models) as srv:
+    extra = {"server": {"max_choices": MAX_CHOICES}}
+    with running_server(tmp_path_factory.mktemp("logprobs"), models, extra=extra) as srv:
         yield srv
 
 
@@ -110,10 +113,10 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(client, tokenize):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(x <= 0 for x in lp.token_logprobs[1:])
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(tokenize(prompt))
-    # the same numbers streamed
+    # the same numbers streamed, and for the prompt given as token ids
     chunks = list(
         client.completions.create(
-            model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1, stream=True
+            model="tiny", prompt=tokenize(prompt), max_tokens=0, echo=True, logprobs=1, stream=True
         )
     )
     streamed = [
@@ -126,10 +129,91 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(client, tokenize):
     assert streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-3)
 
 
+def test_a_token_prompt_gives_the_text_of_its_string(client, tokenize):
+    text = client.completions.create(model="tiny", prompt="once upon", max_tokens=8, **GREEDY)
+    ids = client.completions.create(
+        model="tiny", prompt=tokenize("once upon"), max_tokens=8, **GREEDY
+    )
+    assert ids.choices[0].text == text.choices[0].text
+
+
+def test_several_prompts_and_n_give_choices_in_order(client, tokenize):
+    prompts = ["abc", "xyz"]
+    singles = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=4, seed=7, temperature=1)
+        for p in prompts
+    ]
+    r = client.completions.create(
+        model="tiny", prompt=[prompts[0], tokenize(prompts[1])], n=2, max_tokens=4, seed=7,
+        temperature=1,
+    )  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    # sample 0 of each prompt is that prompt alone with the seed; sample 1 has seed + 1
+    assert r.choices[0].text == singles[0].choices[0].text
+    assert r.choices[2].text == singles[1].choices[0].text
+    second = client.completions.create(
+        model="tiny", prompt="abc", max_tokens=4, seed=8, temperature=1
+    )
+    assert r.choices[1].text == second.choices[0].text
+    assert r.usage.completion_tokens == 16
+    assert r.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+
+
+def test_n_streamed_chat_gives_every_choice_its_role_text_and_finish(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=_ask(),
+            n=3,
+            max_tokens=5,
+            seed=1,
+            stream=True,
+            stream_options={"include_usage": True},
+            logit_bias={str(IM_END_ID): -100},
+        )
+    )
+    texts, finishes, roles = {}, {}, set()
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.delta.role:
+                roles.add(c.index)
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert roles == {0, 1, 2} and finishes == {0: "length", 1: "length", 2: "length"}
+    assert all(texts.values())
+    assert chunks[-1].usage.completion_tokens == 15
+
+
+def test_n_whole_chat_with_logprobs(client):
+    r = client.chat.completions.create(
+        model="tiny", messages=_ask(), n=2, max_tokens=3, logprobs=True, seed=3
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(len(c.logprobs.content) == 3 for c in r.choices)
+    assert r.usage.completion_tokens == 6
+
+
+def test_embeddings_of_token_ids(client, tokenize):
+    r = client.embeddings.create(model="tiny-embed", input=[tokenize("a b"), tokenize("c")])
+    assert [d.index for d in r.data] == [0, 1]
+    text = client.embeddings.create(model="tiny-embed", input="a b")
+    assert r.data[0].embedding == pytest.approx(text.data[0].embedding, abs=1e-5)
+    one = client.embeddings.create(model="tiny-embed", input=tokenize("a b"))
+    assert len(one.data) == 1
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
+        ("completions", {"prompt": [1, "a"]}, "prompt"),
+        ("completions", {"prompt": [1, 99999]}, "prompt"),
+        ("completions", {"prompt": [[1, 2], [1, 99999]]}, "prompt"),
+        ("completions", {"prompt": [-1]}, "prompt[0]"),
         ("completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
+        ("completions", {"prompt": "x", "n": MAX_CHOICES + 1}, "n"),
+        ("completions", {"prompt": ["x"] * (MAX_CHOICES + 1)}, "prompt"),
+        ("completions", {"prompt": ["x", "y"], "n": MAX_CHOICES}, "n"),
         ("completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
         ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("completions", {"model": "tiny-embed", "prompt": "x", "echo": True}, "echo"),
@@ -140,6 +224,9 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(client, tokenize):
             {"messages": _ask(), "logprobs": True, "top_logprobs": 21},
             "top_logprobs",
         ),
+        ("chat/completions", {"messages": _ask(), "n": MAX_CHOICES + 1}, "n"),
+        ("embeddings", {"model": "tiny-embed", "input": [1, 99999]}, "input"),
+        ("embeddings", {"model": "tiny-embed", "input": [[1], "a", 2]}, "input"),
     ],
 )
 def test_bad_inputs_are_400s_naming_the_field(server, path, body, param):
@@ -148,3 +235,15 @@ def test_bad_inputs_are_400s_naming_the_field(server, path, body, param):
     err = r.json()["error"]
     assert err["param"] == param, err
     assert "Traceback" not in r.text
+
+
+def test_a_refused_choice_refuses_the_request_and_frees_the_others(server):
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "tiny", "prompt": [[1, 40], [1, 99999]], "max_tokens": 2, "stream": True},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    server.wait_for(
+        lambda: all(not w["in_flight"] for w in server.pool()["workers"]), what="free slots"
+    )

@@ -192,7 +192,7 @@ def _msg(extra: bytes) -> bytes:
             b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
             "temperature",
         ),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}', "`n`"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0}', "`n`"),
         (
             b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
             b'"logit_bias": {"a": 1}}',
