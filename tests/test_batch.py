@@ -7,6 +7,7 @@ import queue
 import threading
 
 import pytest
+from engineutil import together
 from tinymodel import IM_END_ID
 
 from llamapool.config import parse_config
@@ -312,3 +313,26 @@ def test_a_token_prompt_outside_the_vocabulary_is_refused_naming_prompt(engine):
     for rid in ("big", "empty"):
         kind, _, (code, _, param) = sink.end(rid)
         assert (kind, code, param) == ("error", "invalid_request", "prompt")
+
+
+def test_samples_of_one_prompt_share_its_evaluation(tiny_gguf):
+    # What `n` sends: the same prompt with seeds seed + j, arriving together.
+    engine = BatchEngine(_spec(tiny_gguf))
+    try:
+        prompt = "abc def ghi " * 30
+        samples = [
+            Request(
+                request_id=f"s{j}",
+                kind="completion",
+                prompt=prompt,
+                params=SamplingParams(max_tokens=4, seed=7 + j),
+            )
+            for j in range(4)
+        ]
+        sink = together(engine, samples, {})
+    finally:
+        engine.close()
+    shared = sorted(r.timings.cache_shared_n for r in sink.results.values())
+    n_prompt = sink.results["s0"].usage.prompt_tokens
+    assert shared == [0, n_prompt - 1, n_prompt - 1, n_prompt - 1]  # evaluated once
+    assert len(set(sink.text.values())) > 1  # distinct seeds, distinct samples
