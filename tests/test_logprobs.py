@@ -94,13 +94,24 @@ def test_echoed_prompt_logprobs_match_llama_cpp(request, model):
     assert sink.text["e"] == prompt
     assert sink.results["e"].usage.completion_tokens == 0
     assert sink.results["e"].finish_reason == "length"
-    skip = 1 if tokens[0] == engine.preparer.vocab.bos else 0  # a BOS is not echoed
+    skip = 1 if tokens[0] == engine.preparer.vocab.bos else 0  # the BOS it added: not echoed
     assert len(entries) == len(tokens) - skip
     assert entries[0].logprob is None and entries[0].top == []  # nothing predicts it
     direct = _direct_prompt_logprobs(path, tokens)[skip:]
     got = [e.logprob for e in entries[1:]]
     assert np.max(np.abs(np.array(got) - np.array(direct))) < 1e-3
     assert [e.offset for e in entries] == sorted(e.offset for e in entries)
+
+
+def test_a_token_prompt_is_echoed_as_given_bos_included(engine, tiny_gguf):
+    tokens = engine.llama.tokenize(b"abc def", add_bos=True, special=True)
+    assert tokens[0] == engine.preparer.vocab.bos
+    sink = alone(engine, [_completion("i", tokens, logprobs=0, echo=True, max_tokens=0)])
+    entries = sink.logprobs["i"]
+    assert len(entries) == len(tokens) and entries[0].logprob is None
+    direct = _direct_prompt_logprobs(tiny_gguf, tokens)
+    assert [e.logprob for e in entries[1:]] == pytest.approx(direct, abs=1e-3)
+    assert sink.text["i"] == b"".join(e.token for e in entries).decode()
 
 
 def test_echo_logprobs_of_a_prompt_split_over_steps(tiny_gguf):

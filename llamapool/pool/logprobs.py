@@ -5,7 +5,9 @@ log-softmax of the raw logits, before bias, penalties, temperature or grammar). 
 token's entry comes from the row it was sampled from; with `echo` and `logprobs`, prompt
 token i's comes from row i - 1 of the prompt's evaluation, whose every row then asks for
 logits, and the first echoed token has none (nothing predicts it), as in OpenAI's and
-llama-cpp-python's completions. A leading BOS is not echoed.
+llama-cpp-python's completions. The echo is the prompt as the client sent it: a text
+prompt without the BOS the tokenizer added, token ids as given, a BOS among them too (so
+the entries line up with the client's own tokens, as lm-evaluation-harness counts them).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Scoring:
         self.echo = prep.echo
         self._reader, self._vocab = reader, vocab
         self._prompt = prep.tokens
-        self._first = 1 if len(prep.tokens) > 1 and prep.tokens[0] == vocab.bos else 0
+        added_bos = prep.prompt_text is not None and prep.tokens[0] == vocab.bos
+        self._first = 1 if added_bos and len(prep.tokens) > 1 else 0
         self._text_decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._entries: list[TokenLogprob] = []  # the echoed prompt's, until it is emitted
         self._echo_text = prep.prompt_text

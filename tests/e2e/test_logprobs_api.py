@@ -113,7 +113,8 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(client, tokenize):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(x <= 0 for x in lp.token_logprobs[1:])
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(tokenize(prompt))
-    # the same numbers streamed, and for the prompt given as token ids
+    # the same numbers streamed, for the prompt as token ids: echoed as given, its BOS too,
+    # so the first text token has a logprob now
     chunks = list(
         client.completions.create(
             model="tiny", prompt=tokenize(prompt), max_tokens=0, echo=True, logprobs=1, stream=True
@@ -125,8 +126,9 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(client, tokenize):
         if c.choices and c.choices[0].logprobs
         for x in c.choices[0].logprobs.token_logprobs
     ]
-    assert streamed[0] is None
-    assert streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-3)
+    assert len(streamed) == len(lp.tokens) + 1
+    assert streamed[0] is None and streamed[1] <= 0
+    assert streamed[2:] == pytest.approx(lp.token_logprobs[1:], abs=1e-3)
 
 
 def test_a_token_prompt_gives_the_text_of_its_string(client, tokenize):
