@@ -414,7 +414,7 @@ async def chat_completions(request: Request) -> Response:
     requests = [req]
     for j in range(1, n):
         copy = msgspec.structs.replace(req, params=msgspec.structs.replace(params))
-        copy.params.seed = body.sampling(sample=j).seed
+        copy.params.seed = body.sampling(sample=j, model_seed=spec.config.seed).seed
         requests.append(copy)
     jobs = _submit_all(broker, body.model, requests, bool(body.stream))
     shape = Shape("chat", body.model, logprobs=body.scores is not None)
@@ -443,7 +443,7 @@ async def completions(request: Request) -> Response:
             request_id="",
             kind="completion",
             prompt=prompt,
-            params=body.sampling(sample=j),
+            params=body.sampling(sample=j, model_seed=spec.config.seed),
             logprobs=body.logprobs,
             echo=bool(body.echo),
         )

@@ -118,9 +118,12 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 "`stream_options` is only allowed when `stream` is true", param="stream_options"
             )
 
-    def sampling(self, max_tokens: int | None = None, sample: int = 0) -> SamplingParams:
-        """The request's sampling for its `sample`-th choice of a prompt: with a seed,
-        choice j gets seed + j, so that `n` samples differ and each is repeatable."""
+    def sampling(
+        self, max_tokens: int | None = None, sample: int = 0, model_seed: int | None = None
+    ) -> SamplingParams:
+        """The request's sampling for its `sample`-th choice of a prompt: with a seed (the
+        request's, else the model's `model_seed`), choice j gets seed + j, so that `n`
+        samples differ and each is repeatable."""
         bias: dict[int, float] | None = None
         if self.logit_bias:
             bias = {}
@@ -147,13 +150,20 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=stop,
-            seed=self.seed + sample if self.seed not in (None, -1) else self.seed,
+            seed=_sample_seed(self.seed, sample, model_seed),
             logit_bias=bias,
         )
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _sample_seed(seed: int | None, sample: int, model_seed: int | None) -> int | None:
+    if sample == 0:
+        return seed  # the worker falls back on the model's seed itself
+    base = seed if seed is not None else model_seed
+    return base + sample if base not in (None, -1) else seed
 
 
 def _unsupported(param: str, what: str) -> errors.InvalidRequest:

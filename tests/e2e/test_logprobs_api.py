@@ -20,6 +20,7 @@ def server(tiny_gguf, tmp_path_factory):
     models = [
         model_entry("tiny", tiny_gguf, min_instances=1, config={"n_parallel": 4}),
         model_entry("tiny-embed", tiny_gguf, min_instances=1, config={"embedding": True}),
+        model_entry("tiny-seeded", tiny_gguf, min_instances=1, config={"n_parallel": 2, "seed": 5}),
     ]
     extra = {"server": {"max_choices": MAX_CHOICES}}
     with running_server(tmp_path_factory.mktemp("logprobs"), models, extra=extra) as srv:
@@ -159,6 +160,25 @@ def test_several_prompts_and_n_give_choices_in_order(client, tokenize):
     assert r.choices[1].text == second.choices[0].text
     assert r.usage.completion_tokens == 16
     assert r.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_n_samples_differ_on_a_model_with_a_configured_seed(client, endpoint):
+    # The model's `seed` stands in for a request's: sample j takes it + j, as it would
+    # take a request's own seed, not that seed n times over.
+    ask = {"model": "tiny-seeded", "max_tokens": 8, "temperature": 1}
+    if endpoint == "chat":
+        texts = [
+            c.message.content
+            for c in client.chat.completions.create(messages=_ask(), n=3, **ask).choices
+        ]
+        second = client.chat.completions.create(messages=_ask(), seed=6, **ask)
+        assert texts[1] == second.choices[0].message.content
+    else:
+        texts = [c.text for c in client.completions.create(prompt="abc", n=3, **ask).choices]
+        second = client.completions.create(prompt="abc", seed=6, **ask)
+        assert texts[1] == second.choices[0].text
+    assert len(set(texts)) == 3, texts
 
 
 def test_n_streamed_chat_gives_every_choice_its_role_text_and_finish(client):
