@@ -18,6 +18,7 @@ from llamapool import errors
 from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
 from llamapool.pool.broker import Broker
+from llamapool.pool.job import JobState
 from llamapool.pool.prepare import chats_through_handler
 from llamapool.pool.scheduler import Job
 from llamapool.router import structured, tools
@@ -172,6 +173,11 @@ class _EventStream(Response):
             self.close()
 
 
+def _still_queued(job: Job) -> bool:
+    """The job waits for a worker and nothing has happened to it yet."""
+    return job.state is JobState.QUEUED and job.events.empty()
+
+
 def _submit_all(broker: Broker, model: str, requests: list[P.Request], stream: bool) -> list[Job]:
     """Queue every choice's request; if one is refused (a full queue), none stays queued."""
     jobs: list[Job] = []
@@ -198,8 +204,10 @@ async def _respond(
 ) -> Response:
     """The response to the jobs of a request's choices (one, or prompts × `n` in order).
 
-    Every choice's first event comes before the response starts, so a refusal of any of
-    them (a bad prompt, a full context) is a plain HTTP error.
+    The first event of every choice on a worker comes before the response starts, so a
+    refusal of any of them (a bad prompt, a full context) is a plain HTTP error. A stream
+    does not wait for choices still queued behind the others (they may wait for whole
+    choices to end): their events, a refusal too, come in the stream.
     """
     watcher = asyncio.create_task(_release_on_disconnect(request, broker, jobs))
 
@@ -210,7 +218,10 @@ async def _respond(
 
     streaming = False
     try:
-        firsts = [await job.events.get() for job in jobs]
+        firsts = [
+            None if stream and i and _still_queued(job) else await job.events.get()
+            for i, job in enumerate(jobs)
+        ]
         for first in firsts:
             if first is CLIENT_GONE:
                 return Response(status_code=CLIENT_CLOSED)
@@ -312,8 +323,9 @@ async def _stream_many(
 
     pumps = []
     for index, (job, first) in enumerate(zip(jobs, firsts, strict=True)):
-        merged.put_nowait((index, first))
-        if isinstance(first, P.Chunk):
+        if first is not None:  # None: still queued, all its events come through its pump
+            merged.put_nowait((index, first))
+        if first is None or isinstance(first, P.Chunk):
             pumps.append(asyncio.create_task(pump(index, job)))
     readers = [tools.CallReader(plan) if plan is not None else None for _ in jobs]
     started = [False] * len(jobs)

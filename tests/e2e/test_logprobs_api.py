@@ -207,6 +207,25 @@ def test_n_streamed_chat_gives_every_choice_its_role_text_and_finish(client):
     assert chunks[-1].usage.completion_tokens == 15
 
 
+def test_a_stream_of_more_choices_than_slots_starts_at_once(server):
+    # 5 choices, 4 slots: the fifth waits in the queue for a free slot, and the stream
+    # does not wait for it (its first event comes after a whole choice of 1000 tokens).
+    body = {"model": "tiny", "prompt": "abc", "n": 5, "max_tokens": 1000, "stream": True}
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", f"{server.url}/v1/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        assert server.model_ready("tiny")["queue_depth"] == 1
+    # Hung up: the running choices are cancelled, the queued one is dropped.
+    server.wait_for(
+        lambda: all(not w["in_flight"] for w in server.pool()["workers"]), what="free slots"
+    )
+    assert server.model_ready("tiny")["queue_depth"] == 0
+
+
 def test_n_whole_chat_with_logprobs(client):
     r = client.chat.completions.create(
         model="tiny", messages=_ask(), n=2, max_tokens=3, logprobs=True, seed=3
