@@ -114,6 +114,24 @@ def test_a_token_prompt_is_echoed_as_given_bos_included(engine, tiny_gguf):
     assert sink.text["i"] == b"".join(e.token for e in entries).decode()
 
 
+@pytest.mark.parametrize("prompt", ["abc def", "  abc", ""])
+def test_echoed_tokens_spell_the_echoed_text(engine, prompt):
+    # The tiny model's tokenizer puts a space before a text prompt (SentencePiece's
+    # prefix space), and "" is its BOS alone: neither is the client's text, so the
+    # entries' tokens and offsets must not count them.
+    req = _completion("t", prompt, logprobs=0, echo=True, max_tokens=2, **GREEDY)
+    sink = alone(engine, [req])
+    text, entries = sink.text["t"], sink.logprobs["t"]
+    assert (
+        text.startswith(prompt)
+        and len(entries)
+        == len(engine.llama.tokenize(prompt.encode(), add_bos=True, special=True)) - 1 + 2
+    )
+    assert "".join(e.token.decode() for e in entries) == text
+    for e in entries:
+        assert text[e.offset :].startswith(e.token.decode())
+
+
 def test_echo_logprobs_of_a_prompt_split_over_steps(tiny_gguf):
     prompt = "abc def ghi jkl mno pqr stu vwx yz"
     scored = []

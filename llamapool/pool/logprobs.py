@@ -6,8 +6,9 @@ token's entry comes from the row it was sampled from; with `echo` and `logprobs`
 token i's comes from row i - 1 of the prompt's evaluation, whose every row then asks for
 logits, and the first echoed token has none (nothing predicts it), as in OpenAI's and
 llama-cpp-python's completions. The echo is the prompt as the client sent it: a text
-prompt without the BOS the tokenizer added, token ids as given, a BOS among them too (so
-the entries line up with the client's own tokens, as lm-evaluation-harness counts them).
+prompt without the BOS (or the prefix space) the tokenizer added, token ids as given, a
+BOS among them too (so the entries line up with the client's own tokens, as
+lm-evaluation-harness counts them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Scoring:
         self._reader, self._vocab = reader, vocab
         self._prompt = prep.tokens
         added_bos = prep.prompt_text is not None and prep.tokens[0] == vocab.bos
-        self._first = 1 if added_bos and len(prep.tokens) > 1 else 0
+        self._first = 1 if added_bos else 0
         self._text_decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._entries: list[TokenLogprob] = []  # the echoed prompt's, until it is emitted
         self._echo_text = prep.prompt_text
@@ -44,10 +45,20 @@ class Scoring:
             else:
                 self.offset = sum(len(self._advance(t)) for t in self._prompt[self._first :])
                 self._text_decoder.reset()
-        if self.wants_prompt_rows:
-            token = self._prompt[self._first]
-            self._entries.append(TokenLogprob(vocab.piece(token), None, [], self.offset))
-            self.offset += len(self._advance(token))
+        if self.wants_prompt_rows and self._first < len(self._prompt):
+            piece = vocab.piece(self._prompt[self._first])
+            if prep.prompt_text is not None and self._added_space(prep.prompt_text):
+                piece = piece[1:]
+            self._entries.append(TokenLogprob(piece, None, [], self.offset))
+            self.offset += len(self._text_decoder.decode(piece))
+
+    def _added_space(self, text: str) -> bool:
+        """Whether the tokenizer put a space before the prompt `text` (SentencePiece's
+        prefix space): not the client's, so its first token is echoed without it, as
+        llama.cpp's detokenizer drops it."""
+        pieces = b"".join(self._vocab.piece(t) for t in self._prompt[self._first :])
+        spelled = pieces.decode("utf-8", "replace")
+        return len(spelled) - len(spelled.lstrip(" ")) > len(text) - len(text.lstrip(" "))
 
     @property
     def wants_prompt_rows(self) -> bool:
