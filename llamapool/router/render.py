@@ -78,13 +78,16 @@ def chat_logprobs(entries: list[P.TokenLogprob]) -> dict[str, Any]:
 def completion_logprobs(entries: list[P.TokenLogprob]) -> dict[str, Any]:
     """OpenAI's `choices[].logprobs` of a completion: parallel lists per token. The top
     alternatives include the token itself (up to `logprobs` + 1, as OpenAI says); an echoed
-    prompt's first token has null for both."""
+    prompt's first token has null for both. Tokens spelled alike (bytes of a split
+    character all read U+FFFD) share a key, which keeps the likeliest."""
     tops: list[dict[str, float] | None] = []
     for e in entries:
         if e.logprob is None:
             tops.append(None)
             continue
-        top = {_text(t.token): t.logprob for t in e.top}
+        top: dict[str, float] = {}
+        for t in e.top:  # most likely first
+            top.setdefault(_text(t.token), t.logprob)
         top.setdefault(_text(e.token), e.logprob)
         tops.append(top)
     return {
