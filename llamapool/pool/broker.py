@@ -331,9 +331,11 @@ class Broker:
         assert refusal is not None  # an unknown model is always refused
         raise refusal
 
-    def submit(self, model_id: str, request: P.Request, *, stream: bool = True) -> Job:
+    def submit(
+        self, model_id: str, request: P.Request, *, stream: bool = True, expires: bool = True
+    ) -> Job:
         self.check_model(model_id)
-        return self.scheduler.submit(model_id, request, stream=stream)
+        return self.scheduler.submit(model_id, request, stream=stream, expires=expires)
 
     def release(self, job: Job) -> None:
         self.scheduler.release(job)

@@ -72,19 +72,23 @@ class Scheduler:
 
     # -- admission --------------------------------------------------------------
 
-    def submit(self, model_id: str, request: P.Request, *, stream: bool = True) -> Job:
+    def submit(
+        self, model_id: str, request: P.Request, *, stream: bool = True, expires: bool = True
+    ) -> Job:
         """Queue a request or raise the error the client should see at once.
 
         `stream`: the client gets output as it comes. A non-streamed job's output is held
         until its DONE, so a worker's death mid-way is retried like one before output.
+        `expires`: False for a request's further choices (prompts × n), which may wait in
+        the queue for its own earlier ones; its first choice's queue_timeout answers for it.
         """
         try:
-            return self._admit(model_id, request, stream)
+            return self._admit(model_id, request, stream, expires)
         except errors.LlamapoolError as exc:
             self.observer.rejected(model_id, exc.code)
             raise
 
-    def _admit(self, model_id: str, request: P.Request, stream: bool) -> Job:
+    def _admit(self, model_id: str, request: P.Request, stream: bool, expires: bool) -> Job:
         if not self.accepting:
             raise errors.ShuttingDown("the server is shutting down; retry on another instance")
         refusal = self.supervisor.refusal(model_id)
@@ -103,7 +107,8 @@ class Scheduler:
         request.request_id = job.id
         job.prefix_key = prefix_key(request)
         mq.jobs.append(job)
-        job.timer = loop.call_later(mq.queue_timeout, self._expire, job)
+        if expires:
+            job.timer = loop.call_later(mq.queue_timeout, self._expire, job)
         self.dispatch(model_id)
         return job
 

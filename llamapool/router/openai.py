@@ -179,11 +179,15 @@ def _still_queued(job: Job) -> bool:
 
 
 def _submit_all(broker: Broker, model: str, requests: list[P.Request], stream: bool) -> list[Job]:
-    """Queue every choice's request; if one is refused (a full queue), none stays queued."""
+    """Queue every choice's request; if one is refused (a full queue), none stays queued.
+
+    Only the first choice has a queue_timeout: the others may wait for it and each other
+    (more choices than slots), and while none runs, the first one's expiry ends them all.
+    """
     jobs: list[Job] = []
     try:
         for req in requests:
-            jobs.append(broker.submit(model, req, stream=stream))
+            jobs.append(broker.submit(model, req, stream=stream, expires=not jobs))
     except errors.LlamapoolError:
         for job in jobs:
             broker.release(job)

@@ -90,3 +90,13 @@ def test_stream_error_before_output_is_a_plain_http_error(serve, tiny_gguf):
     ) as r:
         assert r.status_code == 400
         assert json.loads(r.read())["error"]["code"] == "context_length_exceeded"
+
+
+def test_choices_queued_behind_their_own_request_do_not_time_out(serve, tiny_gguf):
+    # One slot, three choices of 1500 tokens: the second and third wait for the first,
+    # far past queue_timeout. That wait is the request's own work, not a busy pool's.
+    server = serve([model_entry("tiny", tiny_gguf, queue_timeout=0.5)])
+    body = {"model": "tiny", "prompt": "abc", "n": 3, "max_tokens": 1500}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 3
