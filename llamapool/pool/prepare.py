@@ -355,7 +355,7 @@ def pick(value: Any, default: Any) -> Any:
 
 
 # llama.cpp's seeds are 32-bit and 0xFFFFFFFF means "pick a random one".
-_SEED_MODULUS = 0xFFFFFFFF
+SEED_MODULUS = 0xFFFFFFFF
 # A temperature this close to 0 divides the logits into overflow (garbage text).
 _GREEDY_BELOW = 1e-5
 
@@ -366,7 +366,7 @@ def llama_seed(seed: int | None) -> int | None:
     -1 is random, as in llama-cpp-python and llama-server; any other integer is reduced to
     32 bits so that it is reproducible (never llama.cpp's "random" 0xFFFFFFFF).
     """
-    return None if seed is None or seed == -1 else seed % _SEED_MODULUS
+    return None if seed is None or seed == -1 else seed % SEED_MODULUS
 
 
 def temperature(value: float) -> float:

@@ -8,6 +8,7 @@ import msgspec
 
 from llamapool import errors
 from llamapool.ipc.protocol import SamplingParams
+from llamapool.pool.prepare import SEED_MODULUS
 
 # Bounds keep every integer inside what the worker protocol and llama.cpp can carry: an
 # unbounded one passed validation and then failed to encode for the worker.
@@ -163,7 +164,10 @@ def _sample_seed(seed: int | None, sample: int, model_seed: int | None) -> int |
     if sample == 0:
         return seed  # the worker falls back on the model's seed itself
     base = seed if seed is not None else model_seed
-    return base + sample if base not in (None, -1) else seed
+    if base in (None, -1):
+        return seed
+    # Reduced as llama_seed reduces it: seed + j is then never -1, which means random.
+    return (base + sample) % SEED_MODULUS
 
 
 def _unsupported(param: str, what: str) -> errors.InvalidRequest:
