@@ -386,15 +386,24 @@ def _check_scoring(spec: ModelSpec, param: str) -> None:
         )
 
 
-def _check_choices(request: Request, n_prompts: int, n: int) -> None:
-    """Refuse more choices (prompts × n) than `server.max_choices`, naming the field."""
+def _check_choices(request: Request, spec: ModelSpec, n_prompts: int, n: int) -> None:
+    """Refuse more choices (prompts × n) than `server.max_choices`, or than the model's
+    slots and queue could ever hold at once (a 503 queue_full would invite a retry that
+    cannot succeed), naming the field."""
     limit = getattr(request.app.state, "max_choices", 64)
+    why = f"the limit is {limit} (server.max_choices)"
+    room = spec.max_queue + spec.instance_limit * spec.config.n_parallel
+    if room < limit:
+        limit = room
+        why = (
+            f"model {spec.id!r} holds at most {room} at once ({spec.instance_limit} "
+            f"instance(s) × n_parallel {spec.config.n_parallel}, and max_queue {spec.max_queue})"
+        )
     if n_prompts * n <= limit:
         return
     param = "prompt" if n_prompts > limit or n == 1 else "n"
     raise errors.InvalidRequest(
-        f"the request asks for {n_prompts} prompt(s) × n={n} = {n_prompts * n} choices; "
-        f"the limit is {limit} (server.max_choices)",
+        f"the request asks for {n_prompts} prompt(s) × n={n} = {n_prompts * n} choices; {why}",
         param=param,
     )
 
@@ -426,7 +435,7 @@ async def chat_completions(request: Request) -> Response:
     if body.scores is not None:
         _check_scoring(spec, "logprobs")
     n = body.n or 1
-    _check_choices(request, 1, n)
+    _check_choices(request, spec, 1, n)
     requests = [req]
     for j in range(1, n):
         copy = msgspec.structs.replace(req, params=msgspec.structs.replace(params))
@@ -453,7 +462,7 @@ async def completions(request: Request) -> Response:
     if body.logprobs is not None or body.echo:
         _check_scoring(spec, "logprobs" if body.logprobs is not None else "echo")
     prompts, n = body.prompts, body.n or 1
-    _check_choices(request, len(prompts), n)
+    _check_choices(request, spec, len(prompts), n)
     requests = [
         P.Request(
             request_id="",

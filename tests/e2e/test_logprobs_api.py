@@ -21,6 +21,8 @@ def server(tiny_gguf, tmp_path_factory):
         model_entry("tiny", tiny_gguf, min_instances=1, config={"n_parallel": 4}),
         model_entry("tiny-embed", tiny_gguf, min_instances=1, config={"embedding": True}),
         model_entry("tiny-seeded", tiny_gguf, min_instances=1, config={"n_parallel": 2, "seed": 5}),
+        # 2 slots and a queue of 1: 3 choices at once, whatever max_choices says.
+        model_entry("tiny-small", tiny_gguf, max_queue=1, config={"n_parallel": 2}),
     ]
     extra = {"server": {"max_choices": MAX_CHOICES}}
     with running_server(tmp_path_factory.mktemp("logprobs"), models, extra=extra) as srv:
@@ -242,6 +244,16 @@ def test_embeddings_of_token_ids(client, tokenize):
     assert r.data[0].embedding == pytest.approx(text.data[0].embedding, abs=1e-5)
     one = client.embeddings.create(model="tiny-embed", input=tokenize("a b"))
     assert len(one.data) == 1
+
+
+def test_more_choices_than_a_model_ever_holds_is_a_400(server):
+    body = {"model": "tiny-small", "prompt": "x", "max_tokens": 1, "n": 4}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "n" and "holds at most 3 at once" in err["message"], err
+    body["n"] = 3
+    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize(
