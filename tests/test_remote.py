@@ -100,3 +100,23 @@ def test_zap_knows_only_issued_keys(wire):
 def test_the_key_file_is_private(wire, tmp_path):
     assert (tmp_path / "wire.key").stat().st_mode & 0o077 == 0
     assert ssl.PEM_cert_to_DER_cert((tmp_path / "wire.crt").read_text())
+
+
+def test_secrets_made_elsewhere_admit_one_connection_by_the_tokens_hash(wire):
+    # A launcher on another machine makes the ticket there: the router sees only the
+    # public key and the token's SHA-256, and still admits exactly that worker, once.
+    ticket, public, token_sha256 = remote.make_secrets(wire.address())
+    assert token_sha256 != ticket.token and public == ticket.public_key
+    wire.admit("m-2", public, token_sha256)
+    assert wire.owner_of(public) == "m-2" and wire.owner_of("x" * 40) is None
+
+    async def scenario(connected):
+        tls = await asyncio.to_thread(dial_data, ticket)
+        tls.close()
+        with pytest.raises(ConnectionError, match="refused"):
+            await asyncio.to_thread(dial_data, ticket)
+        return [w for w, _ in connected]
+
+    assert _run(wire, scenario) == ["m-2"]
+    wire.revoke("m-2")
+    assert wire.owner_of(public) is None

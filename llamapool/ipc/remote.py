@@ -2,11 +2,16 @@
 
 The router is the CURVE server and knows every worker's public key: `RemoteWire.issue`
 makes a key pair and a one-time token per worker and hands them out as a `WireTicket`
-(the launcher passes it to the worker in its environment). A ZAP handler refuses any
-other key. The data connection is TCP wrapped in TLS 1.3 with a self-signed certificate
-the router makes at start in its 0700 runtime directory; the worker pins the
-certificate's SHA-256 and then proves who it is with its token, the first bytes it
-sends. The router maps the connection to the worker by that token, once.
+(the launcher passes it to the worker in its environment). A launcher on another machine
+makes them there instead (`make_secrets`) and hands the router only the public key and
+the token's SHA-256 (`RemoteWire.admit`), so no secret crosses the launcher's own
+channels. A ZAP handler refuses any other key; each control message's ZAP User-Id (the
+sender's key) must belong to the worker its ZeroMQ identity names (`owner_of`).
+
+The data connection is TCP wrapped in TLS 1.3 with a self-signed certificate the router
+makes at start in its 0700 runtime directory; the worker pins the certificate's SHA-256
+and then proves who it is with its token, the first bytes it sends. The router maps the
+connection to the worker by the token's hash, once.
 """
 
 from __future__ import annotations
@@ -40,6 +45,15 @@ _ACCEPTED = b"\x01"
 HELLO_TIMEOUT = 5.0
 
 
+class RouterAddress(msgspec.Struct, frozen=True):
+    """The public half of a ticket: where the router listens and how to recognise it."""
+
+    data_host: str
+    data_port: int
+    cert_sha256: str
+    server_key: str
+
+
 class WireTicket(msgspec.Struct, frozen=True):
     """What one worker needs to dial back: keys, token and where to find the router."""
 
@@ -57,6 +71,26 @@ class WireTicket(msgspec.Struct, frozen=True):
     @classmethod
     def decode(cls, text: str) -> WireTicket:
         return msgspec.json.decode(text.encode(), type=cls)
+
+
+def make_secrets(router: RouterAddress) -> tuple[WireTicket, str, str]:
+    """A worker's ticket made where it runs: (ticket, public key, token SHA-256 hex).
+
+    The caller hands the router the last two (`RemoteWire.admit`) and the ticket to the
+    worker; the secret key and the token never leave this machine.
+    """
+    public, secret = zmq.curve_keypair()
+    token = secrets.token_bytes(_TOKEN_BYTES)
+    ticket = WireTicket(
+        data_host=router.data_host,
+        data_port=router.data_port,
+        cert_sha256=router.cert_sha256,
+        token=token.hex(),
+        server_key=router.server_key,
+        public_key=public.decode(),
+        secret_key=secret.decode(),
+    )
+    return ticket, public.decode(), hashlib.sha256(token).hexdigest()
 
 
 def make_certificate(directory: str) -> tuple[str, str, str]:
@@ -96,8 +130,10 @@ class RemoteWire:
     def __init__(self, ctx: zmq.Context, runtime_dir: str, host: str, data_port: int = 0):
         self.host = host
         self.server_public, self.server_secret = zmq.curve_keypair()
+        # Written by the launcher (perhaps from another thread), read by the ZAP thread and
+        # the loop: single dict operations only, never an iteration over a live table.
         self.keys: dict[bytes, str] = {}  # allowed client public key (z85) → worker id
-        self.tokens: dict[bytes, str] = {}  # unused token → worker id
+        self.tokens: dict[bytes, str] = {}  # SHA-256 of an unused token → worker id
         self.refused = 0
         cert, key, self.cert_sha256 = make_certificate(runtime_dir)
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -127,27 +163,35 @@ class RemoteWire:
 
     # -- tickets ---------------------------------------------------------------------
 
-    def issue(self, worker_id: str) -> WireTicket:
-        """Keys and a one-time token for a worker about to start."""
-        public, secret = zmq.curve_keypair()
-        token = secrets.token_bytes(_TOKEN_BYTES)
-        self.keys[public] = worker_id
-        self.tokens[token] = worker_id
-        return WireTicket(
+    def address(self) -> RouterAddress:
+        """What a worker needs to find and recognise this router (nothing secret)."""
+        return RouterAddress(
             data_host=self.host,
             data_port=self.data_port,
             cert_sha256=self.cert_sha256,
-            token=token.hex(),
             server_key=self.server_public.decode(),
-            public_key=public.decode(),
-            secret_key=secret.decode(),
         )
+
+    def issue(self, worker_id: str) -> WireTicket:
+        """Keys and a one-time token for a worker about to start on this machine."""
+        ticket, public, token_sha256 = make_secrets(self.address())
+        self.admit(worker_id, public, token_sha256)
+        return ticket
+
+    def admit(self, worker_id: str, public_key: str, token_sha256: str) -> None:
+        """Accept a worker's control key and, once, the token with this SHA-256."""
+        self.keys[public_key.encode()] = worker_id
+        self.tokens[bytes.fromhex(token_sha256)] = worker_id
+
+    def owner_of(self, user_id: str | None) -> str | None:
+        """The worker whose key a control message's ZAP User-Id (its z85 key) is."""
+        return self.keys.get(user_id.encode()) if user_id else None
 
     def revoke(self, worker_id: str) -> None:
         """Forget a gone worker's key and unused token: nothing can use them again."""
         for table in (self.keys, self.tokens):
-            for k in [k for k, w in table.items() if w == worker_id]:
-                del table[k]
+            for k in [k for k, w in list(table.items()) if w == worker_id]:
+                table.pop(k, None)
 
     # -- data connections ----------------------------------------------------------
 
@@ -211,16 +255,13 @@ class RemoteWire:
         except OSError as exc:
             self._refuse(hello, f"TLS failed: {exc}")
             return
-        token = bytes(hello.buf[len(_MAGIC) :])
-        worker_id = None
-        if hello.buf.startswith(_MAGIC):
-            worker_id = next(
-                (w for t, w in self.tokens.items() if hmac.compare_digest(t, token)), None
-            )
+        # Looked up by its SHA-256: the table holds no token, and a lookup's timing says
+        # nothing useful about a hash's preimage.
+        digest = hashlib.sha256(bytes(hello.buf[len(_MAGIC) :])).digest()
+        worker_id = self.tokens.pop(digest, None) if hello.buf.startswith(_MAGIC) else None
         if worker_id is None:
             self._refuse(hello, "wrong or already used token")
             return
-        del self.tokens[token]
         self._forget(hello)
         try:
             tls.send(_ACCEPTED)  # one byte into an empty socket buffer: never blocks

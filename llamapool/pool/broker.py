@@ -205,11 +205,16 @@ class Broker:
         self._read_scheduled = False
         for _ in range(_READ_BATCH):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                if self.wire is None:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                else:
+                    frames = self._read_authenticated()
             except zmq.Again:
                 return
             except zmq.ZMQError:
                 return  # closed during shutdown
+            if frames is None:
+                continue
             try:
                 self._handle(frames)
             except Exception:
@@ -218,6 +223,27 @@ class Broker:
         if self._loop is not None:
             self._read_scheduled = True
             self._loop.call_soon(self._read_control)
+
+    def _read_authenticated(self) -> list[bytes] | None:
+        """A control message over CURVE, or None when its key is not its identity's.
+
+        A worker holding a valid key must not speak for another worker: the ZAP User-Id
+        of each message (the sender's CURVE key) must be the one issued to the worker its
+        ZeroMQ identity names. Costs ~20 µs a message, and only control travels here.
+        """
+        assert self.wire is not None
+        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        user_id = frames[0].get("User-Id")
+        identity = frames[0].bytes.decode(errors="replace")
+        if self.wire.owner_of(user_id) != identity:
+            self.wire.refused += 1
+            log.warning(
+                "refused a control message: identity %s sent with the CURVE key of %s",
+                identity,
+                self.wire.owner_of(user_id) or "no live worker",
+            )
+            return None
+        return [f.bytes for f in frames]
 
     def _handle(self, frames: list[bytes]) -> None:
         """A control message from a worker's ZeroMQ socket."""

@@ -76,6 +76,7 @@ def test_strangers_are_refused_and_the_worker_still_works(serve, tiny_gguf):
     server = serve([model_entry("m", tiny_gguf)], pool=FAST, extra=TCP)
     control, data, server_key = _ports(server.log_text())
     (worker,) = server.workers()
+    ticket = WireTicket.decode(worker.environ()[WIRE_ENV])
     silent = socket.create_connection(("127.0.0.1", data))  # never says a word
 
     # A control connection with a key the router never issued: no READY gets through.
@@ -95,14 +96,30 @@ def test_strangers_are_refused_and_the_worker_still_works(serve, tiny_gguf):
     # Data connections: a wrong token, and the real worker's token used a second time.
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-    ticket = WireTicket.decode(worker.environ()[WIRE_ENV])
     for token in (b"\0" * 32, bytes.fromhex(ticket.token)):
         with tls.wrap_socket(socket.create_connection(("127.0.0.1", data), timeout=10)) as s:
             s.sendall(b"LPW1" + token)
             assert s.recv(1) == b""  # closed, nothing accepted
 
+    # A control connection with the real worker's key, speaking as another worker: ZAP
+    # lets the key in, the router refuses every message whose key is not its identity's.
+    impostor = ctx.socket(zmq.DEALER)
+    impostor.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+    impostor.setsockopt(zmq.CURVE_PUBLICKEY, ticket.public_key.encode())
+    impostor.setsockopt(zmq.CURVE_SECRETKEY, ticket.secret_key.encode())
+    impostor.setsockopt(zmq.IDENTITY, b"m-7")
+    impostor.setsockopt(zmq.LINGER, 0)
+    impostor.connect(f"tcp://127.0.0.1:{control}")
+    impostor.send_multipart(
+        P.encode(P.Ready(worker_id="m-7", pid=1, model_id="m", n_ctx=1, capacity=1))
+    )
+
     server.wait_for(
         lambda: f"unknown CURVE key {public.decode()}" in server.log_text(), what="CURVE refusal"
+    )
+    server.wait_for(
+        lambda: "identity m-7 sent with the CURVE key of m-1" in server.log_text(),
+        what="User-Id refusal",
     )
     log = server.log_text()
     assert log.count("wrong or already used token") == 2
@@ -114,6 +131,7 @@ def test_strangers_are_refused_and_the_worker_still_works(serve, tiny_gguf):
     assert "no token within 5 s" in server.log_text()
     silent.close()
     stranger.close()
+    impostor.close()
     ctx.term()
 
 
