@@ -20,6 +20,8 @@ class FakeProcess:
     def __init__(self, launch: WorkerLaunch, pid: int):
         self.launch = launch
         self.pid = pid
+        self.node = None
+        self.reason = None
         self.data = None
         self.code: int | None = None
         self.signals: list[int] = []
@@ -59,6 +61,9 @@ class FakeLauncher:
         proc = FakeProcess(launch, pid=100_000 + len(self.started))
         self.started.append(proc)
         return proc
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The supervisor only ever talks to a `Launcher` and the `ProcessHandle`s it returns, so
 its state logic runs against fakes in tests, and a launcher for processes elsewhere
-(Ray, issue #11) plugs in without touching it. `LocalLauncher` starts local
+(`pool/ray_launcher.py`) plugs in without touching it. `LocalLauncher` starts local
 subprocesses: its own session each (the supervisor kills process groups), the data
 socket handed over with `pass_fds`, the model spec in the environment; or, given a
 `RemoteWire`, no socket: the worker dials back over TCP with the ticket it is handed.
@@ -44,6 +44,10 @@ class ProcessHandle(Protocol):
     """One started worker process, as the supervisor sees it."""
 
     pid: int  # shown in /admin/pool and response headers; the launcher's own numbering
+    node: str | None  # the machine it runs on (a Ray node id); None: this one
+    # Why it ended, in the launcher's words, where the worker could not say (its node
+    # was lost, no node could host it); None otherwise.
+    reason: str | None
     # The router's end of the worker's data socket (requests in, tokens out).
     data: socket.socket | None
 
@@ -66,6 +70,9 @@ class Launcher(Protocol):
     def start(self, launch: WorkerLaunch) -> ProcessHandle:
         """Start one worker; raise OSError when it cannot be started."""
 
+    def close(self) -> None:
+        """Release what the launcher holds, once every worker has been reaped."""
+
 
 class LocalProcess:
     """A worker subprocess of this router, in its own session."""
@@ -73,6 +80,8 @@ class LocalProcess:
     def __init__(self, popen: subprocess.Popen, data: socket.socket | None):
         self.popen = popen
         self.pid = popen.pid
+        self.node: str | None = None
+        self.reason: str | None = None
         self.data: socket.socket | None = data
 
     def poll(self) -> int | None:
@@ -111,41 +120,28 @@ class LocalLauncher:
         self.python = python
         self.wire = wire  # set: workers dial back over TCP (ipc.remote), no socket pair
 
+    def close(self) -> None:
+        """Nothing to release: every worker is a subprocess, reaped by the supervisor."""
+
     def start(self, launch: WorkerLaunch) -> LocalProcess:
         """Popen with a fresh socket pair; the child gets its end by file descriptor."""
         # The data socket: a pair, so no address to guard and no connection to wait for.
         # With a wire, none: the worker dials back and proves itself with its ticket.
         router_end, child_end = _data_pair(self.wire is None)
-        env = dict(os.environ)
-        env[SPEC_ENV] = msgspec.json.encode(launch.spec).decode()
-        # llama.cpp reads OMP/OpenBLAS thread counts from the environment; keep them in step.
-        env["OMP_NUM_THREADS"] = str(launch.spec.config.n_threads)
+        env = {**os.environ, **worker_env(launch)}
         # CUDA numbers GPUs fastest first unless told otherwise; NVML (and nvidia-smi, and
         # the config's `gpus`) by PCI bus. One order for both, so the numbers mean one GPU.
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        if launch.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(launch.gpu)
         cmd = [
             self.python,
             "-m",
             "llamapool.pool.worker",
-            "--worker-id",
-            launch.worker_id,
-            "--endpoint",
-            launch.endpoint,
+            *worker_args(launch),
             *(["--data-fd", str(child_end.fileno())] if child_end else []),
             "--parent-pid",
             str(os.getpid()),
             "--cores",
             ",".join(map(str, launch.cores)),
-            "--heartbeat-interval",
-            str(launch.heartbeat_interval),
-            "--heartbeat-liveness",
-            str(launch.heartbeat_liveness),
-            "--stall-timeout",
-            str(launch.stall_timeout),
-            "--log-level",
-            launch.log_level,
         ]
         if self.wire is not None:
             env[WIRE_ENV] = self.wire.issue(launch.worker_id).encode()
@@ -169,6 +165,36 @@ class LocalLauncher:
             if child_end:
                 child_end.close()
         return LocalProcess(popen, router_end)
+
+
+def worker_env(launch: WorkerLaunch) -> dict[str, str]:
+    """What a worker's environment must add to its host's: its spec, thread and GPU
+    settings. Wherever it runs."""
+    env = {SPEC_ENV: msgspec.json.encode(launch.spec).decode()}
+    # llama.cpp reads OMP/OpenBLAS thread counts from the environment; keep them in step.
+    env["OMP_NUM_THREADS"] = str(launch.spec.config.n_threads)
+    if launch.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(launch.gpu)
+    return env
+
+
+def worker_args(launch: WorkerLaunch) -> list[str]:
+    """The worker's arguments that do not depend on where it runs (no parent, no cores,
+    no data descriptor)."""
+    return [
+        "--worker-id",
+        launch.worker_id,
+        "--endpoint",
+        launch.endpoint,
+        "--heartbeat-interval",
+        str(launch.heartbeat_interval),
+        "--heartbeat-liveness",
+        str(launch.heartbeat_liveness),
+        "--stall-timeout",
+        str(launch.stall_timeout),
+        "--log-level",
+        launch.log_level,
+    ]
 
 
 def _data_pair(wanted: bool) -> tuple[socket.socket | None, socket.socket | None]:

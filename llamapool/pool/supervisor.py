@@ -341,8 +341,8 @@ class Supervisor:
         else:
             cause = cause_of_exit(code, w.cause)
             detail = describe_exit(code)
-            if w.cause_detail:
-                detail = f"{detail}: {w.cause_detail}"
+            if w.cause_detail or w.process.reason:
+                detail = f"{detail}: {w.cause_detail or w.process.reason}"
             reason = f"{detail} while {was.value}"
             self._set_state(w, WorkerState.DEAD, reason)
             self.on_worker_lost(w, reason)
