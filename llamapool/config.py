@@ -92,6 +92,17 @@ class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class ModelPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A model's `placement:`: what a Ray node must offer to host one of its instances."""
+
+    # Custom resources each instance reserves ({"big_ram": 1}); CPU and GPU are not
+    # among them: the CPUs are config.n_threads, the GPUs num_gpus.
+    resources: dict[str, PositiveFloat] = msgspec.field(default_factory=dict)
+    # Node labels an instance's node must carry (`ray start --labels zone=a`).
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    num_gpus: NonNegativeFloat = 0.0
+
+
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One entry of `models:`."""
 
@@ -107,6 +118,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_request_time: PositiveFloat | None = None
     # GPUs its instances take turns on, one each (null: every instance sees every GPU).
     gpus: Annotated[list[NonNegativeInt], msgspec.Meta(min_length=1)] | None = None
+    # Where its instances may run on a Ray cluster (placement.backend: ray only).
+    placement: ModelPlacement | None = None
 
     @property
     def instance_limit(self) -> int:
@@ -162,10 +175,17 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 class PlacementSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The top-level `placement:` block: where workers run, how they reach the router."""
 
-    backend: Literal["local", "ray"] = "local"  # ray: issue #11, refused until built
+    # local: subprocesses of the router; ray: one per Ray actor on the cluster's nodes.
+    backend: Literal["local", "ray"] = "local"
     # ipc: socket pairs and ipc:// (local only); tcp: workers dial back (ipc.remote).
-    transport: Literal["ipc", "tcp"] = "ipc"
-    advertise_host: str = "127.0.0.1"  # the address workers dial; the router binds it
+    # Unset: ipc locally, tcp with ray (which needs it).
+    transport: Literal["ipc", "tcp"] | None = None
+    # The address workers dial; the router binds it. Unset: 127.0.0.1 locally, with ray
+    # this machine's address as Ray sees it.
+    advertise_host: str | None = None
+    # ray: the cluster to join: auto (the one `ray start` runs on this machine),
+    # host:port of its head (GCS), or ray://host:port (Ray Client).
+    address: str = "auto"
     port: Port = 0  # control (ZeroMQ + CURVE); 0: any free port
     data_port: Port = 0  # data (TLS); 0: any free port
 
@@ -318,10 +338,7 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
                 raise ValueError(f"{value!r} must be more than 0 bytes")
         except ValueError as exc:
             raise ConfigError(f"{where}: pool.{key}: {exc}") from None
-    if top.placement.backend == "ray":
-        raise ConfigError(
-            f"{where}: placement.backend: ray is not built yet (issue #11); use local"
-        )
+    _check_placement(top.placement, where)
     if top.api_keys is not None:
         _check_api_keys(top.api_keys, where)
     base_dir = path.parent if path else None
@@ -340,7 +357,10 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
         except ConfigError as exc:
             broken[key] = str(exc)
             continue
-        if spec.enabled:
+        problem = spec.enabled and _placement_problem(spec, top.placement)
+        if problem:
+            broken[key] = f"model {spec.id!r}: {problem}"
+        elif spec.enabled:
             models[spec.id] = spec
     if not models and not broken:
         raise ConfigError(f"{where}: `models:` lists no enabled model")
@@ -354,6 +374,40 @@ def parse_config(data: Any, *, path: Path | None = None, check_files: bool = Tru
         server=top.server,
         placement=top.placement,
     )
+
+
+def _check_placement(p: PlacementSettings, where: str) -> None:
+    """Settle the transport (ray implies tcp) and refuse a block that cannot work."""
+    if p.backend == "ray" and p.transport == "ipc":
+        raise ConfigError(
+            f"{where}: placement.transport: ipc reaches only this machine; workers on a Ray "
+            "cluster dial back over tcp (leave transport unset)"
+        )
+    p.transport = p.transport or ("tcp" if p.backend == "ray" else "ipc")
+    if p.backend == "local" and p.address != "auto":
+        raise ConfigError(f"{where}: placement.address: only used with backend: ray")
+    if p.address != "auto" and not re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d+", p.address):
+        raise ConfigError(
+            f"{where}: placement.address: {p.address!r} is not auto, host:port or ray://host:port"
+        )
+
+
+def _placement_problem(spec: ModelSpec, p: PlacementSettings) -> str | None:
+    """Why a model cannot be placed by the configured backend, or None."""
+    if p.backend == "local":
+        if spec.placement is not None:
+            return "placement: needs placement.backend: ray at the top level"
+        return None
+    if spec.config.n_threads is None:
+        return (
+            "config.n_threads: set it with placement.backend: ray; each instance reserves "
+            "that many CPUs of its Ray node"
+        )
+    if spec.gpus is not None:
+        return "gpus: picks GPUs of this machine; on Ray use placement.num_gpus"
+    if spec.placement is not None and {"CPU", "GPU"} & set(spec.placement.resources):
+        return "placement.resources: CPU and GPU come from config.n_threads and num_gpus"
+    return None
 
 
 def header_safe(token: str) -> bool:

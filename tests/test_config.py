@@ -124,12 +124,48 @@ def test_placement_defaults_to_local_ipc_and_takes_the_tcp_wire(tiny_gguf):
         ({"transprt": "tcp"}, "transprt"),
         ({"transport": "udp"}, "transport"),
         ({"port": 70000}, "port"),
-        ({"backend": "ray"}, "ray is not built yet"),
+        ({"backend": "ray", "transport": "ipc"}, "placement.transport: ipc reaches only"),
+        ({"backend": "ray", "address": "head"}, "placement.address: 'head' is not auto"),
+        ({"address": "10.0.0.1:6379"}, "placement.address: only used with backend: ray"),
+        ({"backend": "kubernetes"}, "backend"),
     ],
 )
 def test_bad_placement_rejects_the_file(tiny_gguf, placement, match):
     with pytest.raises(ConfigError, match=match):
         parse_config({"placement": placement, "models": [_model(tiny_gguf)]})
+
+
+def test_ray_placement_implies_tcp_and_takes_per_model_resources_and_labels(tiny_gguf):
+    model = _model(tiny_gguf, config={"n_threads": 2})
+    model["placement"] = {"resources": {"big_ram": 1}, "labels": {"zone": "a"}, "num_gpus": 0.5}
+    for address in ("auto", "10.0.0.1:6379", "ray://head.local:10001"):
+        config = parse_config(
+            {"placement": {"backend": "ray", "address": address}, "models": [model]}
+        )
+        assert (config.placement.transport, config.placement.address) == ("tcp", address)
+    p = config.models["m"].placement
+    assert (p.resources, p.labels, p.num_gpus) == ({"big_ram": 1}, {"zone": "a"}, 0.5)
+    assert config.placement.advertise_host is None  # Ray's address for this machine
+
+
+@pytest.mark.parametrize(
+    ("backend", "change", "match"),
+    [
+        ("local", {"placement": {"labels": {"zone": "a"}}}, "placement: needs placement.backend"),
+        ("ray", {"config": {"n_threads": None}}, "config.n_threads: set it with"),
+        ("ray", {"gpus": [0]}, "gpus: picks GPUs of this machine"),
+        ("ray", {"placement": {"resources": {"CPU": 2}}}, "CPU and GPU come from"),
+        ("ray", {"placement": {"resource": {"a": 1}}}, "placement: .*unknown field `resource`"),
+        ("ray", {"placement": {"resources": {"a": 0}}}, "placement.resources"),
+    ],
+)
+def test_a_model_the_backend_cannot_place_is_broken_alone(tiny_gguf, backend, change, match):
+    good = _model(tiny_gguf, config={"n_threads": 1})
+    bad = {**good, "id": "bad", **change}
+    bad["config"] = {**good["config"], **change.get("config", {})}
+    config = parse_config({"placement": {"backend": backend}, "models": [good, bad]})
+    assert list(config.models) == ["m"]
+    assert re.search(match, config.broken["bad"]), config.broken["bad"]
 
 
 def test_infinite_times_are_refused(tiny_gguf, tmp_path):
