@@ -27,10 +27,10 @@ GPU        ?=
 CUDA_ARCHS ?= native
 ifeq ($(GPU),cuda)
   GPU_CMAKE_ARGS := -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)
-  EXTRAS         := test,bench,gpu
+  EXTRAS         := test,bench,ray,gpu
 else ifeq ($(GPU),)
   GPU_CMAKE_ARGS :=
-  EXTRAS         := test,bench
+  EXTRAS         := test,bench,ray
 else
   $(error GPU=$(GPU) is not supported: use GPU=cuda, or leave GPU unset for the CPU build)
 endif

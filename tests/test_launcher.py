@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from llamapool.config import parse_config
@@ -60,3 +63,12 @@ def test_a_worker_without_a_gpu_keeps_the_routers_view(tiny_gguf, popen, monkeyp
     (started,) = popen
     assert started.env["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert started.env["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+
+
+def test_the_local_backend_never_imports_ray():
+    # Ray is an optional extra: everything a local pool runs must work without it.
+    code = (
+        "import sys, llamapool.cli, llamapool.router.app, llamapool.pool.broker, "
+        "llamapool.pool.worker; assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

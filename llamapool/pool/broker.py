@@ -57,9 +57,10 @@ class Broker:
         # the router's routing overhead at concurrency 1 was ~0.7 ms higher (bench p50).
         self.ctx = zmq.Context()
         self.wire: RemoteWire | None = None
+        self.launcher: Launcher | None = None  # one this broker made, closed at stop
         if config.placement.transport == "tcp":
             self._open_wire()
-            launcher = launcher or LocalLauncher(worker_log, wire=self.wire)
+            launcher = launcher or self._own_launcher(worker_log)
         else:
             self.sock = router_socket(self.ctx, self.endpoint)
         self.supervisor = Supervisor(
@@ -93,19 +94,33 @@ class Broker:
     def _open_wire(self) -> None:
         """Workers dial back over TCP: a CURVE ROUTER socket and a TLS data listener."""
         p = self.config.placement
-        self.wire = RemoteWire(self.ctx, self.ipc_dir, p.advertise_host, p.data_port)
+        host = p.advertise_host or "127.0.0.1"
+        if p.backend == "ray" and p.advertise_host is None:
+            from llamapool.pool.ray_launcher import node_address  # only with ray
+
+            host = node_address()
+        self.wire = RemoteWire(self.ctx, self.ipc_dir, host, p.data_port)
         port = p.port or "*"
-        self.sock = router_socket(
-            self.ctx, f"tcp://{p.advertise_host}:{port}", self.wire.server_secret
-        )
+        self.sock = router_socket(self.ctx, f"tcp://{host}:{port}", self.wire.server_secret)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info(
             "workers dial back over TCP: control %s (CURVE, server key %s), data %s:%d (TLS)",
             self.endpoint,
             self.wire.server_public.decode(),
-            p.advertise_host,
+            host,
             self.wire.data_port,
         )
+
+    def _own_launcher(self, worker_log: IO | None) -> Launcher:
+        """The launcher the placement block names, for workers that dial back."""
+        assert self.wire is not None
+        if self.config.placement.backend == "ray":
+            from llamapool.pool.ray_launcher import RayLauncher  # ray is an optional extra
+
+            self.launcher = RayLauncher(self.config.placement, self.wire)
+        else:
+            self.launcher = LocalLauncher(worker_log, wire=self.wire)
+        return self.launcher
 
     def _add_model(self, spec: ModelSpec) -> None:
         self.supervisor.add_model(spec)
@@ -142,6 +157,8 @@ class Broker:
             if w.channel is not None:
                 w.channel.close()
         await asyncio.to_thread(self.supervisor.terminate_all, 3.0)
+        if self.launcher is not None:
+            self.launcher.close()
         self._closed = True
         if self.wire is not None:
             self.wire.close()

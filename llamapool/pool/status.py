@@ -53,7 +53,9 @@ def worker_status(sup: Supervisor, w: WorkerHandle) -> dict[str, Any]:
         "model": w.model_id,
         "pid": w.pid,
         "state": w.state.value,
-        "cores": w.cores,
+        "node": w.process.node,  # a Ray node id; null: the router's machine
+        # Picked on its node where it runs elsewhere (the host actor's choice).
+        "cores": getattr(w.process, "cores", None) if w.process.node else w.cores,
         "n_threads": w.n_threads,
         "rss": w.memory.rss if w.memory else None,
         "pss": w.memory.pss if w.memory else None,
