@@ -26,11 +26,13 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from llamapool.config import ModelPlacement, PlacementSettings
 from llamapool.ipc.remote import RemoteWire
@@ -45,6 +47,13 @@ log = logging.getLogger("llamapool.ray")
 # Seconds a SIGKILL may go unconfirmed before the worker counts as gone (its node lost or
 # frozen). A healthy node confirms in well under this.
 KILL_CONFIRM = 1.0
+# Seconds between asks to an actor Ray calls unavailable (its node unreachable for now).
+UNAVAILABLE_RETRY = 0.5
+# After a SIGKILL its node never confirmed, no new worker goes to that node for this long:
+# Ray still counts it alive (and may place there) until its health checks give up.
+SUSPECT_FOR = 60.0
+# Ray labels every node with its id; a selector on it keeps workers off suspect nodes.
+_NODE_ID_LABEL = "ray.io/node-id"
 # Test hooks (fault injection, the tag that finds leftover processes) reach workers on
 # Ray nodes as they reach local ones; nothing else of the router's environment does.
 _FORWARDED_PREFIX = "LLAMAPOOL_TEST_"
@@ -79,12 +88,20 @@ class RayProcess:
     """One worker on a Ray node, as the supervisor sees it (a ProcessHandle)."""
 
     def __init__(
-        self, worker_id: str, actor: Any, wire: RemoteWire, loop: asyncio.AbstractEventLoop
+        self,
+        worker_id: str,
+        actor: Any,
+        wire: RemoteWire,
+        loop: asyncio.AbstractEventLoop,
+        on_node_lost: Callable[[str], None] = lambda node: None,
+        kill_actor: Callable[[Any], None] = lambda actor: ray.kill(actor, no_restart=True),
     ):
         self.worker_id = worker_id
         self.actor = actor
         self.wire = wire
         self.loop = loop
+        self.on_node_lost = on_node_lost
+        self.kill_actor = kill_actor
         self.pid = 0  # until the actor reports it
         self.node: str | None = None  # Ray node id, once placed
         self.node_ip: str | None = None
@@ -95,9 +112,9 @@ class RayProcess:
         self.reason: str | None = None  # why it ended, when the worker itself could not say
         self.node_available: int | None = None  # its node's available memory, last sampled
         self.task: asyncio.Task | None = None
+        self.options: dict[str, Any] = {}  # its actor's Ray options (what it holds there)
         self._sample: Sample | None = None
         self._sampling = False
-        self._kill_deadline = float("inf")
         self._lock = threading.RLock()  # terminate_all signals and waits from a thread
         self._exited = threading.Event()
 
@@ -140,15 +157,12 @@ class RayProcess:
                 return  # killed meanwhile: the actor's death takes the worker (PDEATHSIG)
             self.pid, self.cores = started["pid"], started["cores"]
             self._move(HostState.RUNNING, f"pid {self.pid} on {self.where}, cores {self.cores}")
-            code = await self.actor.wait.remote()
-            self._exit(code, None)
+            self._exit(await self._wait_for_exit(), None)
         except RayTaskError as exc:  # one of the host's methods raised: this node cannot host it
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             self._exit(EXIT_CANNOT_BOOT, str(cause))
         except RayActorError as exc:
-            if self.state is HostState.KILLED:
-                self._exit(-signal.SIGKILL, None)
-            else:
+            if self.state is not HostState.KILLED:  # else _kill settles how it ended
                 self._exit(
                     -signal.SIGKILL, f"its Ray actor on {self.where} died: {_first_line(exc)}"
                 )
@@ -160,46 +174,67 @@ class RayProcess:
             self._exit(-signal.SIGKILL, f"its Ray host failed: {exc!r}")
         finally:
             if self.state is HostState.EXITED:
-                ray.kill(self.actor, no_restart=True)  # frees its CPUs; a no-op once dead
+                self.kill_actor(self.actor)  # frees its CPUs; a no-op once dead
+
+    async def _wait_for_exit(self) -> int:
+        """The worker's exit status, through Ray blips: an actor that is unreachable for
+        now may come back, and heartbeats (not Ray) decide when the worker is lost."""
+        while True:
+            try:
+                return await self.actor.wait.remote()
+            except ActorUnavailableError as exc:
+                if self.state is HostState.KILLED:
+                    raise
+                log.debug("worker %s: host unreachable, asking again: %s", self.worker_id, exc)
+                await asyncio.sleep(UNAVAILABLE_RETRY)
 
     # -- ProcessHandle ---------------------------------------------------------------
 
     def poll(self) -> int | None:
-        """Its exit status once known; after an unconfirmed SIGKILL, -9 at the deadline."""
-        with self._lock:
-            if self.state is HostState.KILLED and time.monotonic() >= self._kill_deadline:
-                self._exit(
-                    -signal.SIGKILL,
-                    f"no word from {self.where} {KILL_CONFIRM:g} s after SIGKILL; presumed gone",
-                )
-            return self.code
+        """Its exit status once known (for a SIGKILL: confirmed, or presumed)."""
+        return self.code
 
     def signal_group(self, sig: int) -> None:
-        """Signal the worker's group through its actor; SIGKILL kills the actor as well."""
+        """Signal the worker's group through its actor. SIGKILL (and any signal before the
+        worker runs: there is nothing to stop politely) also ends the actor; see _kill."""
         with self._lock:
             state = self.state
-            if state is HostState.EXITED:
+            if state is HostState.EXITED or state is HostState.KILLED:
                 return
-            if sig == signal.SIGKILL and state is not HostState.KILLED:
+            if state in (HostState.PLACING, HostState.STARTING):
+                sig = signal.SIGKILL
+            if sig == signal.SIGKILL:
                 self._move(HostState.KILLED, f"SIGKILL to the worker and its actor on {self.where}")
-                self._kill_deadline = time.monotonic() + KILL_CONFIRM
-        if state in (HostState.RUNNING, HostState.KILLED):
-            self.actor.signal.remote(sig)
         if sig == signal.SIGKILL:
-            ray.kill(self.actor, no_restart=True)
+            asyncio.run_coroutine_threadsafe(self._kill(state is HostState.RUNNING), self.loop)
+        else:
+            self.actor.signal.remote(sig)
+
+    async def _kill(self, running: bool) -> None:
+        """SIGKILL the worker's group and wait up to KILL_CONFIRM s for its node to say it
+        did; then kill the actor. Unconfirmed, the worker counts as gone and its node as
+        lost: heartbeats found it silent and its node does not answer either."""
+        confirmed = not running
+        if running:
+            try:
+                await asyncio.wait_for(self.actor.signal.remote(signal.SIGKILL), KILL_CONFIRM)
+                confirmed = True
+            except (asyncio.TimeoutError, RayError):
+                pass
+        self.kill_actor(self.actor)
+        if confirmed:
+            self._exit(-signal.SIGKILL, None)
+            return
+        self._exit(-signal.SIGKILL, f"no word from {self.where} {KILL_CONFIRM:g} s after SIGKILL")
+        if self.node is not None:
+            self.on_node_lost(self.node)
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the exit status; TimeoutError after `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            code = self.poll()
-            if code is not None:
-                return code
-            left = 0.1 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"worker {self.worker_id} still running after {timeout} s")
-            # Woken by the exit; the short cap lets poll() see a kill's deadline pass.
-            self._exited.wait(min(left, 0.1))
+        if not self._exited.wait(timeout):
+            raise TimeoutError(f"worker {self.worker_id} still running after {timeout} s")
+        assert self.code is not None
+        return self.code
 
     def memory(self) -> Sample | None:
         """The last sample its actor took (PSS on its node), and a fresh one requested."""
@@ -242,6 +277,7 @@ class RayLauncher:
         self.host = ray.remote(WorkerHost)
         self.versions = versions()
         self.processes: list[RayProcess] = []
+        self.suspects: dict[str, float] = {}  # node id → until when no worker goes there
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         log.info(
             "joined the Ray cluster at %s: %d node(s), %g CPUs",
@@ -253,9 +289,21 @@ class RayLauncher:
     def start(self, launch: WorkerLaunch) -> RayProcess:
         """Create the worker's actor; the rest happens on the loop (RayProcess.run)."""
         loop = asyncio.get_running_loop()
-        options = actor_options(launch.spec.config.n_threads or 1, launch.spec.placement)
+        now = time.monotonic()
+        self.suspects = {n: t for n, t in self.suspects.items() if t > now}
+        options = actor_options(
+            launch.spec.config.n_threads or 1, launch.spec.placement, avoid=list(self.suspects)
+        )
+        if self.suspects:
+            # Ray's GCS may still lease the actor on a lost node (its pick ignores label
+            # selectors until a raylet re-checks, and a frozen raylet never answers): seen
+            # here as a replacement stuck for 30 s. Name a live node with room instead.
+            node = pick_node(ray.nodes(), options, self._held(), set(self.suspects))
+            if node is not None:
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
         actor = self.host.options(**options).remote()
-        process = RayProcess(launch.worker_id, actor, self.wire, loop)
+        process = RayProcess(launch.worker_id, actor, self.wire, loop, self.node_lost)
+        process.options = options
         env = worker_env(launch)
         env.update({k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIX)})
         router = msgspec.json.encode(self.wire.address()).decode()
@@ -266,11 +314,29 @@ class RayLauncher:
         )
         self.processes = [p for p in self.processes if p.state is not HostState.EXITED]
         self.processes.append(process)
-        wanted = ", ".join(
-            f"{k}={v}" for k, v in options.items() if k not in ("max_restarts", "max_task_retries")
-        )
+        asked = ("num_", "res", "label", "sched")
+        wanted = ", ".join(f"{k}={v}" for k, v in options.items() if k.startswith(asked))
         log.debug("worker %s host PLACING: actor asked for %s", launch.worker_id, wanted)
         return process
+
+    def _held(self) -> dict[str, dict[str, float]]:
+        """What this router's live actors hold on each node (Ray's CPU and resources)."""
+        held: dict[str, dict[str, float]] = {}
+        for p in self.processes:
+            if p.node is None or p.state is HostState.EXITED:
+                continue
+            mine = held.setdefault(p.node, {})
+            for name, amount in _demand(p.options).items():
+                mine[name] = mine.get(name, 0.0) + amount
+        return held
+
+    def node_lost(self, node: str) -> None:
+        """A node did not confirm a SIGKILL: place nothing there for SUSPECT_FOR seconds."""
+        if node not in self.suspects:
+            log.warning(
+                "Ray node %s presumed lost: no new worker goes there for %g s", node, SUSPECT_FOR
+            )
+        self.suspects[node] = time.monotonic() + SUSPECT_FOR
 
     def close(self) -> None:
         """Stop following the actors (the supervisor has reaped their workers); leave Ray."""
@@ -280,14 +346,64 @@ class RayLauncher:
         ray.shutdown()
 
 
-def actor_options(n_threads: int, placement: ModelPlacement | None) -> dict[str, Any]:
-    """The host actor's Ray options: the worker's CPUs, the model's resources and labels."""
+def _demand(options: dict[str, Any]) -> dict[str, float]:
+    demand = {"CPU": float(options.get("num_cpus", 0)), "GPU": float(options.get("num_gpus", 0))}
+    demand.update(options.get("resources", {}))
+    return {k: v for k, v in demand.items() if v}
+
+
+def pick_node(
+    nodes: list[dict[str, Any]],
+    options: dict[str, Any],
+    held: dict[str, dict[str, float]],
+    avoid: set[str],
+) -> str | None:
+    """Of Ray's nodes (`ray.nodes()`), the live one outside `avoid` whose labels match the
+    actor's selector and whose resources, less what this router's actors `held` there,
+    fit it, with the most CPUs left; None when none does (Ray then decides)."""
+    demand = _demand(options)
+    wanted = {
+        k: v
+        for k, v in options.get("label_selector", {}).items()
+        if k != _NODE_ID_LABEL and not v.startswith(("!", "in("))  # plain equality only
+    }
+    best: tuple[float, str] | None = None
+    for node in nodes:
+        node_id = node.get("NodeID")
+        labels = node.get("Labels") or {}
+        if not node.get("Alive") or node_id in avoid:
+            continue
+        if any(labels.get(k) != v for k, v in wanted.items()):
+            continue
+        used = held.get(node_id, {})
+        free = {k: node["Resources"].get(k, 0.0) - used.get(k, 0.0) for k in {*demand, "CPU"}}
+        if all(free[k] >= v for k, v in demand.items()):
+            if best is None or free["CPU"] > best[0]:
+                best = (free["CPU"], node_id)
+    return best[1] if best else None
+
+
+def actor_options(
+    n_threads: int, placement: ModelPlacement | None, avoid: list[str] | None = None
+) -> dict[str, Any]:
+    """The host actor's Ray options: the worker's CPUs, the model's resources and labels,
+    and no node in `avoid` (suspects), unless the model names nodes by id itself."""
     p = placement or ModelPlacement()
-    options: dict[str, Any] = {"num_cpus": n_threads, "max_restarts": 0, "max_task_retries": 0}
+    options: dict[str, Any] = {
+        "num_cpus": n_threads,
+        "max_restarts": 0,
+        "max_task_retries": 0,
+        # Instances spread over the nodes, so one node's loss takes only some of a
+        # model's; Ray's default packs a node until it is half full.
+        "scheduling_strategy": "SPREAD",
+    }
     if p.num_gpus:
         options["num_gpus"] = p.num_gpus
     if p.resources:
         options["resources"] = dict(p.resources)
-    if p.labels:
-        options["label_selector"] = dict(p.labels)
+    labels = dict(p.labels)
+    if avoid and _NODE_ID_LABEL not in labels:
+        labels[_NODE_ID_LABEL] = f"!in({','.join(sorted(avoid))})"
+    if labels:
+        options["label_selector"] = labels
     return options

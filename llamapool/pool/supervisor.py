@@ -227,7 +227,9 @@ class Supervisor:
         )
         self.workers[worker_id] = w
         where = f"cores {cores}" if gpu is None else f"cores {cores} and GPU {gpu}"
-        self._record(w, WorkerState.STARTING, f"spawned pid {process.pid} on {where}")
+        # A launcher for other machines knows the pid and cores once placed, and says so.
+        spawned = f"spawned pid {process.pid} on {where}" if process.pid else "spawned"
+        self._record(w, WorkerState.STARTING, spawned)
         self.on_spawned(w)
         return w
 

@@ -12,12 +12,16 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 from serverutil import chat, chat_body, free_port, tagged_processes
+
+WORKER_HEADER = "x-llamapool-worker"
+NO_EOG = {"2": -100, "4": -100}  # the tiny model's </s> and <|im_end|>: exactly max_tokens
 
 pytestmark = [
     pytest.mark.ray,
@@ -68,22 +72,31 @@ class RayCluster:
         self.address = f"127.0.0.1:{free_port()}"
         self._start("head", ["--head", "--port", self.address.split(":")[1], "--num-cpus", "0",
                              "--include-dashboard", "false"])  # fmt: skip
-        self.add_node("a")
+        # Three CPUs (of this machine's two cores: Ray's CPU is a count): room for a lost
+        # node's worker to come back here.
+        self.add_node("a", num_cpus=3)
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], extra_env: dict | None = None) -> None:
         env = {**os.environ, RAY_TAG_ENV: f"{self.tag}-{name}", "RAY_USAGE_STATS_ENABLED": "0"}
+        env.update(extra_env or {})
         subprocess.run(
             [RAY, "start", *args, "--node-ip-address", "127.0.0.1",
              "--object-store-memory", SMALL_STORE, "--disable-usage-stats"],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
 
-    def add_node(self, zone: str, num_cpus: int = 2) -> None:
+    def add_node(
+        self, zone: str, num_cpus: int = 2, name: str | None = None, env: dict | None = None
+    ) -> str:
+        """Start a node in `zone` (label zone=<zone>, resource node_<zone>: 1); its name."""
+        name = name or zone
         self._start(
-            zone,
+            name,
             ["--address", self.address, "--num-cpus", str(num_cpus),
              "--resources", json.dumps({f"node_{zone}": 1}), "--labels", f"zone={zone}"],
+            env,
         )  # fmt: skip
+        return name
 
     def processes(self, node: str = "") -> list[psutil.Process]:
         return _tagged(RAY_TAG_ENV, f"{self.tag}-{node}")
@@ -158,6 +171,40 @@ def _stream(url: str, model: str, max_tokens: int) -> str:
     return "\n".join(text)
 
 
+def _worker(server, worker_id: str) -> dict:
+    return next((w for w in server.pool()["workers"] if w["id"] == worker_id), {"in_flight": []})
+
+
+def _serving_elsewhere(server, model: str, gone: str) -> list[str] | None:
+    """The nodes of `model`'s two ready workers once `gone` is not among them, else None."""
+    workers = [w for w in server.pool()["workers"] if w["model"] == model]
+    ready = [w for w in workers if w["state"] in ("IDLE", "BUSY") and w["id"] != gone]
+    if len(ready) < 2 or any(w["id"] == gone for w in workers):
+        return None
+    by_pid = {p.pid: p for p in _workers(server)}
+    return [_node_of(by_pid[w["pid"]]) for w in ready]
+
+
+def _outcome(url: str, body: dict) -> tuple[str, str]:
+    """How a request ended (done, or the error code it got, in-band for a stream) and the
+    worker that served it last."""
+    if not body["stream"]:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        outcome = "done" if r.status_code == 200 else r.json()["error"]["code"]
+        return outcome, r.headers.get(WORKER_HEADER, "").split(" ")[0]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        if r.status_code != 200:
+            return json.loads(r.read())["error"]["code"], ""
+        served_by = r.headers.get(WORKER_HEADER, "").split(" ")[0]  # "m-4 pid=123"
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    last = json.loads(lines[-2][len("data: ") :])
+    if "error" in last:
+        return last["error"]["code"], served_by
+    assert last["choices"][0]["finish_reason"] == "length", last
+    return "done", served_by
+
+
 def _node_of(worker: psutil.Process) -> str:
     """The name of the Ray node whose actor started `worker` (a, b...)."""
     return worker.parent().environ()[RAY_TAG_ENV].rsplit("-", 1)[1]
@@ -194,3 +241,65 @@ def test_killing_the_router_leaves_no_worker_on_any_node(serve, tiny_gguf, ray_c
     took = time.monotonic() - started
     _wait_until(lambda: not _hosts(ray_cluster), 15, "the host actors' exit")
     print(f"worker gone {took:.2f} s after kill -9 of the router")
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_lost_nodes_workers_come_back_elsewhere_and_no_request_is_lost(
+    serve, tiny_gguf, ray_cluster, tmp_path, how
+):
+    # Node b's workers hang after their first chunk (the router has it), so requests are
+    # caught there mid-way when the node goes: by SIGKILL of all its processes (a crash),
+    # or SIGSTOP (a frozen machine, whose sockets stay open: only heartbeats tell).
+    fault = {"LLAMAPOOL_TEST_FAULT": "stall:1000", "LLAMAPOOL_TEST_FAULT_FILE": str(tmp_path / "f")}
+    node = ray_cluster.add_node("b", name=f"b{how}", env=fault)
+    server = serve(
+        [
+            _model("pa", tiny_gguf, placement={"labels": {"zone": "a"}}),
+            _model("pb", tiny_gguf, placement={"resources": {"node_b": 0.5}}),
+            _model("m", tiny_gguf, min_instances=2, config={"n_parallel": 2, "n_ctx": 1024}),
+        ],
+        pool=FAST,
+        extra=_ray(ray_cluster),
+    )
+    by_pid = {w.pid: _node_of(w) for w in _workers(server)}
+    placed = {(w["model"], by_pid[w["pid"]]) for w in server.pool()["workers"]}
+    assert placed == {("pa", "a"), ("pb", node), ("m", "a"), ("m", node)}, placed
+    on_b = next(
+        w for w in server.pool()["workers"] if by_pid[w["pid"]] == node and w["model"] == "m"
+    )
+
+    # Streams first: node b's first request is a stream, and hangs after its first token;
+    # then whole responses, until node b holds two.
+    streams = [chat_body("m", f"s{i}", 200, stream=True, logit_bias=NO_EOG) for i in range(2)]
+    wholes = [chat_body("m", f"w{i}", 200, stream=False, logit_bias=NO_EOG) for i in range(3)]
+    in_flight_on_b = lambda: len(_worker(server, on_b["id"])["in_flight"])  # noqa: E731
+    with ThreadPoolExecutor(len(streams) + len(wholes)) as pool:
+        futures = [pool.submit(_outcome, server.url, b) for b in streams]
+        server.wait_for(in_flight_on_b, what="a stream on node b")
+        futures += [pool.submit(_outcome, server.url, b) for b in wholes]
+        server.wait_for(lambda: in_flight_on_b() == 2, what="two requests on node b")
+        lost_at = time.monotonic()
+        ray_cluster.kill_node(node, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        try:
+            back = server.wait_for(
+                lambda: _serving_elsewhere(server, "m", on_b["id"]), timeout=30, what="replacement"
+            )
+            took = time.monotonic() - lost_at
+            outcomes = [f.result(timeout=60) for f in futures]  # none hangs
+        finally:
+            if how == "frozen":
+                ray_cluster.kill_node(node, signal.SIGKILL)
+                ray_cluster.kill_node(node, signal.SIGCONT)
+    assert back == ["a", "a"]
+    # Each request ended once: a stream that had output on node b gets worker_crashed,
+    # every other request is whole (a whole response's output is held: requeued, redone).
+    for body, (outcome, served_by) in zip(streams + wholes, outcomes, strict=True):
+        lost = body["stream"] and served_by == on_b["id"]
+        assert outcome == ("worker_crashed" if lost else "done"), (body, outcome, served_by)
+    assert ("worker_crashed", on_b["id"]) in outcomes
+    log = server.log_text()
+    # Heartbeats told, not Ray; the node did not confirm the kill, and is avoided since.
+    assert f"worker {on_b['id']} (m) KILLING: missed heartbeats" in log
+    assert f"worker {on_b['id']} (m) DEAD: killed by SIGKILL: missed heartbeats" in log
+    assert "presumed lost: no new worker goes there for 60 s" in log
+    print(f"node {how}: m back to 2 instances {took:.2f} s after the loss: {outcomes}")

@@ -1,0 +1,215 @@
+"""RayProcess's lifecycle against a fake actor whose calls the test settles, and the
+actor options a model's placement becomes (no Ray cluster: tests/e2e/test_ray.py has one)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+
+import pytest
+
+pytest.importorskip("ray")
+
+from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
+
+from llamapool.config import ModelPlacement  # noqa: E402
+from llamapool.pool import ray_launcher  # noqa: E402
+from llamapool.pool.ray_host import CannotHost  # noqa: E402
+from llamapool.pool.ray_launcher import (  # noqa: E402
+    HostState,
+    RayProcess,
+    actor_options,
+    pick_node,
+)
+
+NODE = "ab" * 28
+
+
+class _Method:
+    """An actor method: each `.remote()` call returns a future the test resolves."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.calls: list[tuple] = []
+        self.futures: list[asyncio.Future] = []
+
+    def remote(self, *args):
+        self.calls.append(args)
+        fut = self.loop.create_future()
+        self.futures.append(fut)
+        return fut
+
+
+class _Actor:
+    def __init__(self, loop):
+        for name in ("prepare", "start", "wait", "signal", "memory"):
+            setattr(self, name, _Method(loop))
+
+
+class _Wire:
+    def __init__(self):
+        self.admitted: list[tuple] = []
+
+    def admit(self, worker_id, public_key, token_sha256):
+        self.admitted.append((worker_id, public_key, token_sha256))
+
+
+def _sync(scenario):
+    """Run an async test on a fresh loop (the suite has no asyncio plugin)."""
+
+    @functools.wraps(scenario)
+    def run(*args, **kwargs):
+        return asyncio.run(scenario(*args, **kwargs))
+
+    return run
+
+
+async def _settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class _Host:
+    """A RayProcess over a fake actor, and what it did."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.actor = _Actor(self.loop)
+        self.wire = _Wire()
+        self.killed: list = []
+        self.lost: list[str] = []
+        self.process = RayProcess(
+            "m-1", self.actor, self.wire, self.loop, self.lost.append, self.killed.append
+        )
+        self.process.task = self.loop.create_task(
+            self.process.run("{}", {}, ["--worker-id", "m-1"], {}, 1)
+        )
+
+    async def place(self):
+        await _settle()
+        self.actor.prepare.futures[0].set_result(
+            {"node_id": NODE, "node_ip": "10.0.0.2", "public_key": "k" * 40, "token_sha256": "00"}
+        )
+        await _settle()
+
+    async def run(self):
+        await self.place()
+        self.actor.start.futures[0].set_result({"pid": 4242, "cores": [3]})
+        await _settle()
+
+
+@_sync
+async def test_a_worker_is_placed_started_and_reaped_through_its_actor():
+    h = _Host()
+    await _settle()
+    assert h.process.state is HostState.PLACING and h.process.poll() is None
+    await h.place()
+    assert h.wire.admitted == [("m-1", "k" * 40, "00")]  # only the public half came back
+    assert h.process.state is HostState.STARTING and h.process.node == NODE
+    h.actor.start.futures[0].set_result({"pid": 4242, "cores": [3]})
+    await _settle()
+    assert (h.process.state, h.process.pid, h.process.cores) == (HostState.RUNNING, 4242, [3])
+    h.actor.wait.futures[0].set_result(0)
+    await _settle()
+    assert (h.process.poll(), h.process.reason) == (0, None)
+    assert h.killed == [h.actor]  # the actor goes with its worker: its CPUs come back
+
+
+@_sync
+async def test_a_node_that_cannot_host_makes_the_worker_unbootable():
+    h = _Host()
+    await _settle()
+    why = "node 10.0.0.2 (n2) cannot host a worker: it has llamapool 0.0.9 (router: 0.1.0)"
+    h.actor.prepare.futures[0].set_exception(RayTaskError("prepare", "tb", CannotHost(why)))
+    await _settle()
+    assert h.process.poll() == 78  # cannot boot: the model fails, not a respawn loop
+    assert why in h.process.reason
+
+
+@_sync
+async def test_an_unconfirmed_sigkill_counts_as_done_and_its_node_as_lost(monkeypatch):
+    monkeypatch.setattr(ray_launcher, "KILL_CONFIRM", 0.05)
+    h = _Host()
+    await h.run()
+    h.process.signal_group(signal.SIGKILL)
+    h.process.signal_group(signal.SIGKILL)  # once is enough
+    await _settle()
+    assert h.process.state is HostState.KILLED and h.actor.signal.calls == [(signal.SIGKILL,)]
+    h.actor.wait.futures[0].set_exception(ActorDiedError())  # the kill's doing
+    await asyncio.sleep(0.1)  # past KILL_CONFIRM, the signal call never answered
+    assert h.process.poll() == -signal.SIGKILL
+    assert "no word from node 10.0.0.2" in h.process.reason
+    assert h.lost == [NODE] and h.actor in h.killed
+
+
+@_sync
+async def test_a_confirmed_sigkill_leaves_the_node_trusted():
+    h = _Host()
+    await h.run()
+    h.process.signal_group(signal.SIGKILL)
+    await _settle()
+    h.actor.signal.futures[0].set_result(None)
+    await _settle()
+    assert (h.process.poll(), h.process.reason, h.lost) == (-signal.SIGKILL, None, [])
+
+
+@_sync
+async def test_any_signal_before_the_worker_runs_ends_the_actor():
+    h = _Host()
+    await _settle()
+    h.process.signal_group(signal.SIGTERM)
+    await _settle()
+    assert h.process.poll() == -signal.SIGKILL and h.killed == [h.actor]
+    assert h.actor.signal.calls == []  # no worker to signal
+    await h.place()  # a late answer changes nothing
+    assert h.wire.admitted == [] and h.process.state is HostState.EXITED
+
+
+@_sync
+async def test_sigterm_is_passed_on_and_the_exit_waited_for():
+    h = _Host()
+    await h.run()
+    h.process.signal_group(signal.SIGTERM)
+    assert h.actor.signal.calls == [(signal.SIGTERM,)] and h.process.state is HostState.RUNNING
+    with pytest.raises(TimeoutError):
+        await asyncio.to_thread(h.process.wait, 0.01)
+    h.actor.wait.futures[0].set_result(0)
+    assert await asyncio.to_thread(h.process.wait, 5) == 0
+
+
+def test_actor_options_carry_threads_resources_labels_and_avoid_suspects():
+    assert actor_options(2, None) == {
+        "num_cpus": 2,
+        "max_restarts": 0,
+        "max_task_retries": 0,
+        "scheduling_strategy": "SPREAD",
+    }
+    p = ModelPlacement(resources={"big": 1}, labels={"zone": "a"}, num_gpus=0.5)
+    options = actor_options(1, p, avoid=["n2", "n1"])
+    assert options["resources"] == {"big": 1} and options["num_gpus"] == 0.5
+    assert options["label_selector"] == {"zone": "a", "ray.io/node-id": "!in(n1,n2)"}
+    pinned = ModelPlacement(labels={"ray.io/node-id": "n2"})  # the model's own choice wins
+    assert actor_options(1, pinned, avoid=["n2"])["label_selector"] == {"ray.io/node-id": "n2"}
+
+
+def _node(node_id, cpus, alive=True, **labels):
+    resources = {"CPU": float(cpus), f"node:{node_id}": 1.0, **labels.pop("resources", {})}
+    return {"NodeID": node_id, "Alive": alive, "Resources": resources, "Labels": labels}
+
+
+def test_after_a_loss_a_live_node_with_room_is_named():
+    nodes = [
+        _node("head", 0),
+        _node("a", 3, zone="a"),
+        _node("b", 4, zone="b"),
+        _node("c", 8, alive=False),
+        _node("d", 2, zone="a", resources={"big": 1.0}),
+    ]
+    options = actor_options(1, None, avoid=["b"])
+    assert pick_node(nodes, options, {}, {"b"}) == "a"  # most CPUs left, b presumed lost
+    assert pick_node(nodes, options, {"a": {"CPU": 2.0}}, {"b"}) == "d"  # a has 1 left now
+    big = actor_options(2, ModelPlacement(resources={"big": 1}, labels={"zone": "a"}))
+    assert pick_node(nodes, big, {}, set()) == "d"
+    assert pick_node(nodes, big, {"d": {"big": 1.0}}, set()) is None  # Ray decides (waits)
+    assert pick_node(nodes, actor_options(5, None), {}, {"b"}) is None
