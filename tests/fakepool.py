@@ -20,7 +20,8 @@ class FakeProcess:
     def __init__(self, launch: WorkerLaunch, pid: int):
         self.launch = launch
         self.pid = pid
-        self.node = None
+        self.node: str | None = None
+        self.node_available: int | None = None
         self.reason = None
         self.data = None
         self.code: int | None = None

@@ -51,3 +51,21 @@ def test_views_show_one_state_per_model(tiny_gguf):
     assert shown["last_transition"]["reason"] == "missed heartbeats for 6.0 s"
     assert [h["state"] for h in shown["history"]] == ["STARTING", "IDLE", "KILLING"]
     assert view["models"][-1] == {"id": "bad", "state": "FAILED", "last_error": broken["bad"]}
+
+
+def test_workers_on_other_nodes_are_shown_per_node(tiny_gguf):
+    pool = fake_pool(tiny_gguf, models=[{"id": "m", "min_instances": 3}])
+    scheduler = _scheduled(pool)
+    while len(pool.workers("m")) < 3:
+        pool.tick()
+    assert status.pool_status(pool.sup, scheduler, {})["nodes"] is None  # all on this machine
+    a, b, c = pool.workers("m")
+    for w, node, available in ((a, "n1", 5 << 30), (b, "n1", 4 << 30), (c, "n2", None)):
+        pool.proc(w).node, pool.proc(w).node_available = node, available
+        pool.ready(w)
+    view = status.pool_status(pool.sup, scheduler, {})
+    assert [x["node"] for x in view["workers"]] == ["n1", "n1", "n2"]
+    assert view["nodes"] == [
+        {"node": "n1", "workers": [a.id, b.id], "used": 2 << 20, "available": 4 << 30},
+        {"node": "n2", "workers": [c.id], "used": 1 << 20, "available": None},
+    ]

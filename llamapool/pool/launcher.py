@@ -45,6 +45,7 @@ class ProcessHandle(Protocol):
 
     pid: int  # shown in /admin/pool and response headers; the launcher's own numbering
     node: str | None  # the machine it runs on (a Ray node id); None: this one
+    node_available: int | None  # that machine's available memory, last sampled there
     # Why it ended, in the launcher's words, where the worker could not say (its node
     # was lost, no node could host it); None otherwise.
     reason: str | None
@@ -81,6 +82,7 @@ class LocalProcess:
         self.popen = popen
         self.pid = popen.pid
         self.node: str | None = None
+        self.node_available: int | None = None  # this machine: the budget reads psutil
         self.reason: str | None = None
         self.data: socket.socket | None = data
 

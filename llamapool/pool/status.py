@@ -146,7 +146,24 @@ def pool_status(sup: Supervisor, scheduler: Scheduler, broken: Mapping[str, str]
             "router": sup.memory.router.charge if sup.memory.router else None,
         },
         "gpus": gpu_status(sup),
+        "nodes": node_status(sup),
     }
+
+
+def node_status(sup: Supervisor) -> list[dict[str, Any]] | None:
+    """Per Ray node: its workers, their memory, its available memory as last sampled there;
+    None when every worker runs on this machine."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for w in sup.live_workers():
+        node = w.process.node
+        if node is None:
+            continue
+        view = nodes.setdefault(node, {"node": node, "workers": [], "used": 0, "available": None})
+        view["workers"].append(w.id)
+        view["used"] += w.memory.charge if w.memory else 0
+        if w.process.node_available is not None:
+            view["available"] = w.process.node_available
+    return list(nodes.values()) or None
 
 
 def metrics_snapshot(sup: Supervisor, scheduler: Scheduler) -> list[dict[str, Any]]:
