@@ -15,7 +15,7 @@ from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
 
 from llamapool.config import ModelPlacement  # noqa: E402
 from llamapool.pool import ray_launcher  # noqa: E402
-from llamapool.pool.ray_host import CannotHost  # noqa: E402
+from llamapool.pool.ray_host import CannotHost, taken_cores  # noqa: E402
 from llamapool.pool.ray_launcher import (  # noqa: E402
     HostState,
     RayProcess,
@@ -213,3 +213,15 @@ def test_after_a_loss_a_live_node_with_room_is_named():
     assert pick_node(nodes, big, {}, set()) == "d"
     assert pick_node(nodes, big, {"d": {"big": 1.0}}, set()) is None  # Ray decides (waits)
     assert pick_node(nodes, actor_options(5, None), {}, {"b"}) is None
+
+
+def test_a_node_s_taken_cores_are_read_from_its_workers_command_lines():
+    worker = ["python", "-m", "llamapool.pool.worker", "--worker-id", "m-1"]
+    cmdlines = [
+        [*worker, "--cores", "0,1"],
+        [*worker, "--cores", "3"],
+        [*worker, "--cores"],  # cut short: ignored
+        ["python", "-m", "other", "--cores", "2"],
+        [],
+    ]
+    assert taken_cores(cmdlines) == [[0, 1], [3]]

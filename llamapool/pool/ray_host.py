@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 
 import msgspec
 import psutil
@@ -48,14 +49,16 @@ def versions() -> dict[str, str]:
     }
 
 
-def taken_cores() -> list[list[int]]:
-    """The cores of every llamapool worker on this machine, from their command lines."""
+def taken_cores(cmdlines: Iterable[list[str]] | None = None) -> list[list[int]]:
+    """The cores of every llamapool worker on this machine, from their command lines
+    (`cmdlines`: those of every process here, by default read with psutil)."""
+    if cmdlines is None:
+        cmdlines = (p.info["cmdline"] or [] for p in psutil.process_iter(["cmdline"]))
     taken = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if WORKER_MODULE in cmd and "--cores" in cmd:
-            value = cmd[cmd.index("--cores") + 1] if cmd.index("--cores") + 1 < len(cmd) else ""
-            taken.append([int(c) for c in value.split(",") if c])
+    for cmd in cmdlines:
+        if WORKER_MODULE in cmd and "--cores" in cmd[:-1]:
+            value = cmd[cmd.index("--cores") + 1]
+            taken.append([int(c) for c in value.split(",") if c.isdigit()])
     return taken
 
 

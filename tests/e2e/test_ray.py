@@ -221,7 +221,9 @@ def test_workers_run_on_ray_nodes_and_leave_nothing_behind(serve, tiny_gguf, ray
         assert "LLAMAPOOL_WORKER_WIRE" not in " ".join(w.cmdline())
     (node,) = {w["node"] for w in pool["workers"]}
     assert node and len(node) == 56  # a Ray node id
-    assert sorted(c for w in pool["workers"] for c in w["cores"]) == [0, 1]  # one core each
+    # One core each, picked on the node (other llamapool workers on this shared machine
+    # count too, so which ones is theirs to decide).
+    assert [len(w["cores"]) for w in pool["workers"]] == [1, 1]
     assert "data: [DONE]" in _stream(server.url, "m", 16)
     r = chat(server.url, max_tokens=8)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
