@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamapool.config import parse_config
-from llamapool.pool.launcher import WorkerLaunch
+from llamapool.pool.launcher import NodeRoom, WorkerLaunch
 from llamapool.pool.memory import Sample
 from llamapool.pool.supervisor import Supervisor, WorkerHandle
 from llamapool.router.metrics import Metrics
@@ -57,11 +57,16 @@ class FakeLauncher:
 
     def __init__(self) -> None:
         self.started: list[FakeProcess] = []
+        self.rooms: list[NodeRoom] | None = None  # set: machines it places workers on
 
     def start(self, launch: WorkerLaunch) -> FakeProcess:
         proc = FakeProcess(launch, pid=100_000 + len(self.started))
+        proc.node = launch.node
         self.started.append(proc)
         return proc
+
+    def nodes_for(self, spec) -> list[NodeRoom] | None:
+        return self.rooms
 
     def close(self) -> None:
         pass

@@ -9,6 +9,7 @@ from fakepool import fake_pool
 from tinymodel import N_CTX_TRAIN, N_EMBD
 
 from llamapool.config import ConfigError, parse_config
+from llamapool.pool.launcher import NodeRoom
 from llamapool.pool.lifecycle import ExitCause
 from llamapool.pool.memory import (
     Candidate,
@@ -140,3 +141,46 @@ def test_evictions_for_vram_free_only_what_lacks():
     assert choose_evictions(cands, 0, {0: 700}) is None
     assert [c.worker_id for c in choose_evictions(cands, 150, {0: 1})] == ["gpu1", "gpu0-old"]
     assert choose_evictions(cands, -5, {0: 0}) == []
+
+
+def test_on_several_nodes_each_node_has_its_own_budget(tiny_gguf):
+    # A launcher that places workers on several machines offers nodes, best first; the
+    # budget (here 50% of what each node offers) takes the first with room, per node.
+    models = [{"id": "m", "min_instances": 2, "max_instances": 3}]
+    pool = fake_pool(tiny_gguf, models=models, memory_budget="50%")
+    fp = pool.sup.models["m"].footprint
+    small = 2 * fp.cost(0) - 2  # half of it: a byte short of the first instance
+    pool.launcher.rooms = [NodeRoom("n1", small, None), NodeRoom("n2", 4 * fp.cost(0), None)]
+    pool.tick()
+    pool.tick()
+    assert [pool.proc(w).node for w in pool.workers()] == ["n2", "n2"]
+    assert pool.sup.memory.node_used("n2") == fp.cost(0) + fp.cost(1)
+    assert pool.sup.memory.node_used("n1") == 0
+
+    # A node's own available memory bounds it too.
+    pool.launcher.rooms = [NodeRoom("n3", 1 << 40, available=fp.cost(0) - 1)]
+    pool.sup.scale("m", 3)
+    pool.tick()
+    assert len(pool.workers()) == 2
+    blocked = pool.sup.models["m"].memory_blocked
+    assert "no node has that much of its memory budget free (n3 " in blocked
+
+
+def test_on_several_nodes_evictions_happen_on_the_node_that_lacks(tiny_gguf):
+    models = [{"id": "a", "min_instances": 0}, {"id": "b", "min_instances": 0}]
+    pool = fake_pool(tiny_gguf, models=models, memory_budget="50%")
+    fp = pool.sup.models["a"].footprint
+    pool.launcher.rooms = [NodeRoom("n1", 2 * fp.cost(0), None)]  # room for one instance
+    pool.sup.want_instance("a")
+    pool.tick()
+    (a,) = pool.workers("a")
+    pool.proc(a).sample = Sample(rss=fp.cost(0), pss=fp.cost(0))
+    pool.ready(a)  # measured: all of n1's budget
+    pool.sup.want_instance("b")
+    pool.tick()
+    assert a.state.value == "DRAINING" and not pool.workers("b")  # evicted on n1 for b
+    pool.proc(a).exit(0)
+    pool.tick()
+    pool.tick()
+    (b,) = pool.workers("b")
+    assert pool.proc(b).node == "n1"

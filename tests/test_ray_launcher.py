@@ -213,6 +213,8 @@ def test_after_a_loss_a_live_node_with_room_is_named():
     assert pick_node(nodes, big, {}, set()) == "d"
     assert pick_node(nodes, big, {"d": {"big": 1.0}}, set()) is None  # Ray decides (waits)
     assert pick_node(nodes, actor_options(5, None), {}, {"b"}) is None
+    # A model's instances spread: a node holding fewer of them comes first.
+    assert pick_node(nodes, options, {}, set(), siblings={"b": 1}) == "a"
 
 
 def test_a_node_s_taken_cores_are_read_from_its_workers_command_lines():

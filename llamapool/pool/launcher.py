@@ -38,6 +38,16 @@ class WorkerLaunch:
     stall_timeout: float
     log_level: str
     gpu: int | None = None  # the only GPU it may see (NVML's index); None: every GPU
+    node: str | None = None  # the machine the memory budget chose; None: the launcher's
+
+
+@dataclass(frozen=True)
+class NodeRoom:
+    """A machine a launcher could start the next worker on, as far as it knows now."""
+
+    node: str
+    memory: int  # bytes it offers workers (Ray's `memory` resource): what a % budget is of
+    available: int | None  # its available memory at the last sample there; None: none yet
 
 
 class ProcessHandle(Protocol):
@@ -70,6 +80,10 @@ class Launcher(Protocol):
 
     def start(self, launch: WorkerLaunch) -> ProcessHandle:
         """Start one worker; raise OSError when it cannot be started."""
+
+    def nodes_for(self, spec: ModelSpec) -> list[NodeRoom] | None:
+        """The machines that could host one more worker of `spec` now, best first; None
+        when it starts workers on this machine only (the budget reads it directly)."""
 
     def close(self) -> None:
         """Release what the launcher holds, once every worker has been reaped."""
@@ -121,6 +135,10 @@ class LocalLauncher:
         self.worker_log = worker_log
         self.python = python
         self.wire = wire  # set: workers dial back over TCP (ipc.remote), no socket pair
+
+    def nodes_for(self, spec: ModelSpec) -> None:
+        """This machine only."""
+        return None
 
     def close(self) -> None:
         """Nothing to release: every worker is a subprocess, reaped by the supervisor."""

@@ -25,6 +25,7 @@ from llamapool.pool.vram import Shortfall, VramBudget, offload, open_budget
 
 if TYPE_CHECKING:
     from llamapool.pool.handle import WorkerHandle
+    from llamapool.pool.launcher import NodeRoom
     from llamapool.pool.runtime import ModelRuntime
     from llamapool.pool.supervisor import Supervisor
 
@@ -214,7 +215,11 @@ class MemoryBudget:
         gpu_reader: Callable[[], GpuReader | None] = open_reader,
     ):
         self.pool = pool
+        self.setting = settings.memory_budget
         self.limit = budget_bytes(settings.memory_budget)
+        # Model id → the node its next instance goes to, where the launcher places workers
+        # on several machines: chosen here, taken by the spawn that follows.
+        self.planned: dict[str, str] = {}
         worker_limit = settings.max_worker_memory
         self.over_limit = OverLimit(
             budget_bytes(worker_limit) if worker_limit is not None else None
@@ -240,6 +245,21 @@ class MemoryBudget:
             counted[w.model_id] = counted.get(w.model_id, 0) + 1
         return used
 
+    def node_used(self, node: str) -> int:
+        """What the pool's live workers on `node` use (their estimates until measured)."""
+        used = 0
+        counted: dict[str, int] = {}
+        for w in self.pool.live_workers():
+            if w.process.node != node:
+                continue
+            runtime = self.pool.models.get(w.model_id)
+            if w.memory is not None and w.state is not WorkerState.STARTING:
+                used += w.memory.charge
+            elif runtime is not None and runtime.footprint is not None:
+                used += runtime.footprint.cost(counted.get(w.model_id, 0))
+            counted[w.model_id] = counted.get(w.model_id, 0) + 1
+        return used
+
     def make_room(self, runtime: ModelRuntime) -> bool:
         """True if one more instance fits; else evict idle instances of others, or say why not."""
         if runtime.footprint is None:
@@ -247,6 +267,9 @@ class MemoryBudget:
         if any(wid in self.pool.workers for wid in runtime.evicting):
             return False  # evictions for us are still draining
         runtime.evicting.clear()
+        rooms = self.pool.launcher.nodes_for(runtime.spec)
+        if rooms is not None:
+            return self._make_room_on_a_node(runtime, rooms)
         model_id = runtime.id
         needed = runtime.footprint.cost(len(self.pool.workers_of(model_id)))
         free = min(self.limit - self.used(), self.available())
@@ -288,6 +311,10 @@ class MemoryBudget:
                 log.error("%s", reason)
             runtime.memory_blocked = reason
             return False
+        self._evict(runtime, victims)
+        return False
+
+    def _evict(self, runtime: ModelRuntime, victims: list[Candidate]) -> None:
         for victim in victims:
             w = self.pool.workers[victim.worker_id]
             other = self.pool.models[w.model_id]
@@ -296,9 +323,50 @@ class MemoryBudget:
             other.evictions += 1
             self.pool.observer.evicted(w.model_id)
             runtime.evicting.add(w.id)
-            reason = f"evicted (idle, least recently used) to make room for {model_id}"
+            reason = f"evicted (idle, least recently used) to make room for {runtime.id}"
             self.pool.stop_gracefully(w, ExitCause.EVICTED, reason)
             other.settle(reason)
+
+    def _make_room_on_a_node(self, runtime: ModelRuntime, rooms: list[NodeRoom]) -> bool:
+        """The budget per node, for workers on several machines: the first node (in the
+        launcher's order) with room takes the next instance; else idle instances of other
+        models on one node are evicted; else the refusal names every node's numbers."""
+        model_id = runtime.id
+        assert runtime.footprint is not None
+        if not rooms:  # no node has the CPUs or resources now: the launcher's queue waits
+            runtime.memory_blocked = None
+            return True
+        seen = []
+        needed = 0
+        for room in rooms:
+            here = sum(1 for w in self.pool.workers_of(model_id) if w.process.node == room.node)
+            needed = runtime.footprint.cost(here)
+            free = parse_bytes(self.setting, total=room.memory) - self.node_used(room.node)
+            if room.available is not None:
+                free = min(free, room.available)
+            if needed <= free:
+                self.planned[model_id] = room.node
+                runtime.memory_blocked = None
+                return True
+            on_node = [
+                c
+                for c in self.eviction_candidates(model_id)
+                if self.pool.workers[c.worker_id].process.node == room.node
+            ]
+            victims = choose_evictions(on_node, needed - free)
+            if victims is not None:
+                self._evict(runtime, victims)
+                return False
+            seen.append(f"{room.node[:8]} {fmt_bytes(max(0, free))}")
+        reason = (
+            f"model {model_id!r} needs ~{fmt_bytes(needed)} for another instance but no node "
+            f"has that much of its memory budget free ({', '.join(seen)}), and no idle "
+            "instance of another model there can be evicted; raise pool.memory_budget, add a "
+            "node or unload a model"
+        )
+        if reason != runtime.memory_blocked:
+            log.error("%s", reason)
+        runtime.memory_blocked = reason
         return False
 
     def vram_shortfall(self, runtime: ModelRuntime, more: int) -> Shortfall | None:

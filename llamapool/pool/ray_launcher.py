@@ -34,9 +34,9 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from llamapool.config import ModelPlacement, PlacementSettings
+from llamapool.config import ModelPlacement, ModelSpec, PlacementSettings
 from llamapool.ipc.remote import RemoteWire
-from llamapool.pool.launcher import WorkerLaunch, worker_args, worker_env
+from llamapool.pool.launcher import NodeRoom, WorkerLaunch, worker_args, worker_env
 from llamapool.pool.lifecycle import check
 from llamapool.pool.memory import Sample
 from llamapool.pool.ray_host import WorkerHost, versions
@@ -52,6 +52,8 @@ UNAVAILABLE_RETRY = 0.5
 # After a SIGKILL its node never confirmed, no new worker goes to that node for this long:
 # Ray still counts it alive (and may place there) until its health checks give up.
 SUSPECT_FOR = 60.0
+# Seconds a reading of ray.nodes() (a GCS call) serves the memory budget's questions.
+NODES_TTL = 1.0
 # Ray labels every node with its id; a selector on it keeps workers off suspect nodes.
 _NODE_ID_LABEL = "ray.io/node-id"
 # Test hooks (fault injection, the tag that finds leftover processes) reach workers on
@@ -113,6 +115,7 @@ class RayProcess:
         self.node_available: int | None = None  # its node's available memory, last sampled
         self.task: asyncio.Task | None = None
         self.options: dict[str, Any] = {}  # its actor's Ray options (what it holds there)
+        self.model_id = ""
         self._sample: Sample | None = None
         self._sampling = False
         self._lock = threading.RLock()  # terminate_all signals and waits from a thread
@@ -120,7 +123,9 @@ class RayProcess:
 
     @property
     def where(self) -> str:
-        return f"node {self.node_ip} ({self.node[:8]})" if self.node else "no node yet"
+        if self.node is None:
+            return "no node yet"
+        return f"node {self.node_ip} ({self.node[:8]})" if self.node_ip else f"node {self.node[:8]}"
 
     def _move(self, state: HostState, reason: str, level: int = logging.INFO) -> None:
         with self._lock:
@@ -278,6 +283,8 @@ class RayLauncher:
         self.versions = versions()
         self.processes: list[RayProcess] = []
         self.suspects: dict[str, float] = {}  # node id → until when no worker goes there
+        self._nodes_cache: list[dict[str, Any]] = []
+        self._nodes_at = float("-inf")
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         log.info(
             "joined the Ray cluster at %s: %d node(s), %g CPUs",
@@ -286,15 +293,53 @@ class RayLauncher:
             sum(n["Resources"].get("CPU", 0) for n in nodes),
         )
 
+    def nodes_for(self, spec: ModelSpec) -> list[NodeRoom]:
+        """Live nodes, lost ones excepted, where one more worker of `spec` fits Ray's
+        resources now (less what this router's actors hold), most CPUs left first: what
+        each offers workers (Ray's `memory`) and had available at its last sample."""
+        self._forget_old_suspects()
+        options = actor_options(spec.config.n_threads or 1, spec.placement)
+        siblings: dict[str, int] = {}
+        for p in self.processes:
+            if p.model_id == spec.id and p.node is not None and p.state is not HostState.EXITED:
+                siblings[p.node] = siblings.get(p.node, 0) + 1
+        fits = fitting_nodes(self._nodes(), options, self._held(), set(self.suspects), siblings)
+        return [
+            NodeRoom(n["NodeID"], int(n["Resources"].get("memory", 0)), self._available(n))
+            for n in fits
+        ]
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        """ray.nodes(), at most NODES_TTL seconds old: a blocked model asks every tick."""
+        now = time.monotonic()
+        if now - self._nodes_at > NODES_TTL:
+            self._nodes_cache, self._nodes_at = ray.nodes(), now
+        return self._nodes_cache
+
+    def _available(self, node: dict[str, Any]) -> int | None:
+        samples = [
+            p.node_available
+            for p in self.processes
+            if p.node == node["NodeID"] and p.node_available is not None
+        ]
+        return samples[-1] if samples else None
+
+    def _forget_old_suspects(self) -> None:
+        now = time.monotonic()
+        self.suspects = {n: t for n, t in self.suspects.items() if t > now}
+
     def start(self, launch: WorkerLaunch) -> RayProcess:
         """Create the worker's actor; the rest happens on the loop (RayProcess.run)."""
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        self.suspects = {n: t for n, t in self.suspects.items() if t > now}
+        self._forget_old_suspects()
         options = actor_options(
             launch.spec.config.n_threads or 1, launch.spec.placement, avoid=list(self.suspects)
         )
-        if self.suspects:
+        if launch.node is not None:
+            # The node the memory budget chose (soft: should Ray's view differ, it places
+            # the worker elsewhere, and the next samples count it there).
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(launch.node, soft=True)
+        elif self.suspects:
             # Ray's GCS may still lease the actor on a lost node (its pick ignores label
             # selectors until a raylet re-checks, and a frozen raylet never answers): seen
             # here as a replacement stuck for 30 s. Name a live node with room instead.
@@ -303,7 +348,8 @@ class RayLauncher:
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
         actor = self.host.options(**options).remote()
         process = RayProcess(launch.worker_id, actor, self.wire, loop, self.node_lost)
-        process.options = options
+        process.options, process.model_id = options, launch.spec.id
+        process.node = launch.node  # counted there while it boots; prepare says where it is
         env = worker_env(launch)
         env.update({k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIX)})
         router = msgspec.json.encode(self.wire.address()).decode()
@@ -352,22 +398,25 @@ def _demand(options: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in demand.items() if v}
 
 
-def pick_node(
+def fitting_nodes(
     nodes: list[dict[str, Any]],
     options: dict[str, Any],
     held: dict[str, dict[str, float]],
     avoid: set[str],
-) -> str | None:
-    """Of Ray's nodes (`ray.nodes()`), the live one outside `avoid` whose labels match the
+    siblings: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """Of Ray's nodes (`ray.nodes()`), the live ones outside `avoid` whose labels match the
     actor's selector and whose resources, less what this router's actors `held` there,
-    fit it, with the most CPUs left; None when none does (Ray then decides)."""
+    fit it: those with the fewest `siblings` (the model's instances) first, so one node's
+    loss takes only some of them, then the most CPUs left."""
+    siblings = siblings or {}
     demand = _demand(options)
     wanted = {
         k: v
         for k, v in options.get("label_selector", {}).items()
         if k != _NODE_ID_LABEL and not v.startswith(("!", "in("))  # plain equality only
     }
-    best: tuple[float, str] | None = None
+    fits: list[tuple[float, str, dict[str, Any]]] = []
     for node in nodes:
         node_id = node.get("NodeID")
         labels = node.get("Labels") or {}
@@ -378,9 +427,20 @@ def pick_node(
         used = held.get(node_id, {})
         free = {k: node["Resources"].get(k, 0.0) - used.get(k, 0.0) for k in {*demand, "CPU"}}
         if all(free[k] >= v for k, v in demand.items()):
-            if best is None or free["CPU"] > best[0]:
-                best = (free["CPU"], node_id)
-    return best[1] if best else None
+            fits.append((siblings.get(node_id, 0), -free["CPU"], node_id, node))
+    return [f[-1] for f in sorted(fits, key=lambda f: f[:3])]
+
+
+def pick_node(
+    nodes: list[dict[str, Any]],
+    options: dict[str, Any],
+    held: dict[str, dict[str, float]],
+    avoid: set[str],
+    siblings: dict[str, int] | None = None,
+) -> str | None:
+    """The first of `fitting_nodes`, or None when none fits (Ray then decides)."""
+    fits = fitting_nodes(nodes, options, held, avoid, siblings)
+    return fits[0]["NodeID"] if fits else None
 
 
 def actor_options(

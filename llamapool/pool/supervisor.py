@@ -212,6 +212,7 @@ class Supervisor:
                 stall_timeout=s.engine_stall_timeout,
                 log_level=self.log_level,
                 gpu=gpu,
+                node=self.memory.planned.pop(model_id, None),
             )
         )
         now = self.clock()
