@@ -295,8 +295,8 @@ class RayLauncher:
 
     def nodes_for(self, spec: ModelSpec) -> list[NodeRoom]:
         """Live nodes, lost ones excepted, where one more worker of `spec` fits Ray's
-        resources now (less what this router's actors hold), most CPUs left first: what
-        each offers workers (Ray's `memory`) and had available at its last sample."""
+        resources now (less what this router's actors hold), in `fitting_nodes` order:
+        what each offers workers (Ray's `memory`) and had available at its last sample."""
         self._forget_old_suspects()
         options = actor_options(spec.config.n_threads or 1, spec.placement)
         siblings: dict[str, int] = {}
@@ -416,7 +416,7 @@ def fitting_nodes(
         for k, v in options.get("label_selector", {}).items()
         if k != _NODE_ID_LABEL and not v.startswith(("!", "in("))  # plain equality only
     }
-    fits: list[tuple[float, str, dict[str, Any]]] = []
+    fits: list[tuple[int, float, str, dict[str, Any]]] = []
     for node in nodes:
         node_id = node.get("NodeID")
         labels = node.get("Labels") or {}
