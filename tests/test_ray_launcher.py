@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import socket
 
 import pytest
 
@@ -227,3 +228,12 @@ def test_a_node_s_taken_cores_are_read_from_its_workers_command_lines():
         [],
     ]
     assert taken_cores(cmdlines) == [[0, 1], [3]]
+
+
+def test_an_unreachable_head_fails_at_once_naming_the_address():
+    with socket.socket() as s:  # a port that was free: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionError, match=rf"placement.address 127.0.0.1:{port}: cannot reach"):
+        ray_launcher._check_reachable(f"127.0.0.1:{port}")
+    ray_launcher._check_reachable("auto")  # Ray finds it, or says so, by itself

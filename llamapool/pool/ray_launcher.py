@@ -23,6 +23,7 @@ import enum
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -270,6 +271,10 @@ class RayLauncher:
 
     def __init__(self, placement: PlacementSettings, wire: RemoteWire):
         self.wire = wire
+        _check_reachable(placement.address)
+        # ray.init makes SIGTERM sys.exit(15) (and its C++ core logs a "crash" on it); the
+        # router's own graceful stop must keep it (drain, then exit 0).
+        sigterm = signal.getsignal(signal.SIGTERM)
         with warnings.catch_warnings():
             # Ray warns about a change of its GPU env var defaults; not ours to act on.
             warnings.simplefilter("ignore", FutureWarning)
@@ -279,6 +284,7 @@ class RayLauncher:
                 logging_level=logging.WARNING,
                 log_to_driver=True,  # the workers' logs come to the router's
             )
+        signal.signal(signal.SIGTERM, sigterm)
         self.host = ray.remote(WorkerHost)
         self.versions = versions()
         self.processes: list[RayProcess] = []
@@ -390,6 +396,21 @@ class RayLauncher:
             if p.task is not None:
                 p.task.cancel()
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, saying so, when a head given as host:port does not answer (ray.init
+    would retry for minutes)."""
+    if address == "auto" or address.startswith("ray://"):
+        return  # auto fails fast by itself; Ray Client's port is not the GCS's
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"placement.address {address}: cannot reach the Ray cluster's head ({exc}); "
+            "start it with `ray start --head`, or fix the address"
+        ) from None
 
 
 def _demand(options: dict[str, Any]) -> dict[str, float]:

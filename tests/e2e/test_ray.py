@@ -228,7 +228,8 @@ def test_workers_run_on_ray_nodes_and_leave_nothing_behind(serve, tiny_gguf, ray
     r = chat(server.url, max_tokens=8)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
 
-    server.stop()
+    assert server.stop() == 0  # drained and stopped as locally (Ray's SIGTERM handler undone)
+    assert "SIGTERM received" not in server.log_text()
     assert not _workers(server)
     _wait_until(lambda: not _hosts(ray_cluster), 15, "the host actors' exit")
 
