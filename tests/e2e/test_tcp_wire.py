@@ -53,6 +53,10 @@ def test_tcp_workers_serve_chats_and_crash_like_local_ones(serve, tiny_gguf, tmp
         assert r.status_code == 200
         lines = r.iter_lines()
         skip_to_first_token(lines)
+        # The token reaches the client before the engine hears the router's PONG and the
+        # fault counts itself; killed earlier, the replacement would stall instead.
+        fired = tmp_path / "f"
+        server.wait_for(lambda: fired.exists() and fired.stat().st_size, what="the stall fault")
         os.kill(worker.pid, signal.SIGKILL)
         rest = [line for line in lines if line.startswith("data: ")]
     error = json.loads(rest[-2][len("data: ") :])["error"]
