@@ -1,5 +1,5 @@
-"""RayProcess's lifecycle against a fake actor whose calls the test settles, and the
-actor options a model's placement becomes (no Ray cluster: tests/e2e/test_ray.py has one)."""
+"""RayProcess's lifecycle against a fake actor whose calls the test settles (no Ray
+cluster: tests/e2e/test_ray.py has one), and what the host actor reads on its node."""
 
 from __future__ import annotations
 
@@ -14,15 +14,9 @@ pytest.importorskip("ray")
 
 from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
 
-from llamapool.config import ModelPlacement  # noqa: E402
 from llamapool.pool import ray_launcher  # noqa: E402
 from llamapool.pool.ray_host import CannotHost, taken_cores  # noqa: E402
-from llamapool.pool.ray_launcher import (  # noqa: E402
-    HostState,
-    RayProcess,
-    actor_options,
-    pick_node,
-)
+from llamapool.pool.ray_launcher import HostState, RayProcess  # noqa: E402
 
 NODE = "ab" * 28
 
@@ -177,45 +171,6 @@ async def test_sigterm_is_passed_on_and_the_exit_waited_for():
         await asyncio.to_thread(h.process.wait, 0.01)
     h.actor.wait.futures[0].set_result(0)
     assert await asyncio.to_thread(h.process.wait, 5) == 0
-
-
-def test_actor_options_carry_threads_resources_labels_and_avoid_suspects():
-    assert actor_options(2, None) == {
-        "num_cpus": 2,
-        "max_restarts": 0,
-        "max_task_retries": 0,
-        "scheduling_strategy": "SPREAD",
-    }
-    p = ModelPlacement(resources={"big": 1}, labels={"zone": "a"}, num_gpus=0.5)
-    options = actor_options(1, p, avoid=["n2", "n1"])
-    assert options["resources"] == {"big": 1} and options["num_gpus"] == 0.5
-    assert options["label_selector"] == {"zone": "a", "ray.io/node-id": "!in(n1,n2)"}
-    pinned = ModelPlacement(labels={"ray.io/node-id": "n2"})  # the model's own choice wins
-    assert actor_options(1, pinned, avoid=["n2"])["label_selector"] == {"ray.io/node-id": "n2"}
-
-
-def _node(node_id, cpus, alive=True, **labels):
-    resources = {"CPU": float(cpus), f"node:{node_id}": 1.0, **labels.pop("resources", {})}
-    return {"NodeID": node_id, "Alive": alive, "Resources": resources, "Labels": labels}
-
-
-def test_after_a_loss_a_live_node_with_room_is_named():
-    nodes = [
-        _node("head", 0),
-        _node("a", 3, zone="a"),
-        _node("b", 4, zone="b"),
-        _node("c", 8, alive=False),
-        _node("d", 2, zone="a", resources={"big": 1.0}),
-    ]
-    options = actor_options(1, None, avoid=["b"])
-    assert pick_node(nodes, options, {}, {"b"}) == "a"  # most CPUs left, b presumed lost
-    assert pick_node(nodes, options, {"a": {"CPU": 2.0}}, {"b"}) == "d"  # a has 1 left now
-    big = actor_options(2, ModelPlacement(resources={"big": 1}, labels={"zone": "a"}))
-    assert pick_node(nodes, big, {}, set()) == "d"
-    assert pick_node(nodes, big, {"d": {"big": 1.0}}, set()) is None  # Ray decides (waits)
-    assert pick_node(nodes, actor_options(5, None), {}, {"b"}) is None
-    # A model's instances spread: a node holding fewer of them comes first.
-    assert pick_node(nodes, options, {}, set(), siblings={"b": 1}) == "a"
 
 
 def test_a_node_s_taken_cores_are_read_from_its_workers_command_lines():

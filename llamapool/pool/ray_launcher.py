@@ -35,12 +35,13 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from llamapool.config import ModelPlacement, ModelSpec, PlacementSettings
+from llamapool.config import ModelSpec, PlacementSettings
 from llamapool.ipc.remote import RemoteWire
 from llamapool.pool.launcher import NodeRoom, WorkerLaunch, worker_args, worker_env
 from llamapool.pool.lifecycle import check
 from llamapool.pool.memory import Sample
 from llamapool.pool.ray_host import WorkerHost, versions
+from llamapool.pool.ray_placement import actor_options, demand, fitting_nodes, pick_node
 from llamapool.pool.worker import EXIT_CANNOT_BOOT
 
 log = logging.getLogger("llamapool.ray")
@@ -55,8 +56,6 @@ UNAVAILABLE_RETRY = 0.5
 SUSPECT_FOR = 60.0
 # Seconds a reading of ray.nodes() (a GCS call) serves the memory budget's questions.
 NODES_TTL = 1.0
-# Ray labels every node with its id; a selector on it keeps workers off suspect nodes.
-_NODE_ID_LABEL = "ray.io/node-id"
 # Test hooks (fault injection, the tag that finds leftover processes) reach workers on
 # Ray nodes as they reach local ones; nothing else of the router's environment does.
 _FORWARDED_PREFIX = "LLAMAPOOL_TEST_"
@@ -378,7 +377,7 @@ class RayLauncher:
             if p.node is None or p.state is HostState.EXITED:
                 continue
             mine = held.setdefault(p.node, {})
-            for name, amount in _demand(p.options).items():
+            for name, amount in demand(p.options).items():
                 mine[name] = mine.get(name, 0.0) + amount
         return held
 
@@ -411,80 +410,3 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
             f"placement.address {address}: cannot reach the Ray cluster's head ({exc}); "
             "start it with `ray start --head`, or fix the address"
         ) from None
-
-
-def _demand(options: dict[str, Any]) -> dict[str, float]:
-    demand = {"CPU": float(options.get("num_cpus", 0)), "GPU": float(options.get("num_gpus", 0))}
-    demand.update(options.get("resources", {}))
-    return {k: v for k, v in demand.items() if v}
-
-
-def fitting_nodes(
-    nodes: list[dict[str, Any]],
-    options: dict[str, Any],
-    held: dict[str, dict[str, float]],
-    avoid: set[str],
-    siblings: dict[str, int] | None = None,
-) -> list[dict[str, Any]]:
-    """Of Ray's nodes (`ray.nodes()`), the live ones outside `avoid` whose labels match the
-    actor's selector and whose resources, less what this router's actors `held` there,
-    fit it: those with the fewest `siblings` (the model's instances) first, so one node's
-    loss takes only some of them, then the most CPUs left."""
-    siblings = siblings or {}
-    demand = _demand(options)
-    wanted = {
-        k: v
-        for k, v in options.get("label_selector", {}).items()
-        if k != _NODE_ID_LABEL and not v.startswith(("!", "in("))  # plain equality only
-    }
-    fits: list[tuple[int, float, str, dict[str, Any]]] = []
-    for node in nodes:
-        node_id = node.get("NodeID")
-        labels = node.get("Labels") or {}
-        if not node.get("Alive") or node_id in avoid:
-            continue
-        if any(labels.get(k) != v for k, v in wanted.items()):
-            continue
-        used = held.get(node_id, {})
-        free = {k: node["Resources"].get(k, 0.0) - used.get(k, 0.0) for k in {*demand, "CPU"}}
-        if all(free[k] >= v for k, v in demand.items()):
-            fits.append((siblings.get(node_id, 0), -free["CPU"], node_id, node))
-    return [f[-1] for f in sorted(fits, key=lambda f: f[:3])]
-
-
-def pick_node(
-    nodes: list[dict[str, Any]],
-    options: dict[str, Any],
-    held: dict[str, dict[str, float]],
-    avoid: set[str],
-    siblings: dict[str, int] | None = None,
-) -> str | None:
-    """The first of `fitting_nodes`, or None when none fits (Ray then decides)."""
-    fits = fitting_nodes(nodes, options, held, avoid, siblings)
-    return fits[0]["NodeID"] if fits else None
-
-
-def actor_options(
-    n_threads: int, placement: ModelPlacement | None, avoid: list[str] | None = None
-) -> dict[str, Any]:
-    """The host actor's Ray options: the worker's CPUs, the model's resources and labels,
-    and no node in `avoid` (suspects), unless the model names nodes by id itself."""
-    p = placement or ModelPlacement()
-    options: dict[str, Any] = {
-        "num_cpus": n_threads,
-        "max_restarts": 0,
-        "max_task_retries": 0,
-        # Instances spread over the nodes, so one node's loss takes only some of a
-        # model's; Ray's default packs a node until it is half full.
-        "scheduling_strategy": "SPREAD",
-    }
-    if p.num_gpus:
-        options["num_gpus"] = p.num_gpus
-    if p.resources:
-        options["resources"] = dict(p.resources)
-    labels = dict(p.labels)
-    if avoid and _NODE_ID_LABEL not in labels:
-        labels[_NODE_ID_LABEL] = f"!in({','.join(sorted(avoid))})"
-    if labels:
-        options["label_selector"] = labels
-    return options
