@@ -35,6 +35,21 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message lists every problem found."""
 
 
+class SpeculativeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A model's `config.speculative:`: how each slot drafts tokens the next decode verifies
+    (pool/speculative.py)."""
+
+    # ngram: copy what followed the latest earlier occurrence of the text's last n tokens
+    # (prompt lookup).
+    mode: Literal["ngram"]
+    # Tokens drafted per slot and step at most, and fewer than draft_min are not verified.
+    draft_max: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
+    draft_min: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
+    # ngram: the lengths of the text's tail looked up, longest first.
+    ngram_min: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
+    ngram_max: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
+
+
 class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Keys under a model's `config:`; they reach `Llama(...)` or the sampler."""
 
@@ -78,6 +93,8 @@ class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Copy a prefix another slot holds (a shared system prompt) instead of evaluating it
     # again, and hold a request back while another slot evaluates the prefix it shares.
     share_prefixes: bool = True
+    # Speculative decoding in the batching engine (null: off).
+    speculative: SpeculativeSettings | None = None
 
     def prompt_cache_limit(self) -> int:
         """Bytes the batching engine's RAM prompt cache may hold; 0 where none is kept
@@ -304,7 +321,29 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
     cfg.model_path = _model_file(label, "model_path", cfg.model_path, base_dir, check)
     if cfg.mmproj_path is not None:
         cfg.mmproj_path = _model_file(label, "mmproj_path", cfg.mmproj_path, base_dir, check)
+    if cfg.speculative is not None:
+        _check_speculative(label, cfg)
     return spec
+
+
+def _check_speculative(label: str, cfg: LlamaSettings) -> None:
+    """Refuse speculative settings that cannot work."""
+    spec, key = cfg.speculative, "config.speculative"
+    assert spec is not None
+    if cfg.embedding or cfg.mmproj_path is not None:
+        what = "embedding: true" if cfg.embedding else "mmproj_path"
+        raise ConfigError(
+            f"{label}: {key}: a model with {what} serves one request at a time, without "
+            "speculative decoding; remove speculative"
+        )
+    if spec.draft_min > spec.draft_max:
+        raise ConfigError(
+            f"{label}: {key}.draft_min ({spec.draft_min}) is above draft_max ({spec.draft_max})"
+        )
+    if spec.ngram_min > spec.ngram_max:
+        raise ConfigError(
+            f"{label}: {key}.ngram_min ({spec.ngram_min}) is above ngram_max ({spec.ngram_max})"
+        )
 
 
 def _check_gpu_placement(label: str, spec: ModelSpec) -> None:

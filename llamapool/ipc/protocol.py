@@ -27,6 +27,10 @@ class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    # Speculative decoding: tokens drafted, and how many of them the model's own sampling
+    # produced (each accepted one is also a completion token).
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -55,6 +55,7 @@ from llamapool.pool.prompt_cache import (
     shared_prefix,
     worth_copying,
 )
+from llamapool.pool.speculative import Ask, accept_run, open_speculator
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class BatchEngine:
         self.n_vocab = self.llama.n_vocab()
         self.grammars = Grammars(self.llama)  # constrained requests' grammars, parsed once
         self.logprob_reader = LogprobReader(self.context, self.n_vocab)
+        # Drafts verified in the shared decode (pool/speculative.py); None when off.
+        self.speculator = open_speculator(cfg, self.llama) if self.context.can_cut else None
         self._cancelled_ids: set[str] = set()
         self._waiting: list[_Waiting] = []
         # time.monotonic() of the engine's last decode step; the I/O thread's stall watchdog
@@ -155,7 +158,9 @@ class BatchEngine:
         self.progress_at = time.monotonic()
 
     def close(self) -> None:
-        """Free the batch and the context (the process exit would too)."""
+        """Free the batch and the contexts (the process exit would too)."""
+        if self.speculator is not None:
+            self.speculator.close()
         self.context.close()
 
     # -- the worker's entry points --------------------------------------------
@@ -276,6 +281,8 @@ class BatchEngine:
         slot.n_prompt, slot.n_reused, slot.reused_from = len(prep.tokens), keep, source
         slot.used_at = started
         slot.started, slot.first_token_at = started, None
+        if self.speculator is not None:
+            self.speculator.begin(slot.seq)
         self._set_state(slot, SlotState.PROMPT, f"admitted, {keep} of {len(prep.tokens)} cached")
 
     def _pick_slot(self, tokens: list[int]) -> tuple[_Slot, _Reuse]:
@@ -347,12 +354,14 @@ class BatchEngine:
         budget = self.n_batch
         self.context.clear()
         in_batch: list[tuple[_Slot, list[int]]] = []
-        for slot in self.slots:
-            if slot.state is SlotState.GENERATING:
-                assert slot.next_token is not None
-                slot.logits_at = self._add(slot, [slot.next_token], logits=True)
-                in_batch.append((slot, [slot.next_token]))
-                budget -= 1
+        generating = [s for s in self.slots if s.state is SlotState.GENERATING]
+        drafts = self._drafts(generating, budget) if self.speculator is not None else {}
+        for slot in generating:
+            assert slot.next_token is not None
+            run = [slot.next_token, *drafts.get(slot.seq, ())]  # logits at each row
+            slot.logits_at = self._add(slot, run, logits=True, every=True) - len(run) + 1
+            in_batch.append((slot, run))
+            budget -= len(run)
         for slot in self.slots:
             if slot.state is not SlotState.PROMPT or budget <= 0:
                 continue
@@ -383,31 +392,60 @@ class BatchEngine:
         for slot, tokens in in_batch:
             if slot.state is SlotState.PROMPT and _scores_prompt(slot):
                 self._score_prompt(slot, tokens)
+            held = len(slot.cached)
             slot.cached.extend(tokens)
-            if slot.state is SlotState.GENERATING:  # its token is decoded now
+            if slot.state is SlotState.GENERATING:  # its token (and drafts) are decoded now
                 slot.next_token = None
             else:
                 del slot.pending[: len(tokens)]
+                tokens = tokens[-1:]  # the only row with logits
             if slot.logits_at < 0:
                 continue
             try:
-                self._sample(slot, sink)
+                self._sample(slot, sink, tokens)
             except Exception as exc:
                 if is_broken_pipe(exc):
                     raise
                 log.exception("request %s failed", slot.rid)
+                self._trim(slot, held)  # whatever it sampled, drafts may still be there
                 self._finish_error(slot, sink, ErrorCode.GENERATION_FAILED, self._failure(exc))
 
-    def _sample(self, slot: _Slot, sink: Sink) -> None:
-        assert slot.out is not None
+    def _drafts(self, generating: list[_Slot], budget: int) -> dict[int, list[int]]:
+        """Each generating slot's drafts for this step. Drafts share what the batch has
+        left after every slot's sampled token, but a pending prompt keeps at least half."""
+        assert self.speculator is not None
+        room = budget - len(generating)
+        prompts = sum(len(s.pending) for s in self.slots if s.state is SlotState.PROMPT)
+        room -= min(prompts, room // 2)
+        asks = []
+        for slot in generating:
+            assert slot.out is not None and slot.next_token is not None
+            limit = min(self.n_ctx - len(slot.cached) - 1, slot.out.remaining - 1)
+            asks.append(Ask(slot.seq, slot.cached, slot.next_token, limit))
+        return self.speculator.plan(asks, room) if room > 0 else {}
+
+    def _sample(self, slot: _Slot, sink: Sink, run: list[int]) -> None:
+        """Sample the slot's next token at its logits, or, for a run with drafts, every
+        token the drafts let through (`accept_run`), and cut the rejected ones off."""
+        assert slot.sampler is not None and slot.out is not None
         if slot.state is SlotState.PROMPT and not self._open(slot):
             self._finish(slot, sink)  # `max_tokens: 0`: the prompt (echoed) is all
             return
-        token = slot.sampler.sample(self.context, slot.logits_at)  # also accepts it
+        sampler, context, scoring, out = slot.sampler, self.context, slot.scoring, slot.out
         if slot.first_token_at is None:
             slot.first_token_at = time.perf_counter()
-        scored = slot.scoring.sampled(slot.logits_at, token) if slot.scoring else None
-        if slot.out.push(token, scored):
+
+        def push(row: int, token: int) -> bool:
+            return out.push(token, scoring.sampled(row, token) if scoring else None)
+
+        used, token = accept_run(
+            lambda row: sampler.sample(context, row), push, slot.logits_at, run
+        )
+        if len(run) > 1:
+            assert self.speculator is not None
+            self.speculator.verified(slot.seq, len(run) - 1, used - 1)
+            self._trim(slot, len(slot.cached) - len(run) + used)
+        if token is None:
             self._finish(slot, sink)
             return
         slot.next_token = token
@@ -449,6 +487,9 @@ class BatchEngine:
     def _finish(self, slot: _Slot, sink: Sink) -> None:
         assert slot.out is not None and slot.rid is not None
         result = slot.out.result(slot.n_prompt, slot.n_reused, slot.started, slot.first_token_at)
+        if self.speculator is not None:
+            drafted, accepted = self.speculator.counts(slot.seq)
+            result.usage.drafted_tokens, result.usage.accepted_tokens = drafted, accepted
         if result.timings is not None:  # where the reused prompt tokens came from
             t, n, source = result.timings, slot.n_reused, slot.reused_from
             t.cache_slot_n = n if source is CacheSource.SLOT else 0

@@ -173,6 +173,11 @@ class TextOut:
             self._flush(safe)
         return self.produced >= self._max_tokens
 
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still take before max_tokens ends the request."""
+        return self._max_tokens - self.produced
+
     def _flush(self, n: int, final: bool = False) -> None:
         """Emit the first `n` characters held, with the entries of tokens starting there
         (all of them when `final`)."""

@@ -40,6 +40,11 @@ class BatchContext:
         self._memory = llama_cpp.llama_get_memory(self._context.ctx)
         self._tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.n_tokens = 0  # tokens in the batch being built
+        model = llama._model.model
+        self._n_vocab = llama.n_vocab()
+        self._can_cut = not (
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        )
 
     @property
     def flash_attn_type(self) -> int:
@@ -56,7 +61,8 @@ class BatchContext:
         """Append `tokens` of sequence `seq` from position `pos`; the index of the last one.
 
         Only the last token's logits are computed, and only when `logits`; with `every`,
-        each token's (a prompt whose own log-probabilities are asked for).
+        each token's (a prompt whose own log-probabilities are asked for, a slot's sampled
+        token and the drafts it verifies).
         """
         batch, i = self._tokens, self.n_tokens
         for j, token in enumerate(tokens):
@@ -69,6 +75,24 @@ class BatchContext:
         batch.logits[last] = logits or every
         self.n_tokens = last + 1
         return last
+
+    def logits(self, index: int) -> Any:
+        """The logits at `index` of the last decode, as a NumPy view (valid until the next)."""
+        import numpy as np
+
+        row = self._llama_cpp.llama_get_logits_ith(self._context.ctx, index)
+        return np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+
+    @property
+    def n_vocab(self) -> int:
+        """The model's vocabulary size."""
+        return self._n_vocab
+
+    @property
+    def can_cut(self) -> bool:
+        """Whether `keep` can cut a sequence in the middle (not a recurrent or hybrid
+        memory): speculative steps need it to drop rejected drafts."""
+        return self._can_cut
 
     def decode(self) -> int:
         """Decode the batch built since `clear`; llama_decode's status (0: done)."""

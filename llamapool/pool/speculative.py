@@ -1,0 +1,243 @@
+"""Speculative decoding for the batching engine: drafts that the next decode verifies.
+
+Each generating slot may put, after its sampled token, up to `draft_max` drafted tokens
+into the same `llama_decode` as every other slot's work, with logits at each of those
+rows. The slot then samples at each row with its own sampler chain and keeps going while
+the sampled token equals the draft (llama.cpp's `common_sampler_sample_and_accept_n`):
+`accept_run`. The rejected drafts' cells are cut off the sequence again.
+
+Why this is exact: every emitted token is sampled from the target's own distribution at
+its position (the row's logits are those the next plain step would compute) with the
+slot's full chain (bias, penalties, top-k/p, min-p, temperature, grammar), one chain
+sample (one random draw) per emitted token in the same order as without drafts. A seeded
+request's text is therefore the one it gets without speculation, at any temperature. For
+a deterministic draft (n-gram lookup, a greedy draft model) this is the standard
+rejection scheme: the draft is a point mass (q = 1), accepted with probability
+min(1, p/q) = p, and on rejection the residual max(0, p - q) renormalised is p without
+the draft token, which is what sampling p and comparing yields.
+
+Drafts come from a `Drafter`: `NgramDrafter` (prompt lookup: what followed the latest
+earlier occurrence of the text's last n tokens).
+`Speculator` keeps each slot's adaptive draft length and counts, and shares the decode's
+room for drafts fairly among the slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from llamapool.config import LlamaSettings, SpeculativeSettings
+
+log = logging.getLogger(__name__)
+
+# After a draft of which nothing was accepted, a slot skips 1, 3, 7, ... steps before it
+# drafts again, at most this many: text that does not repeat itself pays ~nothing.
+_MAX_SKIP = 32
+
+
+def accept_run(
+    sample: Callable[[int], int], push: Callable[[int, int], bool], first: int, run: list[int]
+) -> tuple[int, int | None]:
+    """Sample at the rows `first`, `first + 1`, ... holding `run` (the slot's sampled token,
+    then its drafts), while each sampled token equals the next draft.
+
+    `push` takes each row and its sampled token and says whether the request is finished.
+    Returns how many of `run`'s tokens are now the sequence's (the sampled token and the
+    accepted drafts) and the token to decode next, or None when the request finished.
+    """
+    for i in range(len(run)):
+        token = sample(first + i)
+        if push(first + i, token):
+            return i + 1, None
+        if i + 1 == len(run) or token != run[i + 1]:
+            return i + 1, token
+    raise AssertionError("unreachable: the last row always returns")
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A generating slot that may draft: what its sequence holds, the token it decodes
+    next, and how many drafts fit (its context and its max_tokens)."""
+
+    seq: int
+    cached: list[int]
+    next_token: int
+    limit: int
+
+
+class Drafter(Protocol):
+    """Proposes each asking slot's next tokens."""
+
+    def begin(self, seq: int) -> None:
+        """A new request starts on `seq`."""
+
+    def draft(self, asks: list[tuple[Ask, int]]) -> dict[int, list[int]]:
+        """At most `n` tokens for each (ask, n); slots with nothing to propose are left out."""
+
+    def close(self) -> None:
+        """Free what the drafter holds."""
+
+
+class NgramDrafter:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the text's
+    last n tokens (prompt and output), n from `ngram_max` down to `ngram_min`.
+
+    Each slot's text lives in a NumPy buffer, appended as its sequence grows; a lookup
+    compares the whole text at once, n positions a pass (~µs per thousand tokens).
+    """
+
+    def __init__(self, settings: SpeculativeSettings, n_slots: int, n_ctx: int):
+        self.ngram_min, self.ngram_max = settings.ngram_min, settings.ngram_max
+        self._text = [np.zeros(n_ctx + 1, dtype=np.int32) for _ in range(n_slots)]
+        self._synced = [0] * n_slots  # leading tokens of the slot's sequence in its buffer
+
+    def begin(self, seq: int) -> None:
+        self._synced[seq] = 0  # the new request's prefix may have come from elsewhere
+
+    def draft(self, asks: list[tuple[Ask, int]]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for ask, n in asks:
+            tokens = self._lookup(ask, n)
+            if tokens:
+                out[ask.seq] = tokens
+        return out
+
+    def _lookup(self, ask: Ask, n: int) -> list[int]:
+        text, done, held = self._text[ask.seq], self._synced[ask.seq], len(ask.cached)
+        # What a sequence holds only grows between lookups (a step keeps the sampled token
+        # and accepted drafts), so the buffer catches up from where it was.
+        if held > done:
+            text[done:held] = ask.cached[done:]
+            self._synced[ask.seq] = held
+        text[held] = ask.next_token
+        size = held + 1
+        if size <= self.ngram_min:
+            return []
+        # ends[e]: text[e - k] == text[size - 1 - k] for k < the n-gram length so far; e is
+        # where an earlier occurrence ends (the token after it exists: e < size - 1).
+        ends = text[: size - 1] == text[size - 1]
+        found = -1
+        for length in range(1, self.ngram_max + 1):
+            if length > 1:
+                if length > size - 1:
+                    break
+                ends[length - 1 :] &= text[: size - length] == text[size - length]
+                ends[: length - 1] = False
+            hits = np.flatnonzero(ends)
+            if hits.size == 0:
+                break
+            if length >= self.ngram_min:
+                found = int(hits[-1])
+        if found < 0:
+            return []
+        return text[found + 1 : min(found + 1 + n, size)].tolist()
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _SlotDrafts:
+    """One slot's drafting: how much it may draft next, and its request's counts."""
+
+    k: int
+    skip: int = 0  # steps left before it drafts again
+    misses: int = 0  # drafts in a row of which nothing was accepted
+    drafted: int = 0
+    accepted: int = 0
+
+
+class Speculator:
+    """Per slot: draft as much as its recent acceptance earns, within a fair share of the
+    decode's room; after verification, grow or shrink that, or pause after misses."""
+
+    def __init__(self, settings: SpeculativeSettings, drafter: Drafter, n_slots: int):
+        self.settings = settings
+        self.drafter = drafter
+        self._slots = [_SlotDrafts(k=settings.draft_max) for _ in range(n_slots)]
+
+    def begin(self, seq: int) -> None:
+        """A new request starts on `seq`: full draft length, counts from 0."""
+        self._slots[seq] = _SlotDrafts(k=self.settings.draft_max)
+        self.drafter.begin(seq)
+
+    def plan(self, asks: list[Ask], room: int) -> dict[int, list[int]]:
+        """Each asking slot's drafts for this step, `room` tokens at most in all."""
+        wants: dict[int, int] = {}
+        for ask in asks:
+            s = self._slots[ask.seq]
+            if s.skip > 0:
+                s.skip -= 1
+                continue
+            n = min(s.k, ask.limit)
+            if n >= max(1, self.settings.draft_min):
+                wants[ask.seq] = n
+        shares = fair_shares(wants, room)
+        chosen = [(a, shares[a.seq]) for a in asks if shares.get(a.seq, 0) > 0]
+        if not chosen:
+            return {}
+        drafts = self.drafter.draft(chosen)
+        low = self.settings.draft_min
+        return {seq: d for seq, d in drafts.items() if d and len(d) >= low}
+
+    def verified(self, seq: int, drafted: int, accepted: int) -> None:
+        """`accepted` of the `drafted` tokens of slot `seq` were the sampled ones."""
+        s, top = self._slots[seq], self.settings.draft_max
+        s.drafted += drafted
+        s.accepted += accepted
+        if accepted == drafted:
+            s.k = min(top, 2 * s.k)
+        else:
+            s.k = max(accepted + 1, s.k // 2)
+        if accepted == 0:
+            s.misses += 1
+            s.skip = min(2**s.misses - 1, _MAX_SKIP)
+        else:
+            s.misses = 0
+
+    def counts(self, seq: int) -> tuple[int, int]:
+        """The drafted and accepted tokens of the request on `seq`."""
+        s = self._slots[seq]
+        return s.drafted, s.accepted
+
+    def close(self) -> None:
+        """Free the drafter's context, if any."""
+        self.drafter.close()
+
+
+def fair_shares(wants: dict[int, int], room: int) -> dict[int, int]:
+    """Split `room` among the wants, one token at a time round the slots (water-filling):
+    a slot gets all it wants when there is room, and no slot gets more than another
+    unless that one wants less."""
+    if sum(wants.values()) <= room:
+        return dict(wants)
+    shares = dict.fromkeys(wants, 0)
+    left = room
+    open_ = sorted(wants, key=wants.__getitem__)
+    while left > 0 and open_:
+        each = max(1, left // len(open_))
+        for seq in list(open_):
+            give = min(each, wants[seq] - shares[seq], left)
+            shares[seq] += give
+            left -= give
+            if shares[seq] == wants[seq]:
+                open_.remove(seq)
+            if left == 0:
+                break
+    return shares
+
+
+def open_speculator(cfg: LlamaSettings, llama: Any) -> Speculator | None:
+    """The model's speculator (None when `speculative` is off)."""
+    settings = cfg.speculative
+    if settings is None:
+        return None
+    n_slots = cfg.n_parallel
+    drafter = NgramDrafter(settings, n_slots, cfg.n_ctx)
+    log.info("speculative decoding: %s, up to %d tokens a step", settings.mode, settings.draft_max)
+    return Speculator(settings, drafter, n_slots)

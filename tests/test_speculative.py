@@ -1,0 +1,194 @@
+"""Speculative decoding (pool/speculative.py): drafts verified in the shared decode.
+
+The engine cases serve the same requests with speculation off and on, on real llama.cpp,
+and compare texts byte for byte: greedy, seeded at temperature 0.8, alone and together,
+with max_tokens and stop sequences landing inside accepted drafts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from engineutil import alone, together
+
+from llamapool.config import ConfigError, SpeculativeSettings, parse_config, parse_model
+from llamapool.ipc.protocol import Request, SamplingParams
+from llamapool.pool.batch import BatchEngine
+from llamapool.pool.speculative import Ask, NgramDrafter, accept_run, fair_shares
+
+PASSAGE = (
+    "The lighthouse keeper climbed the narrow stairs every evening at dusk. He lit the "
+    "great lamp, polished the brass rails, and wrote the weather in a leather book. Ships "
+    "passed far out on the grey water, and none of them knew his name."
+)
+
+
+def _engine(path, speculative=None, **config) -> BatchEngine:
+    cfg = {"model_path": str(path), "n_ctx": 512, "n_threads": 1, "n_parallel": 4, **config}
+    if speculative is not None:
+        cfg["speculative"] = speculative
+    return BatchEngine(parse_config({"models": [{"id": "m", "config": cfg}]}).models["m"])
+
+
+def _ask(rid: str, content: str, **params) -> Request:
+    messages = [{"role": "user", "content": content}]
+    return Request(request_id=rid, kind="chat", messages=messages, params=SamplingParams(**params))
+
+
+def _served(path, requests, speculative=None, *, concurrent=False, **config):
+    engine = _engine(path, speculative, **config)
+    try:
+        if concurrent:  # four at once, the rest as the first ends
+            first, rest = requests[:4], requests[4:]
+            return together(engine, first, {(first[0].request_id, "done"): rest} if rest else {})
+        return alone(engine, requests)
+    finally:
+        engine.close()
+
+
+def _counts(sink) -> tuple[int, int]:
+    usage = [r.usage for r in sink.results.values()]
+    return sum(u.drafted_tokens for u in usage), sum(u.accepted_tokens for u in usage)
+
+
+# -- the pieces ------------------------------------------------------------------
+
+
+def test_accept_run_keeps_sampling_while_the_draft_is_right():
+    sampled = {10: 5, 11: 6, 12: 9, 13: 7}
+    got: list[int] = []
+
+    def push(row: int, token: int) -> bool:
+        got.append(token)
+        return False
+
+    # run = [sampled token 4, drafts 5, 6, 7, 8]: rows 10, 11 match, row 12 gives 9.
+    assert accept_run(sampled.__getitem__, push, 10, [4, 5, 6, 7, 8]) == (3, 9)
+    assert got == [5, 6, 9]
+    got.clear()
+    assert accept_run(sampled.__getitem__, push, 10, [4, 5, 6]) == (3, 9)  # all accepted
+    got.clear()
+    # The request ends at the second sampled token: nothing after it counts.
+    assert accept_run(
+        sampled.__getitem__, lambda row, t: got.append(t) or t == 6, 10, [4, 5, 6, 7]
+    ) == (
+        2,
+        None,
+    )
+
+
+def test_fair_shares_split_the_room_one_slot_cannot_take_it_all():
+    assert fair_shares({0: 4, 1: 8}, 100) == {0: 4, 1: 8}
+    assert fair_shares({0: 16, 1: 16, 2: 2}, 12) == {0: 5, 1: 5, 2: 2}
+    shares = fair_shares({0: 16, 1: 16, 2: 16}, 7)
+    assert sum(shares.values()) == 7 and max(shares.values()) - min(shares.values()) <= 1
+
+
+def test_ngram_lookup_takes_the_latest_longest_match():
+    drafter = NgramDrafter(SpeculativeSettings(mode="ngram", ngram_min=2, ngram_max=3), 1, 64)
+    # ... 1 2 3 [7 8] ... 2 3 [9] ... 1 2 | next 3: "1 2 3" matched at the first place
+    # (longest), although "2 3" occurs later.
+    text = [1, 2, 3, 7, 8, 5, 2, 3, 9, 6, 1, 2]
+    assert drafter.draft([(Ask(0, text, 3, limit=8), 2)]) == {0: [7, 8]}
+    # Nothing earlier matches the last two tokens: no draft.
+    drafter.begin(0)
+    assert drafter.draft([(Ask(0, [1, 2, 3, 4], 5, limit=8), 4)]) == {}
+    # The buffer follows the sequence as it grows, and a new request starts over.
+    drafter.begin(0)
+    assert drafter.draft([(Ask(0, [4, 5, 6, 4], 5, limit=8), 4)]) == {0: [6, 4, 5]}
+    assert drafter.draft([(Ask(0, [4, 5, 6, 4, 5, 6, 4], 5, limit=8), 8)]) == {0: [6, 4, 5]}
+
+
+def test_ngram_lookup_of_a_long_text_is_cheap():
+    drafter = NgramDrafter(SpeculativeSettings(mode="ngram"), 1, 4096)
+    rng = np.random.default_rng(0)
+    text = rng.integers(0, 50_000, 4000).tolist()
+    assert drafter.draft([(Ask(0, text, text[100], limit=16), 16)]) in ({}, {0: text[101:117]})
+
+
+# -- configuration -----------------------------------------------------------------
+
+
+def _model(path, **speculative) -> dict:
+    return {"id": "m", "config": {"model_path": str(path), "speculative": speculative}}
+
+
+@pytest.mark.parametrize(
+    ("speculative", "message"),
+    [
+        ({"mode": "ngram", "draft_maxx": 4}, "draft_maxx"),
+        ({"mode": "lookahead"}, "speculative.mode"),
+        ({"mode": "ngram", "draft_max": 0}, "speculative.draft_max"),
+        ({"mode": "ngram", "draft_min": 9, "draft_max": 4}, "draft_min (9) is above draft_max"),
+        ({"mode": "ngram", "ngram_min": 5, "ngram_max": 3}, "ngram_min (5) is above ngram_max"),
+    ],
+)
+def test_bad_speculative_settings_are_refused_by_name(tiny_gguf, speculative, message):
+    with pytest.raises(ConfigError, match="model 'm'") as err:
+        parse_model(_model(tiny_gguf, **speculative), 0, None)
+    assert message in str(err.value)
+
+
+def _tiny_requests() -> list[Request]:
+    prompts = ["hello there", "tell me a story about a dragon", "abc abc abc abc", "2 + 2"]
+    greedy = [_ask(f"g{i}", p, temperature=0, max_tokens=60) for i, p in enumerate(prompts)]
+    seeded = [_ask("s0", prompts[1], temperature=0.8, seed=3, max_tokens=60)]
+    return greedy + seeded
+
+
+def test_tiny_text_is_the_same_with_ngram_drafts_alone_and_together(tiny_gguf):
+    requests = _tiny_requests()
+    reference = _served(tiny_gguf, requests)
+    ngram = {"mode": "ngram", "draft_max": 8}
+    drafted = _served(tiny_gguf, requests, ngram)
+    assert drafted.text == reference.text
+    assert _counts(drafted)[1] > 0, "the tiny model repeats itself: some drafts must pass"
+    assert _served(tiny_gguf, requests, ngram, concurrent=True).text == reference.text
+
+
+def test_tiny_max_tokens_and_stops_inside_accepted_drafts(tiny_gguf):
+    ngram = {"mode": "ngram", "draft_max": 8}
+    full = _served(tiny_gguf, [_ask("r", "abc abc abc abc", temperature=0, max_tokens=60)])
+    text = full.text["r"]
+    # Every length, so some end inside a run of accepted drafts.
+    cut = [_ask(f"n{n}", "abc abc abc abc", temperature=0, max_tokens=n) for n in range(1, 30)]
+    # Stops taken from the text's middle, where drafts are accepted.
+    stops = [text[i : i + 3] for i in range(20, 50, 7) if text[i : i + 3].strip()]
+    cut += [
+        _ask(f"s{i}", "abc abc abc abc", temperature=0, max_tokens=60, stop=[stop])
+        for i, stop in enumerate(stops)
+    ]
+    reference = _served(tiny_gguf, cut)
+    drafted = _served(tiny_gguf, cut, ngram)
+    assert drafted.text == reference.text
+    for rid, result in drafted.results.items():
+        assert result.finish_reason == reference.results[rid].finish_reason, rid
+        assert result.usage.completion_tokens == reference.results[rid].usage.completion_tokens
+    assert _counts(drafted)[1] > 0
+    # The slots' sequences hold exactly their tokens: a request reusing a cut one's prefix
+    # still gets the reference text.
+    again = _served(tiny_gguf, cut[:3] + cut[:3], ngram)
+    assert list(again.text.values()) == [reference.text[r.request_id] for r in cut[:3]]
+
+
+def test_smollm2_copy_is_the_same_with_ngram_drafts(smollm2_gguf):
+    ask = f"Repeat this text exactly:\n\n{PASSAGE}"
+    requests = [
+        _ask("g0", ask, temperature=0, max_tokens=80),
+        _ask("g1", f"Rewrite this in the first person:\n\n{PASSAGE}", temperature=0, max_tokens=80),
+        _ask("s0", ask, temperature=0.8, seed=11, max_tokens=80),
+        _ask("c0", ask, temperature=0, max_tokens=80, stop=["brass"]),
+    ]
+    reference = _served(smollm2_gguf, requests, n_ctx=1024, reset_each_request=True)
+    ngram = {"mode": "ngram"}
+    alone_ = _served(smollm2_gguf, requests, ngram, n_ctx=1024)
+    assert alone_.text == reference.text
+    assert reference.text["c0"].endswith("polished the ")
+    drafted, accepted = _counts(alone_)
+    assert accepted >= 0.6 * drafted and accepted > 100
+    # Together from empty sequences: with prefixes copied between slots, one of these
+    # texts already differs without drafts (on main too), a determinism issue of its own.
+    together_ = _served(
+        smollm2_gguf, requests, ngram, n_ctx=1024, concurrent=True, reset_each_request=True
+    )
+    assert together_.text == reference.text
