@@ -40,14 +40,18 @@ class SpeculativeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     (pool/speculative.py)."""
 
     # ngram: copy what followed the latest earlier occurrence of the text's last n tokens
-    # (prompt lookup).
-    mode: Literal["ngram"]
+    # (prompt lookup); draft: greedy tokens of a second, smaller model (same vocabulary).
+    mode: Literal["ngram", "draft"]
     # Tokens drafted per slot and step at most, and fewer than draft_min are not verified.
     draft_max: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
     draft_min: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     # ngram: the lengths of the text's tail looked up, longest first.
     ngram_min: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
     ngram_max: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
+    # draft: the draft model's GGUF (a path or pkg://), and the confidence (its top
+    # token's probability) below which it stops drafting for the step.
+    draft_model_path: str | None = None
+    draft_p_min: Probability = 0.5
 
 
 class LlamaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -322,12 +326,13 @@ def parse_model(raw: Any, index: int, base_dir: Path | None, check_files: bool =
     if cfg.mmproj_path is not None:
         cfg.mmproj_path = _model_file(label, "mmproj_path", cfg.mmproj_path, base_dir, check)
     if cfg.speculative is not None:
-        _check_speculative(label, cfg)
+        _check_speculative(label, cfg, base_dir, check)
     return spec
 
 
-def _check_speculative(label: str, cfg: LlamaSettings) -> None:
-    """Refuse speculative settings that cannot work."""
+def _check_speculative(label: str, cfg: LlamaSettings, base_dir: Path | None, check: bool) -> None:
+    """Refuse speculative settings that cannot work; resolve the draft model's path and, when
+    files are checked, compare its vocabulary with the model's (from both GGUF headers)."""
     spec, key = cfg.speculative, "config.speculative"
     assert spec is not None
     if cfg.embedding or cfg.mmproj_path is not None:
@@ -344,6 +349,31 @@ def _check_speculative(label: str, cfg: LlamaSettings) -> None:
         raise ConfigError(
             f"{label}: {key}.ngram_min ({spec.ngram_min}) is above ngram_max ({spec.ngram_max})"
         )
+    if spec.mode == "ngram":
+        if spec.draft_model_path is not None:
+            raise ConfigError(
+                f"{label}: {key}.draft_model_path: mode ngram drafts without a model; "
+                "set mode: draft or remove draft_model_path"
+            )
+        return
+    if spec.draft_model_path is None:
+        raise ConfigError(f"{label}: {key}.draft_model_path: mode draft needs the draft's GGUF")
+    key_path = "speculative.draft_model_path"
+    path = spec.draft_model_path = _model_file(
+        label, key_path, spec.draft_model_path, base_dir, check
+    )
+    if check:
+        from llamapool.pool.gguf_header import GGUFError, vocab_mismatch
+
+        try:
+            why = vocab_mismatch(cfg.model_path, path)
+        except (OSError, GGUFError) as exc:
+            raise ConfigError(f"{label}: {key}.draft_model_path: {exc}") from None
+        if why is not None:
+            raise ConfigError(
+                f"{label}: {key}.draft_model_path: {path} cannot draft for this model: {why}; "
+                "a draft model needs the same vocabulary (tokens, types, BOS/EOS)"
+            )
 
 
 def _check_gpu_placement(label: str, spec: ModelSpec) -> None:

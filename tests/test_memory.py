@@ -53,6 +53,18 @@ def test_smollm2_estimate_matches_its_shape(smollm2_gguf):
     assert estimate(_spec(smollm2_gguf, n_ctx=4096, n_parallel=4)).kv_cache == 4 * fp.kv_cache
 
 
+def test_a_draft_model_counts_its_weights_cache_and_buffers(smollm2_gguf):
+    plain = estimate(_spec(smollm2_gguf, n_ctx=1024, n_parallel=2))
+    draft = {"mode": "draft", "draft_model_path": str(smollm2_gguf)}
+    both = estimate(_spec(smollm2_gguf, n_ctx=1024, n_parallel=2, speculative=draft))
+    # The same file as its own draft: twice the weights, the KV cache and the logits.
+    assert both.weights == 2 * plain.weights
+    assert both.kv_cache == 2 * plain.kv_cache
+    assert both.overhead - plain.overhead == plain.weights // 20 + 512 * 49152 * 4
+    ngram = estimate(_spec(smollm2_gguf, n_ctx=1024, n_parallel=2, speculative={"mode": "ngram"}))
+    assert ngram == plain
+
+
 def test_without_mmap_every_instance_pays_for_the_weights(smollm2_gguf):
     fp = estimate(_spec(smollm2_gguf, n_ctx=512, use_mmap=False))
     assert fp.cost(0) == fp.cost(3) == fp.per_instance > fp.weights

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from engineutil import alone, together
+from tinymodel import write_tiny_llama
 
 from llamapool.config import ConfigError, SpeculativeSettings, parse_config, parse_model
 from llamapool.ipc.protocol import Request, SamplingParams
@@ -121,12 +122,45 @@ def _model(path, **speculative) -> dict:
         ({"mode": "ngram", "draft_max": 0}, "speculative.draft_max"),
         ({"mode": "ngram", "draft_min": 9, "draft_max": 4}, "draft_min (9) is above draft_max"),
         ({"mode": "ngram", "ngram_min": 5, "ngram_max": 3}, "ngram_min (5) is above ngram_max"),
+        ({"mode": "draft"}, "draft_model_path: mode draft needs"),
     ],
 )
 def test_bad_speculative_settings_are_refused_by_name(tiny_gguf, speculative, message):
     with pytest.raises(ConfigError, match="model 'm'") as err:
         parse_model(_model(tiny_gguf, **speculative), 0, None)
     assert message in str(err.value)
+
+
+def test_ngram_mode_refuses_a_draft_model(tiny_gguf):
+    with pytest.raises(ConfigError, match="mode ngram drafts without a model"):
+        parse_model(_model(tiny_gguf, mode="ngram", draft_model_path=str(tiny_gguf)), 0, None)
+
+
+def test_a_draft_with_another_vocabulary_is_refused_at_load(tiny_gguf, smollm2_gguf):
+    raw = _model(smollm2_gguf, mode="draft", draft_model_path=str(tiny_gguf))
+    with pytest.raises(ConfigError, match="cannot draft for this model") as err:
+        parse_model(raw, 0, None)
+    assert "config.speculative.draft_model_path" in str(err.value)
+    # In a whole file the model is broken, by name, and the others still serve.
+    config = parse_config({"models": [raw, {"id": "ok", "config": {"model_path": str(tiny_gguf)}}]})
+    assert "cannot draft" in config.broken["m"] and "ok" in config.models
+
+
+def test_the_worker_refuses_a_draft_with_another_vocabulary_too(tiny_gguf, smollm2_gguf):
+    # Files unchecked at load (or changed since): the engine compares the loaded vocabularies.
+    raw = _model(tiny_gguf, mode="draft", draft_model_path=str(smollm2_gguf))
+    spec = parse_config({"models": [raw]}, check_files=False).models["m"]
+    with pytest.raises(ValueError, match="cannot draft for .*the tokenizer types differ"):
+        BatchEngine(spec)
+
+
+def test_a_draft_with_the_same_vocabulary_is_taken(tiny_gguf, tmp_path):
+    other = write_tiny_llama(tmp_path / "other.gguf", seed=7)  # same tokens, other weights
+    spec = parse_model(_model(tiny_gguf, mode="draft", draft_model_path=str(other)), 0, None)
+    assert spec.config.speculative.draft_model_path == str(other)
+
+
+# -- the engine: same text with and without drafts ------------------------------------
 
 
 def _tiny_requests() -> list[Request]:
@@ -171,6 +205,28 @@ def test_tiny_max_tokens_and_stops_inside_accepted_drafts(tiny_gguf):
     assert list(again.text.values()) == [reference.text[r.request_id] for r in cut[:3]]
 
 
+def test_tiny_draft_model_same_file_accepts_nearly_all(tiny_gguf):
+    requests = _tiny_requests()
+    reference = _served(tiny_gguf, requests)
+    same = {"mode": "draft", "draft_model_path": str(tiny_gguf), "draft_max": 6, "draft_p_min": 0}
+    drafted = _served(tiny_gguf, requests, same, concurrent=True)
+    assert drafted.text == reference.text
+    greedy = [r.usage for rid, r in drafted.results.items() if rid.startswith("g")]
+    n_drafted = sum(u.drafted_tokens for u in greedy)
+    n_accepted = sum(u.accepted_tokens for u in greedy)
+    assert n_drafted > 50 and n_accepted >= 0.9 * n_drafted
+
+
+def test_tiny_draft_model_with_other_weights_keeps_the_text(tiny_gguf, tmp_path):
+    other = write_tiny_llama(tmp_path / "other.gguf", seed=7)
+    requests = _tiny_requests()
+    reference = _served(tiny_gguf, requests)
+    draft = {"mode": "draft", "draft_model_path": str(other), "draft_max": 4, "draft_p_min": 0}
+    drafted = _served(tiny_gguf, requests, draft, concurrent=True)
+    assert drafted.text == reference.text
+    assert _counts(drafted)[0] > 0
+
+
 def test_smollm2_copy_is_the_same_with_ngram_drafts(smollm2_gguf):
     ask = f"Repeat this text exactly:\n\n{PASSAGE}"
     requests = [
@@ -192,3 +248,13 @@ def test_smollm2_copy_is_the_same_with_ngram_drafts(smollm2_gguf):
         smollm2_gguf, requests, ngram, n_ctx=1024, concurrent=True, reset_each_request=True
     )
     assert together_.text == reference.text
+
+
+def test_smollm2_as_its_own_draft_accepts_nearly_all(smollm2_gguf):
+    requests = [_ask("g0", "Tell me about the sea.", temperature=0, max_tokens=48)]
+    reference = _served(smollm2_gguf, requests, n_ctx=1024)
+    same = {"mode": "draft", "draft_model_path": str(smollm2_gguf), "draft_max": 6}
+    drafted = _served(smollm2_gguf, requests, same, n_ctx=1024)
+    assert drafted.text == reference.text
+    usage = drafted.results["g0"].usage
+    assert usage.drafted_tokens > 20 and usage.accepted_tokens >= 0.9 * usage.drafted_tokens

@@ -6,6 +6,7 @@ will cost in RAM and VRAM before it is started.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import struct
@@ -80,10 +81,11 @@ def _skip_value(fh: IO[bytes], vtype: int) -> None:
         raise GGUFError(f"unknown GGUF value type {vtype}")
 
 
-def read_gguf(path: str) -> GGUFHeader:
+def read_gguf(path: str, digests: frozenset[str] = frozenset()) -> GGUFHeader:
     """The header of the GGUF at `path`: key/values, then the tensors' sizes.
 
-    A tensor's size is the distance from its data offset to the next one's (or to the
+    Each array named in `digests` also gets its bytes' SHA-256 as `<key>#sha256`. A
+    tensor's size is the distance from its data offset to the next one's (or to the
     end of the file): exact up to alignment padding, with no table of quantization types.
     """
     meta: dict[str, Any] = {}
@@ -107,6 +109,10 @@ def read_gguf(path: str) -> GGUFHeader:
                 meta[f"{key}#count"] = _read(fh, "<Q")
                 fh.seek(start)
                 _skip_value(fh, vtype)
+                if key in digests:  # the array's bytes, hashed (a vocabulary: ~1 MiB)
+                    end = fh.tell()
+                    fh.seek(start)
+                    meta[f"{key}#sha256"] = hashlib.sha256(fh.read(end - start)).hexdigest()
             else:
                 _skip_value(fh, vtype)
         offsets: list[tuple[int, str]] = []
@@ -129,3 +135,31 @@ def read_gguf(path: str) -> GGUFHeader:
 def read_gguf_scalars(path: str) -> dict[str, Any]:
     """The scalar and string key/values of a GGUF header; an array's length as `<key>#count`."""
     return read_gguf(path).meta
+
+
+# What makes two vocabularies the same for speculative decoding (llama.cpp's
+# common_speculative_are_compatible): the tokenizer, every token's text and type, the
+# special tokens and whether BOS/EOS are added.
+_VOCAB_ARRAYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"})
+_VOCAB_KEYS = (
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.tokens#count",
+    "tokenizer.ggml.tokens#sha256",
+    "tokenizer.ggml.token_type#sha256",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+)
+
+
+def vocab_mismatch(path: str, other: str) -> str | None:
+    """Why the GGUFs at `path` and `other` do not share a vocabulary, or None if they do."""
+    a, b = read_gguf(path, _VOCAB_ARRAYS).meta, read_gguf(other, _VOCAB_ARRAYS).meta
+    for key in _VOCAB_KEYS:
+        if a.get(key) != b.get(key):
+            name = key.removeprefix("tokenizer.ggml.").replace("#count", " (count)")
+            if key.endswith("#sha256"):
+                return f"the {name.removesuffix('#sha256')} differ"
+            return f"{name} is {b.get(key)!r}, the model's is {a.get(key)!r}"
+    return None

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -71,29 +71,21 @@ def estimate(spec: ModelSpec, *, gpu: bool = False) -> Footprint:
     weights = os.path.getsize(cfg.model_path)
     if cfg.mmproj_path:
         weights += os.path.getsize(cfg.mmproj_path)
-    kv = 0
-    header: GGUFHeader | None
-    try:
-        header = read_gguf(cfg.model_path)
-    except (OSError, GGUFError):
-        header = None
+    header = _header(cfg.model_path)
     meta = header.meta if header else {}
-    arch = meta.get("general.architecture")
-    if arch:
-        n_layer = int(meta.get(f"{arch}.block_count", 0))
-        n_embd = int(meta.get(f"{arch}.embedding_length", 0))
-        n_head = int(meta.get(f"{arch}.attention.head_count", 1) or 1)
-        n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head) or n_head)
-        head_dim = n_embd // n_head if n_head else 0
-        k_len = int(meta.get(f"{arch}.attention.key_length", head_dim))
-        v_len = int(meta.get(f"{arch}.attention.value_length", head_dim))
-        # f16 K and V per layer per position, n_ctx positions for each parallel request.
-        kv = cfg.n_ctx * cfg.n_parallel * n_layer * n_head_kv * (k_len + v_len) * 2
+    kv = _kv_bytes(meta, cfg.n_ctx * cfg.n_parallel)
     # Compute buffers: the graph is reserved for a full n_batch ubatch, whose logits
     # alone are n_batch × n_vocab floats (96 MiB for SmolLM2 at 512); a small share of
     # the weights covers the rest.
-    n_vocab = int(meta.get("tokenizer.ggml.tokens#count") or meta.get(f"{arch}.vocab_size") or 0)
-    overhead = PROCESS_BASE + weights // 20 + cfg.n_batch * n_vocab * 4
+    overhead = PROCESS_BASE + weights // 20 + cfg.n_batch * _n_vocab(meta) * 4
+    draft = cfg.speculative.draft_model_path if cfg.speculative is not None else None
+    if draft is not None:  # a second model, context and compute buffer in the same worker
+        draft_weights = os.path.getsize(draft)
+        draft_header = _header(draft)
+        draft_meta = draft_header.meta if draft_header else {}
+        weights += draft_weights
+        kv += _kv_bytes(draft_meta, cfg.n_ctx * cfg.n_parallel)
+        overhead += draft_weights // 20 + cfg.n_batch * _n_vocab(draft_meta) * 4
     fp = Footprint(
         weights=weights,
         kv_cache=kv,
@@ -102,6 +94,33 @@ def estimate(spec: ModelSpec, *, gpu: bool = False) -> Footprint:
         prompt_cache=cfg.prompt_cache_limit(),
     )
     return offload(fp, cfg, header) if gpu and header is not None else fp
+
+
+def _header(path: str) -> GGUFHeader | None:
+    try:
+        return read_gguf(path)
+    except (OSError, GGUFError):
+        return None
+
+
+def _kv_bytes(meta: Mapping[str, Any], cells: int) -> int:
+    """f16 K and V of every layer for `cells` positions, from a GGUF's key/values."""
+    arch = meta.get("general.architecture")
+    if not arch:
+        return 0
+    n_layer = int(meta.get(f"{arch}.block_count", 0))
+    n_embd = int(meta.get(f"{arch}.embedding_length", 0))
+    n_head = int(meta.get(f"{arch}.attention.head_count", 1) or 1)
+    n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head) or n_head)
+    head_dim = n_embd // n_head if n_head else 0
+    k_len = int(meta.get(f"{arch}.attention.key_length", head_dim))
+    v_len = int(meta.get(f"{arch}.attention.value_length", head_dim))
+    return cells * n_layer * n_head_kv * (k_len + v_len) * 2
+
+
+def _n_vocab(meta: Mapping[str, Any]) -> int:
+    arch = meta.get("general.architecture")
+    return int(meta.get("tokenizer.ggml.tokens#count") or meta.get(f"{arch}.vocab_size") or 0)
 
 
 # -- measurement ----------------------------------------------------------------

@@ -17,7 +17,8 @@ min(1, p/q) = p, and on rejection the residual max(0, p - q) renormalised is p w
 the draft token, which is what sampling p and comparing yields.
 
 Drafts come from a `Drafter`: `NgramDrafter` (prompt lookup: what followed the latest
-earlier occurrence of the text's last n tokens).
+earlier occurrence of the text's last n tokens) or `ModelDrafter` (greedy tokens of a
+smaller model with the same vocabulary, one sequence per slot in a context of its own).
 `Speculator` keeps each slot's adaptive draft length and counts, and shares the decode's
 room for drafts fairly among the slots.
 """
@@ -29,9 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 
 from llamapool.config import LlamaSettings, SpeculativeSettings
+from llamapool.pool import llama_adapter
+from llamapool.pool.prompt_cache import shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,119 @@ class NgramDrafter:
         pass
 
 
+class ModelDrafter:
+    """Greedy drafts of a second model: one sequence per slot in its own context, brought
+    level with the slot's sequence before each draft (the first one evaluates the prompt).
+
+    It stops a slot's draft at a token whose probability is below `draft_p_min`.
+    """
+
+    def __init__(self, cfg: LlamaSettings, n_slots: int, n_ctx: int, target: Any):
+        settings = cfg.speculative
+        assert settings is not None and settings.draft_model_path is not None
+        draft_cfg = msgspec.structs.replace(
+            cfg,
+            model_path=settings.draft_model_path,
+            chat_format=None,
+            chat_format_template=None,
+            speculative=None,
+        )
+        self.llama = llama_adapter.open_llama(draft_cfg, n_ctx=64)
+        why = llama_adapter.vocab_mismatch(target, self.llama)
+        if why is not None:
+            raise ValueError(
+                f"draft model {settings.draft_model_path} cannot draft for {cfg.model_path}: {why}"
+            )
+        self.p_min = settings.draft_p_min
+        self.n_batch = cfg.n_batch
+        self.context = llama_adapter.BatchContext(
+            self.llama,
+            n_ctx=n_ctx * n_slots,
+            n_batch=cfg.n_batch,
+            n_seq_max=n_slots,
+            flash_attn=cfg.flash_attn,
+        )
+        self._held: list[list[int]] = [[] for _ in range(n_slots)]  # what each sequence holds
+
+    def begin(self, seq: int) -> None:
+        pass  # the next draft compares what the sequence holds with the slot's
+
+    def draft(self, asks: list[tuple[Ask, int]]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        rows = self._catch_up([ask for ask, _ in asks])
+        if rows is None:
+            return out
+        want = {ask.seq: n for ask, n in asks}
+        while rows:
+            nxt: dict[int, int] = {}
+            for seq, row in rows.items():
+                logits = self.context.logits(row)
+                token = int(logits.argmax())
+                p = 1.0 / float(np.exp(logits - logits[token]).sum())
+                if p < self.p_min:
+                    continue
+                drafted = out.setdefault(seq, [])
+                drafted.append(token)
+                if len(drafted) < want[seq]:
+                    nxt[seq] = token
+            if not nxt:
+                break
+            self.context.clear()
+            rows = {}
+            for seq, token in nxt.items():
+                held = self._held[seq]
+                rows[seq] = self.context.add([token], pos=len(held), seq=seq, logits=True)
+                held.append(token)
+            if self.context.decode() != 0:
+                self._drop(list(nxt))
+                break
+        return out
+
+    def _catch_up(self, asks: list[Ask]) -> dict[int, int] | None:
+        """Make each sequence hold its slot's tokens and sampled token; the batch row of
+        each one's last logits (None when a decode failed)."""
+        feed: dict[int, list[int]] = {}
+        for ask in asks:
+            text, held = ask.cached + [ask.next_token], self._held[ask.seq]
+            keep = min(shared_prefix(held, text), len(text) - 1)
+            if keep < len(held) and not self.context.keep(ask.seq, keep):
+                self.context.clear_seq(ask.seq)
+                keep = 0
+            del held[keep:]
+            feed[ask.seq] = text[keep:]
+        rows: dict[int, int] = {}
+        while feed:
+            self.context.clear()
+            room = self.n_batch
+            for seq in list(feed):
+                if room <= 0:
+                    break
+                chunk, rest = feed[seq][:room], feed[seq][room:]
+                held = self._held[seq]
+                at = self.context.add(chunk, pos=len(held), seq=seq, logits=not rest)
+                held.extend(chunk)
+                room -= len(chunk)
+                if rest:
+                    feed[seq] = rest
+                else:
+                    rows[seq] = at
+                    del feed[seq]
+            if self.context.decode() != 0:
+                self._drop([ask.seq for ask in asks])
+                return None
+            if feed:  # another round overwrites the logits: keep only this round's slots
+                rows = {}
+        return rows
+
+    def _drop(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self.context.clear_seq(seq)
+            self._held[seq] = []
+
+    def close(self) -> None:
+        self.context.close()
+
+
 @dataclass
 class _SlotDrafts:
     """One slot's drafting: how much it may draft next, and its request's counts."""
@@ -233,11 +350,16 @@ def fair_shares(wants: dict[int, int], room: int) -> dict[int, int]:
 
 
 def open_speculator(cfg: LlamaSettings, llama: Any) -> Speculator | None:
-    """The model's speculator (None when `speculative` is off)."""
+    """The model's speculator (None when `speculative` is off); raises ValueError for a
+    draft model that cannot draft for it."""
     settings = cfg.speculative
     if settings is None:
         return None
     n_slots = cfg.n_parallel
-    drafter = NgramDrafter(settings, n_slots, cfg.n_ctx)
+    drafter: Drafter
+    if settings.mode == "ngram":
+        drafter = NgramDrafter(settings, n_slots, cfg.n_ctx)
+    else:
+        drafter = ModelDrafter(cfg, n_slots, cfg.n_ctx, llama)
     log.info("speculative decoding: %s, up to %d tokens a step", settings.mode, settings.draft_max)
     return Speculator(settings, drafter, n_slots)

@@ -29,6 +29,7 @@ from llamapool.pool.llama_adapter.model import (  # noqa: F401
     logit_bias_processor,
     open_llama,
     stopping_criteria,
+    vocab_mismatch,
 )
 from llamapool.pool.llama_adapter.sampling import (  # noqa: F401
     Grammars,

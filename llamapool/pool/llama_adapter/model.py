@@ -175,6 +175,28 @@ class Vocab:
         return self._detokenize([token], special=True)
 
 
+def vocab_mismatch(llama: Any, draft: Any) -> str | None:
+    """Why `draft` cannot draft for `llama` (llama.cpp's common_speculative_are_compatible:
+    vocabulary type, BOS/EOS, every token's text), or None if it can."""
+    import llama_cpp as lib
+
+    a, b = llama._model.vocab, draft._model.vocab
+    if lib.llama_vocab_type(a) != lib.llama_vocab_type(b):
+        return "the tokenizer types differ"
+    for name, get in (("BOS", lib.llama_vocab_bos), ("EOS", lib.llama_vocab_eos)):
+        if get(a) != get(b):
+            return f"the {name} tokens differ ({get(b)} vs {get(a)})"
+    if lib.llama_vocab_get_add_bos(a) != lib.llama_vocab_get_add_bos(b):
+        return "one adds BOS and the other does not"
+    n = lib.llama_vocab_n_tokens(a)
+    if lib.llama_vocab_n_tokens(b) != n:
+        return f"the draft has {lib.llama_vocab_n_tokens(b)} tokens, the model {n}"
+    for token in range(n):
+        if lib.llama_vocab_get_text(a, token) != lib.llama_vocab_get_text(b, token):
+            return f"token {token} differs"
+    return None
+
+
 def evaluated_tokens(llama: Any) -> list[int]:
     """The tokens a `Llama`'s context holds now (what `generate` will reuse)."""
     return llama._input_ids[: llama.n_tokens].tolist()
