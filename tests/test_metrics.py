@@ -276,3 +276,12 @@ def test_prompt_cache_reuse_and_size():
     assert value(m, "llamapool_prompt_cache_tokens_total", model="tiny", source="ram") == 150
     assert value(m, "llamapool_prompt_cache_tokens_total", model="tiny", source="none") is None
     assert value(m, "llamapool_prompt_cache_bytes", model="tiny", worker="w1") == 4096
+
+
+def test_speculative_acceptance_counters():
+    m = Metrics()
+    m.speculated("smol", 40, 30)
+    m.speculated("smol", 10, 2)
+    assert value(m, "llamapool_draft_tokens_total", model="smol") == 50
+    assert value(m, "llamapool_draft_accepted_tokens_total", model="smol") == 32
+    assert value(m, "llamapool_draft_tokens_total", model="other") is None

@@ -27,6 +27,9 @@ class PoolObserver:
         """A request finished having reused `tokens` prompt tokens from `source` (slot, ram,
         shared; "none" with 0 tokens when nothing was cached)."""
 
+    def speculated(self, model: str, drafted: int, accepted: int) -> None:
+        """A request finished having drafted `drafted` tokens, `accepted` of them right."""
+
     def worker_restarted(self, model: str, cause: ExitCause) -> None:
         """A worker died or was restarted, and why."""
 

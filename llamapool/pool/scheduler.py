@@ -231,6 +231,10 @@ class Scheduler:
         tokens = msg.usage.completion_tokens
         self.observer.tokens_generated(job.model_id, tokens)
         self._observe_reuse(job.model_id, msg.timings)
+        if msg.usage.drafted_tokens:
+            self.observer.speculated(
+                job.model_id, msg.usage.drafted_tokens, msg.usage.accepted_tokens
+            )
         if job.first_output_at is not None and tokens > 1:
             self.observer.generation_finished(
                 job.model_id, tokens, time.monotonic() - job.first_output_at

@@ -226,6 +226,19 @@ class Metrics(PoolObserver):
             ["model", "source"],
             registry=r,
         )
+        self._drafted = Counter(
+            "llamapool_draft_tokens",
+            "Tokens drafted by speculative decoding (acceptance rate: "
+            "rate(llamapool_draft_accepted_tokens_total) / rate(this)).",
+            ["model"],
+            registry=r,
+        )
+        self._accepted = Counter(
+            "llamapool_draft_accepted_tokens",
+            "Drafted tokens the model's own sampling produced too (each one a token saved).",
+            ["model"],
+            registry=r,
+        )
         self._pool = _PoolCollector()
         r.register(self._pool)
 
@@ -268,6 +281,11 @@ class Metrics(PoolObserver):
         self._reuse.labels(model, source).inc()
         if tokens > 0:
             self._reused_tokens.labels(model, source).inc(tokens)
+
+    def speculated(self, model: str, drafted: int, accepted: int) -> None:
+        """Count a finished request's drafted and accepted tokens."""
+        self._drafted.labels(model).inc(drafted)
+        self._accepted.labels(model).inc(accepted)
 
     def worker_restarted(self, model: str, cause: ExitCause) -> None:
         """Count a worker death or an asked-for restart under its typed cause."""

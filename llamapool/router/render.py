@@ -14,12 +14,18 @@ _json = msgspec.json.Encoder()
 
 
 def usage_dict(u: P.Usage) -> dict[str, Any]:
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     }
+    if u.drafted_tokens:  # speculative decoding, in OpenAI's predicted-outputs fields
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": u.accepted_tokens,
+            "rejected_prediction_tokens": u.drafted_tokens - u.accepted_tokens,
+        }
+    return usage
 
 
 def timings_dict(done: P.Done) -> dict[str, Any] | None:
@@ -27,7 +33,7 @@ def timings_dict(done: P.Done) -> dict[str, Any] | None:
     t = done.timings
     if t is None:
         return None
-    return {
+    timings: dict[str, Any] = {
         "cache_n": t.cached_tokens,
         "cache_slot_n": t.cache_slot_n,
         "cache_ram_n": t.cache_ram_n,
@@ -37,6 +43,10 @@ def timings_dict(done: P.Done) -> dict[str, Any] | None:
         "predicted_n": done.usage.completion_tokens,
         "predicted_ms": round(t.generate_ms, 3),
     }
+    if done.usage.drafted_tokens:  # as llama-server, only when it drafted
+        timings["draft_n"] = done.usage.drafted_tokens
+        timings["draft_n_accepted"] = done.usage.accepted_tokens
+    return timings
 
 
 def sse(payload: Any) -> bytes:
