@@ -45,6 +45,10 @@ class SpeculativeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     # Tokens drafted per slot and step at most, and fewer than draft_min are not verified.
     draft_max: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
     draft_min: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
+    # true: each slot drafts only as long as its recent acceptance pays for the rows at what
+    # decodes have cost (pool/speculative.py, Speculator); false: draft_max every step
+    # (llama-server's way).
+    adaptive: bool = True
     # ngram: the lengths of the text's tail looked up, longest first.
     ngram_min: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
     ngram_max: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4

@@ -15,7 +15,14 @@ from tinymodel import write_tiny_llama
 from llamapool.config import ConfigError, SpeculativeSettings, parse_config, parse_model
 from llamapool.ipc.protocol import Request, SamplingParams
 from llamapool.pool.batch import BatchEngine
-from llamapool.pool.speculative import Ask, NgramDrafter, accept_run, fair_shares
+from llamapool.pool.speculative import (
+    Ask,
+    NgramDrafter,
+    Speculator,
+    StepCost,
+    accept_run,
+    fair_shares,
+)
 
 PASSAGE = (
     "The lighthouse keeper climbed the narrow stairs every evening at dusk. He lit the "
@@ -107,6 +114,55 @@ def test_ngram_lookup_of_a_long_text_is_cheap():
     assert drafter.draft([(Ask(0, text, text[100], limit=16), 16)]) in ({}, {0: text[101:117]})
 
 
+class _Repeat:
+    """A drafter that proposes token 7, as many as asked."""
+
+    def begin(self, seq: int) -> None:
+        pass
+
+    def draft(self, asks):
+        return {ask.seq: [7] * n for ask, n in asks}
+
+    def close(self) -> None:
+        pass
+
+
+def test_step_cost_is_fitted_from_decodes_of_different_sizes():
+    cost = StepCost()
+    for rows in [1, 1, 1, 1, 1]:
+        cost.observe(rows, 0.012)
+    assert cost.fit() is None  # all alike: the share of a row is unknown
+    for rows in [1, 9, 3, 17, 1, 5]:
+        cost.observe(rows, 0.01 + 0.002 * rows)
+    fixed, per_row = cost.fit()
+    assert fixed == pytest.approx(0.01, rel=0.05) and per_row == pytest.approx(0.002, rel=0.05)
+
+
+def _speculator(fixed: float, per_row: float, **settings) -> Speculator:
+    spec = Speculator(SpeculativeSettings(mode="ngram", **settings), _Repeat(), 2)
+    for rows in [1, 4, 2, 8, 1, 16]:
+        spec.observe(rows, fixed + per_row * rows)
+    return spec
+
+
+def test_drafts_run_long_where_rows_are_cheap_and_stop_where_they_cost_a_step():
+    ask = [Ask(0, [1, 2, 3], 4, limit=64)]
+    # A GPU-like decode: a row costs 1/40 of a step: 3 in 4 drafts right earns 12 tokens.
+    assert len(_speculator(0.02, 0.0005).plan(ask, 512)[0]) == 12
+    # A CPU-like one: a row costs 95% of a step; no draft pays, until p is above 0.95.
+    cpu = _speculator(0.001, 0.02)
+    assert cpu.plan(ask, 512) == {}
+    for _ in range(15):  # then one token every 16 steps, to see whether the text repeats
+        assert cpu.plan(ask, 512) == {}
+    assert cpu.plan(ask, 512) == {0: [7]}
+    for _ in range(20):
+        cpu.verified(0, 4, 4)  # a passage being copied: every draft right
+    assert len(cpu.plan(ask, 512)[0]) == 16
+    # Not adaptive: draft_max every step, whatever it costs.
+    assert len(_speculator(0.001, 0.02, adaptive=False).plan(ask, 512)[0]) == 16
+    assert cpu.counts(0) == (80, 80)
+
+
 # -- configuration -----------------------------------------------------------------
 
 
@@ -173,7 +229,7 @@ def _tiny_requests() -> list[Request]:
 def test_tiny_text_is_the_same_with_ngram_drafts_alone_and_together(tiny_gguf):
     requests = _tiny_requests()
     reference = _served(tiny_gguf, requests)
-    ngram = {"mode": "ngram", "draft_max": 8}
+    ngram = {"mode": "ngram", "draft_max": 8, "adaptive": False}
     drafted = _served(tiny_gguf, requests, ngram)
     assert drafted.text == reference.text
     assert _counts(drafted)[1] > 0, "the tiny model repeats itself: some drafts must pass"
@@ -181,7 +237,7 @@ def test_tiny_text_is_the_same_with_ngram_drafts_alone_and_together(tiny_gguf):
 
 
 def test_tiny_max_tokens_and_stops_inside_accepted_drafts(tiny_gguf):
-    ngram = {"mode": "ngram", "draft_max": 8}
+    ngram = {"mode": "ngram", "draft_max": 8, "adaptive": False}
     full = _served(tiny_gguf, [_ask("r", "abc abc abc abc", temperature=0, max_tokens=60)])
     text = full.text["r"]
     # Every length, so some end inside a run of accepted drafts.
@@ -209,6 +265,7 @@ def test_tiny_draft_model_same_file_accepts_nearly_all(tiny_gguf):
     requests = _tiny_requests()
     reference = _served(tiny_gguf, requests)
     same = {"mode": "draft", "draft_model_path": str(tiny_gguf), "draft_max": 6, "draft_p_min": 0}
+    same["adaptive"] = False  # the mechanics: draft every step
     drafted = _served(tiny_gguf, requests, same, concurrent=True)
     assert drafted.text == reference.text
     greedy = [r.usage for rid, r in drafted.results.items() if rid.startswith("g")]
@@ -236,7 +293,7 @@ def test_smollm2_copy_is_the_same_with_ngram_drafts(smollm2_gguf):
         _ask("c0", ask, temperature=0, max_tokens=80, stop=["brass"]),
     ]
     reference = _served(smollm2_gguf, requests, n_ctx=1024, reset_each_request=True)
-    ngram = {"mode": "ngram"}
+    ngram = {"mode": "ngram", "adaptive": False}
     alone_ = _served(smollm2_gguf, requests, ngram, n_ctx=1024)
     assert alone_.text == reference.text
     assert reference.text["c0"].endswith("polished the ")
@@ -254,6 +311,7 @@ def test_smollm2_as_its_own_draft_accepts_nearly_all(smollm2_gguf):
     requests = [_ask("g0", "Tell me about the sea.", temperature=0, max_tokens=48)]
     reference = _served(smollm2_gguf, requests, n_ctx=1024)
     same = {"mode": "draft", "draft_model_path": str(smollm2_gguf), "draft_max": 6}
+    same["adaptive"] = False  # the mechanics: draft every step
     drafted = _served(smollm2_gguf, requests, same, n_ctx=1024)
     assert drafted.text == reference.text
     usage = drafted.results["g0"].usage

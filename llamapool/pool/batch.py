@@ -372,9 +372,13 @@ class BatchEngine:
             in_batch.append((slot, chunk))
             budget -= len(chunk)
 
+        generating_only = len(in_batch) == len(generating)  # a decode's cost by rows
         # A cancel of everything in the batch may have come before the flag was lowered.
         self.context.abort.set({s.rid for s, _ in in_batch} <= self._cancelled_ids)
+        started = time.perf_counter()
         status = self.context.decode()
+        if self.speculator is not None and status == 0 and generating_only:
+            self.speculator.observe(self.context.n_tokens, time.perf_counter() - started)
         if status != 0:
             for slot, _ in in_batch:  # drop whatever part of the batch reached the cache
                 self._trim(slot, len(slot.cached))

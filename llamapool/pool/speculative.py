@@ -26,6 +26,8 @@ room for drafts fairly among the slots.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,9 +41,14 @@ from llamapool.pool.prompt_cache import shared_prefix
 
 log = logging.getLogger(__name__)
 
-# After a draft of which nothing was accepted, a slot skips 1, 3, 7, ... steps before it
-# drafts again, at most this many: text that does not repeat itself pays ~nothing.
-_MAX_SKIP = 32
+# A slot's acceptance before its first verdict: 3 of 4 drafted tokens (a Beta prior), and
+# how much each verdict's weight decays by the next, so it follows the text's mood (a
+# passage being copied, then free text).
+_PRIOR_HITS, _PRIOR_MISSES = 3.0, 1.0
+_DECAY = 0.8
+# A slot whose drafts do not pay drafts one token after this many steps without, to learn
+# whether its text has started repeating.
+_PROBE_EVERY = 16
 
 
 def accept_run(
@@ -258,64 +265,129 @@ class ModelDrafter:
         self.context.close()
 
 
+class StepCost:
+    """What a decode costs: `fixed + per_row × rows`, fitted by least squares to recent
+    steps of generation only (older steps weigh less and less)."""
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A decode of `rows` rows took `seconds`."""
+        d = self.decay
+        self._w = self._w * d + 1
+        self._x = self._x * d + rows
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + rows * rows
+        self._xy = self._xy * d + rows * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed, per_row) in seconds, or None until the steps seen differ enough in rows."""
+        spread = self._w * self._xx - self._x * self._x
+        if self._w < 4 or spread < 0.25 * self._w * self._w:
+            return None
+        per_row = max(0.0, (self._w * self._xy - self._x * self._y) / spread)
+        fixed = max(0.0, (self._y - per_row * self._x) / self._w)
+        return fixed, per_row
+
+
 @dataclass
 class _SlotDrafts:
-    """One slot's drafting: how much it may draft next, and its request's counts."""
+    """One slot's drafting: its draft tokens' acceptance (decayed counts, from a prior),
+    and its request's counts."""
 
-    k: int
-    skip: int = 0  # steps left before it drafts again
-    misses: int = 0  # drafts in a row of which nothing was accepted
+    hits: float = _PRIOR_HITS  # drafted tokens accepted
+    misses: float = _PRIOR_MISSES  # drafts cut by a wrong token
+    wait: int = 0  # steps without drafting since the last draft
     drafted: int = 0
     accepted: int = 0
 
+    @property
+    def p(self) -> float:
+        """The chance that its next drafted token is accepted, given the ones before were."""
+        return self.hits / (self.hits + self.misses)
+
 
 class Speculator:
-    """Per slot: draft as much as its recent acceptance earns, within a fair share of the
-    decode's room; after verification, grow or shrink that, or pause after misses."""
+    """Per slot, draft as many tokens as pay for their rows: with a drafted token accepted
+    with chance p (given the ones before it), the i-th draft yields p^i tokens and costs a
+    row; a plain step of c slots yields c tokens for `fixed + per_row × c` (`StepCost`).
+    So draft while p^i > r = per_row / (fixed / c + per_row) (plus, for a draft model, its
+    own time per drafted token). On a GPU rows are nearly free and drafts run long; where
+    each row costs almost a step (a small model on a CPU core) drafts stay short or stop,
+    probing one token now and then. Drafts share the decode's room fairly."""
 
     def __init__(self, settings: SpeculativeSettings, drafter: Drafter, n_slots: int):
         self.settings = settings
         self.drafter = drafter
-        self._slots = [_SlotDrafts(k=settings.draft_max) for _ in range(n_slots)]
+        self.cost = StepCost()
+        self._draft_s = 0.0  # the drafter's own time per drafted token (EMA)
+        self._slots = [_SlotDrafts() for _ in range(n_slots)]
 
     def begin(self, seq: int) -> None:
-        """A new request starts on `seq`: full draft length, counts from 0."""
-        self._slots[seq] = _SlotDrafts(k=self.settings.draft_max)
+        """A new request starts on `seq`: acceptance from the prior, counts from 0."""
+        self._slots[seq] = _SlotDrafts()
         self.drafter.begin(seq)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A decode of generating slots only, `rows` rows, took `seconds`."""
+        self.cost.observe(rows, seconds)
 
     def plan(self, asks: list[Ask], room: int) -> dict[int, list[int]]:
         """Each asking slot's drafts for this step, `room` tokens at most in all."""
+        ratio = self._ratio(len(asks))
         wants: dict[int, int] = {}
         for ask in asks:
             s = self._slots[ask.seq]
-            if s.skip > 0:
-                s.skip -= 1
-                continue
-            n = min(s.k, ask.limit)
+            n = min(self._length(s.p, ratio), ask.limit)
+            if n == 0 and s.wait >= _PROBE_EVERY:
+                n = min(1, ask.limit)  # a probe keeps the estimate of p alive
             if n >= max(1, self.settings.draft_min):
                 wants[ask.seq] = n
+                s.wait = 0
+            else:
+                s.wait += 1
         shares = fair_shares(wants, room)
         chosen = [(a, shares[a.seq]) for a in asks if shares.get(a.seq, 0) > 0]
         if not chosen:
             return {}
+        started = time.perf_counter()
         drafts = self.drafter.draft(chosen)
+        n_drafted = sum(len(d) for d in drafts.values())
+        if n_drafted:
+            per_token = (time.perf_counter() - started) / n_drafted
+            self._draft_s = 0.8 * self._draft_s + 0.2 * per_token if self._draft_s else per_token
         low = self.settings.draft_min
         return {seq: d for seq, d in drafts.items() if d and len(d) >= low}
 
+    def _ratio(self, n_slots: int) -> float | None:
+        """What a draft row costs over what a plain step's token costs; None: unknown yet."""
+        fit = self.cost.fit()
+        if fit is None:
+            return None
+        fixed, per_row = fit
+        token = fixed / max(1, n_slots) + per_row
+        return (per_row + self._draft_s) / token if token > 0 else None
+
+    def _length(self, p: float, ratio: float | None) -> int:
+        """The longest draft whose last token still pays: p^k > ratio."""
+        top = self.settings.draft_max
+        if not self.settings.adaptive or ratio is None or ratio <= 0:
+            return top  # cost unknown (it is learnt from drafts) or rows free
+        if p <= ratio:
+            return 0
+        if p >= 1:
+            return top
+        return min(top, int(math.log(ratio) / math.log(p)))
+
     def verified(self, seq: int, drafted: int, accepted: int) -> None:
         """`accepted` of the `drafted` tokens of slot `seq` were the sampled ones."""
-        s, top = self._slots[seq], self.settings.draft_max
+        s = self._slots[seq]
         s.drafted += drafted
         s.accepted += accepted
-        if accepted == drafted:
-            s.k = min(top, 2 * s.k)
-        else:
-            s.k = max(accepted + 1, s.k // 2)
-        if accepted == 0:
-            s.misses += 1
-            s.skip = min(2**s.misses - 1, _MAX_SKIP)
-        else:
-            s.misses = 0
+        s.hits = s.hits * _DECAY + accepted
+        s.misses = s.misses * _DECAY + (1 if accepted < drafted else 0)
 
     def counts(self, seq: int) -> tuple[int, int]:
         """The drafted and accepted tokens of the request on `seq`."""
