@@ -261,6 +261,26 @@ def test_tiny_max_tokens_and_stops_inside_accepted_drafts(tiny_gguf):
     assert list(again.text.values()) == [reference.text[r.request_id] for r in cut[:3]]
 
 
+def test_tiny_logprobs_of_accepted_drafts_are_those_without_drafts(tiny_gguf):
+    requests = [
+        _ask("g", "abc abc abc abc", temperature=0, max_tokens=40),
+        _ask("s", "abc abc abc abc", temperature=0.8, seed=5, max_tokens=40),
+    ]
+    requests[0].logprobs, requests[1].logprobs = 3, 0
+    reference = _served(tiny_gguf, requests)
+    drafted = _served(tiny_gguf, requests, {"mode": "ngram", "adaptive": False})
+    assert _counts(drafted)[1] > 0
+    assert drafted.text == reference.text
+    # A row decoded among a draft's rows rounds a little differently (~1e-8) from one
+    # decoded alone; the tokens are the same.
+    for rid, entries in reference.logprobs.items():
+        assert len(drafted.logprobs[rid]) == len(entries) == 40
+        for got, want in zip(drafted.logprobs[rid], entries, strict=True):
+            assert (got.token, got.offset) == (want.token, want.offset)
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+            assert [t.token for t in got.top] == [t.token for t in want.top]
+
+
 def test_tiny_draft_model_same_file_accepts_nearly_all(tiny_gguf):
     requests = _tiny_requests()
     reference = _served(tiny_gguf, requests)
