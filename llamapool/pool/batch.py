@@ -151,6 +151,10 @@ class BatchEngine:
         self.logprob_reader = LogprobReader(self.context, self.n_vocab)
         # Drafts verified in the shared decode (pool/speculative.py); None when off.
         self.speculator = open_speculator(cfg, self.llama) if self.context.can_cut else None
+        if cfg.speculative is not None and self.speculator is None:
+            log.warning(
+                "model %s: no speculative decoding (its memory cannot drop drafts)", spec.id
+            )
         self._cancelled_ids: set[str] = set()
         self._waiting: list[_Waiting] = []
         # time.monotonic() of the engine's last decode step; the I/O thread's stall watchdog
