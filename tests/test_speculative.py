@@ -22,6 +22,7 @@ from llamapool.pool.speculative import (
     StepCost,
     accept_run,
     fair_shares,
+    ubatches,
 )
 
 PASSAGE = (
@@ -127,39 +128,48 @@ class _Repeat:
         pass
 
 
-def test_step_cost_is_fitted_from_decodes_of_different_sizes():
+def test_ubatches_follow_llama_cpps_equal_split():
+    assert ubatches([(s, 1) for s in range(8)], 512) == 1
+    assert ubatches([(0, 5), (1, 1), (2, 1)], 512) == 2  # seq 0's drafts: one more
+    assert ubatches([(0, 5), (1, 3)], 512) == 2  # 3 rows of each, then seq 0's 2
+    assert ubatches([(0, 1), (2, 1)], 512) == 2  # not consecutive: one ubatch each
+    assert ubatches([(0, 600)], 512) == 2
+
+
+def test_step_cost_is_fitted_from_decodes_of_different_shapes():
     cost = StepCost()
-    for rows in [1, 1, 1, 1, 1]:
-        cost.observe(rows, 0.012)
+    for _ in range(5):
+        cost.observe(1, 1, 0.012)
     assert cost.fit() is None  # all alike: the share of a row is unknown
-    for rows in [1, 9, 3, 17, 1, 5]:
-        cost.observe(rows, 0.01 + 0.002 * rows)
-    fixed, per_row = cost.fit()
-    assert fixed == pytest.approx(0.01, rel=0.05) and per_row == pytest.approx(0.002, rel=0.05)
+    for u, rows in [(1, 9), (2, 9), (1, 17), (3, 8), (1, 4)]:
+        cost.observe(u, rows, 0.01 * u + 0.002 * rows)
+    per_ubatch, per_row = cost.fit()
+    assert per_ubatch == pytest.approx(0.01, rel=0.05)
+    assert per_row == pytest.approx(0.002, rel=0.05)
 
 
-def _speculator(fixed: float, per_row: float, **settings) -> Speculator:
+def _speculator(per_ubatch: float, per_row: float, **settings) -> Speculator:
     spec = Speculator(SpeculativeSettings(mode="ngram", **settings), _Repeat(), 2)
     for rows in [1, 4, 2, 8, 1, 16]:
-        spec.observe(rows, fixed + per_row * rows)
+        spec.observe(1, rows, per_ubatch + per_row * rows)
     return spec
 
 
 def test_drafts_run_long_where_rows_are_cheap_and_stop_where_they_cost_a_step():
     ask = [Ask(0, [1, 2, 3], 4, limit=64)]
     # A GPU-like decode: a row costs 1/40 of a step: 3 in 4 drafts right earns 12 tokens.
-    assert len(_speculator(0.02, 0.0005).plan(ask, 512)[0]) == 12
+    assert len(_speculator(0.02, 0.0005).plan(ask, 512, 512)[0]) == 12
     # A CPU-like one: a row costs 95% of a step; no draft pays, until p is above 0.95.
     cpu = _speculator(0.001, 0.02)
-    assert cpu.plan(ask, 512) == {}
+    assert cpu.plan(ask, 512, 512) == {}
     for _ in range(15):  # then one token every 16 steps, to see whether the text repeats
-        assert cpu.plan(ask, 512) == {}
-    assert cpu.plan(ask, 512) == {0: [7]}
+        assert cpu.plan(ask, 512, 512) == {}
+    assert cpu.plan(ask, 512, 512) == {0: [7]}
     for _ in range(20):
         cpu.verified(0, 4, 4)  # a passage being copied: every draft right
-    assert len(cpu.plan(ask, 512)[0]) == 16
+    assert len(cpu.plan(ask, 512, 512)[0]) == 16
     # Not adaptive: draft_max every step, whatever it costs.
-    assert len(_speculator(0.001, 0.02, adaptive=False).plan(ask, 512)[0]) == 16
+    assert len(_speculator(0.001, 0.02, adaptive=False).plan(ask, 512, 512)[0]) == 16
     assert cpu.counts(0) == (80, 80)
 
 

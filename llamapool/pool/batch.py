@@ -55,7 +55,7 @@ from llamapool.pool.prompt_cache import (
     shared_prefix,
     worth_copying,
 )
-from llamapool.pool.speculative import Ask, accept_run, open_speculator
+from llamapool.pool.speculative import Ask, accept_run, open_speculator, ubatches
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,9 @@ class BatchEngine:
         started = time.perf_counter()
         status = self.context.decode()
         if self.speculator is not None and status == 0 and generating_only:
-            self.speculator.observe(self.context.n_tokens, time.perf_counter() - started)
+            groups = [(slot.seq, len(run)) for slot, run in in_batch]
+            seconds = time.perf_counter() - started
+            self.speculator.observe(ubatches(groups, self.n_batch), self.context.n_tokens, seconds)
         if status != 0:
             for slot, _ in in_batch:  # drop whatever part of the batch reached the cache
                 self._trim(slot, len(slot.cached))
@@ -430,7 +432,7 @@ class BatchEngine:
             assert slot.out is not None and slot.next_token is not None
             limit = min(self.n_ctx - len(slot.cached) - 1, slot.out.remaining - 1)
             asks.append(Ask(slot.seq, slot.cached, slot.next_token, limit))
-        return self.speculator.plan(asks, room) if room > 0 else {}
+        return self.speculator.plan(asks, room, self.n_batch) if room > 0 else {}
 
     def _sample(self, slot: _Slot, sink: Sink, run: list[int]) -> None:
         """Sample the slot's next token at its logits, or, for a run with drafts, every

@@ -26,7 +26,6 @@ room for drafts fairly among the slots.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -265,31 +264,52 @@ class ModelDrafter:
         self.context.close()
 
 
+def ubatches(groups: list[tuple[int, int]], n_ubatch: int) -> int:
+    """How many ubatches llama.cpp splits a batch into with split KV streams, given each
+    sequence's rows in batch order, as (seq, rows) (llama_batch_allocr::split_equal: a
+    ubatch takes the same number of rows from a run of consecutive sequence ids)."""
+    left = dict(groups)
+    count = 0
+    while any(left.values()):
+        run: list[int] = []
+        for seq, _ in groups:
+            if left[seq] and (not run or seq == run[-1] + 1):
+                run.append(seq)
+        rows = max(1, min(min(left[seq] for seq in run), n_ubatch // len(run)))
+        for seq in run:
+            left[seq] = max(0, left[seq] - rows)
+        count += 1
+    return count
+
+
 class StepCost:
-    """What a decode costs: `fixed + per_row × rows`, fitted by least squares to recent
-    steps of generation only (older steps weigh less and less)."""
+    """What a decode costs: `per_ubatch × ubatches + per_row × rows` (llama.cpp computes
+    each ubatch's graph in turn, reading every weight again), fitted by least squares to
+    recent steps of generation only (older steps weigh less and less)."""
 
     def __init__(self, decay: float = 0.95):
         self.decay = decay
-        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._w = self._uu = self._ur = self._rr = self._uy = self._ry = 0.0
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """A decode of `rows` rows took `seconds`."""
-        d = self.decay
+    def observe(self, ubatches: int, rows: int, seconds: float) -> None:
+        """A decode of `rows` rows in `ubatches` ubatches took `seconds`."""
+        d, u, r = self.decay, ubatches, rows
         self._w = self._w * d + 1
-        self._x = self._x * d + rows
-        self._y = self._y * d + seconds
-        self._xx = self._xx * d + rows * rows
-        self._xy = self._xy * d + rows * seconds
+        self._uu = self._uu * d + u * u
+        self._ur = self._ur * d + u * r
+        self._rr = self._rr * d + r * r
+        self._uy = self._uy * d + u * seconds
+        self._ry = self._ry * d + r * seconds
 
     def fit(self) -> tuple[float, float] | None:
-        """(fixed, per_row) in seconds, or None until the steps seen differ enough in rows."""
-        spread = self._w * self._xx - self._x * self._x
-        if self._w < 4 or spread < 0.25 * self._w * self._w:
+        """(per_ubatch, per_row) in seconds, or None until the steps seen differ enough in
+        rows per ubatch to tell the two apart."""
+        det = self._uu * self._rr - self._ur * self._ur
+        if self._w < 4 or det < 0.05 * self._uu * self._rr:
             return None
-        per_row = max(0.0, (self._w * self._xy - self._x * self._y) / spread)
-        fixed = max(0.0, (self._y - per_row * self._x) / self._w)
-        return fixed, per_row
+        per_ubatch = (self._rr * self._uy - self._ur * self._ry) / det
+        per_row = (self._uu * self._ry - self._ur * self._uy) / det
+        return max(0.0, per_ubatch), max(0.0, per_row)
 
 
 @dataclass
@@ -310,13 +330,15 @@ class _SlotDrafts:
 
 
 class Speculator:
-    """Per slot, draft as many tokens as pay for their rows: with a drafted token accepted
-    with chance p (given the ones before it), the i-th draft yields p^i tokens and costs a
-    row; a plain step of c slots yields c tokens for `fixed + per_row × c` (`StepCost`).
-    So draft while p^i > r = per_row / (fixed / c + per_row) (plus, for a draft model, its
-    own time per drafted token). On a GPU rows are nearly free and drafts run long; where
-    each row costs almost a step (a small model on a CPU core) drafts stay short or stop,
-    probing one token now and then. Drafts share the decode's room fairly."""
+    """Per slot, draft as many tokens as pay for what they cost. A drafted token is
+    accepted with chance p given the ones before it, so the i-th yields p^i tokens; it
+    costs a row, and a slot's drafts beyond the other slots' rows take a ubatch of their
+    own (`ubatches`); a plain step yields a token per slot for what `StepCost` says it
+    costs. Each slot takes the draft length with the best expected tokens over cost (plus,
+    for a draft model, its own time per drafted token). On a GPU rows are nearly free and
+    drafts run long; where a row costs almost a step (a small model on a CPU core) drafts
+    stay short or stop, probing one token now and then. Drafts share the decode's room
+    fairly."""
 
     def __init__(self, settings: SpeculativeSettings, drafter: Drafter, n_slots: int):
         self.settings = settings
@@ -330,17 +352,17 @@ class Speculator:
         self._slots[seq] = _SlotDrafts()
         self.drafter.begin(seq)
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """A decode of generating slots only, `rows` rows, took `seconds`."""
-        self.cost.observe(rows, seconds)
+    def observe(self, ubatches: int, rows: int, seconds: float) -> None:
+        """A decode of generating slots only, `rows` rows in `ubatches`, took `seconds`."""
+        self.cost.observe(ubatches, rows, seconds)
 
-    def plan(self, asks: list[Ask], room: int) -> dict[int, list[int]]:
+    def plan(self, asks: list[Ask], room: int, n_ubatch: int) -> dict[int, list[int]]:
         """Each asking slot's drafts for this step, `room` tokens at most in all."""
-        ratio = self._ratio(len(asks))
+        price = self._price(asks, n_ubatch)
         wants: dict[int, int] = {}
         for ask in asks:
             s = self._slots[ask.seq]
-            n = min(self._length(s.p, ratio), ask.limit)
+            n = min(self._length(s.p, price), ask.limit)
             if n == 0 and s.wait >= _PROBE_EVERY:
                 n = min(1, ask.limit)  # a probe keeps the estimate of p alive
             if n >= max(1, self.settings.draft_min):
@@ -361,25 +383,36 @@ class Speculator:
         low = self.settings.draft_min
         return {seq: d for seq, d in drafts.items() if d and len(d) >= low}
 
-    def _ratio(self, n_slots: int) -> float | None:
-        """What a draft row costs over what a plain step's token costs; None: unknown yet."""
+    def _price(self, asks: list[Ask], n_ubatch: int) -> tuple[float, float] | None:
+        """What drafting costs this step, in a plain step's tokens: (per drafted row, once
+        for a slot that drafts at all); None while the cost is unknown."""
         fit = self.cost.fit()
-        if fit is None:
+        if fit is None or not self.settings.adaptive:
             return None
-        fixed, per_row = fit
-        token = fixed / max(1, n_slots) + per_row
-        return (per_row + self._draft_s) / token if token > 0 else None
+        per_ubatch, per_row = fit
+        plain = ubatches([(a.seq, 1) for a in asks], n_ubatch)
+        token = (per_ubatch * plain + per_row * len(asks)) / max(1, len(asks))
+        if token <= 0:
+            return None
+        # Another slot's rows ride in the same ubatch; a slot's drafts beyond them take
+        # ubatches of their own (split_equal), one at least.
+        once = per_ubatch if len(asks) > 1 else 0.0
+        return (per_row + self._draft_s) / token, once / token
 
-    def _length(self, p: float, ratio: float | None) -> int:
-        """The longest draft whose last token still pays: p^k > ratio."""
+    def _length(self, p: float, price: tuple[float, float] | None) -> int:
+        """The draft length with the most expected tokens over cost: the i-th drafted token
+        is accepted with chance p^i and costs a row (and the first one `once`)."""
         top = self.settings.draft_max
-        if not self.settings.adaptive or ratio is None or ratio <= 0:
-            return top  # cost unknown (it is learnt from drafts) or rows free
-        if p <= ratio:
-            return 0
-        if p >= 1:
-            return top
-        return min(top, int(math.log(ratio) / math.log(p)))
+        if price is None:
+            return top  # cost unknown (it is learnt from drafts), or not adaptive
+        row, once = price
+        best, gain, expected = 0, 0.0, 0.0
+        for k in range(1, top + 1):
+            expected += p**k
+            net = expected - row * k - once
+            if net > gain:
+                best, gain = k, net
+        return best
 
     def verified(self, seq: int, drafted: int, accepted: int) -> None:
         """`accepted` of the `drafted` tokens of slot `seq` were the sampled ones."""
