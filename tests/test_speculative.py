@@ -146,6 +146,9 @@ def test_step_cost_is_fitted_from_decodes_of_different_shapes():
     per_ubatch, per_row = cost.fit()
     assert per_ubatch == pytest.approx(0.01, rel=0.05)
     assert per_row == pytest.approx(0.002, rel=0.05)
+    for _ in range(200):  # all alike again: no new information, the last fit holds
+        cost.observe(1, 8, 0.026)
+    assert cost.fit() == pytest.approx((0.01, 0.002), rel=0.05)
 
 
 def _speculator(per_ubatch: float, per_row: float, **settings) -> Speculator:

@@ -290,6 +290,7 @@ class StepCost:
     def __init__(self, decay: float = 0.95):
         self.decay = decay
         self._w = self._uu = self._ur = self._rr = self._uy = self._ry = 0.0
+        self._last: tuple[float, float] | None = None
 
     def observe(self, ubatches: int, rows: int, seconds: float) -> None:
         """A decode of `rows` rows in `ubatches` ubatches took `seconds`."""
@@ -302,14 +303,16 @@ class StepCost:
         self._ry = self._ry * d + r * seconds
 
     def fit(self) -> tuple[float, float] | None:
-        """(per_ubatch, per_row) in seconds, or None until the steps seen differ enough in
-        rows per ubatch to tell the two apart."""
+        """(per_ubatch, per_row) in seconds, or None until the steps seen have differed
+        enough in rows per ubatch to tell the two apart."""
         det = self._uu * self._rr - self._ur * self._ur
         if self._w < 4 or det < 0.05 * self._uu * self._rr:
-            return None
+            # Steps all alike again (no drafts for a while): the last fit still holds.
+            return self._last
         per_ubatch = (self._rr * self._uy - self._ur * self._ry) / det
         per_row = (self._uu * self._ry - self._ur * self._uy) / det
-        return max(0.0, per_ubatch), max(0.0, per_row)
+        self._last = max(0.0, per_ubatch), max(0.0, per_row)
+        return self._last
 
 
 @dataclass
