@@ -294,6 +294,26 @@ def test_tiny_logprobs_of_accepted_drafts_are_those_without_drafts(tiny_gguf):
             assert [t.token for t in got.top] == [t.token for t in want.top]
 
 
+def test_tiny_grammar_penalties_and_bias_keep_the_text_with_drafts(tiny_gguf):
+    # The grammar's repeats give n-gram drafts to accept; every drafted row is sampled
+    # through the slot's whole chain, the grammar's check included.
+    grammar = 'root ::= ("ab" [a-z] " ")+'
+    params = [
+        {"temperature": 0},
+        {"temperature": 0.8, "seed": 9},
+        {"temperature": 0.8, "seed": 4, "repeat_penalty": 1.3, "logit_bias": {300: 3.0}},
+    ]
+    requests = [
+        _ask(f"r{i}", "abc abc abc abc", max_tokens=48, grammar=grammar, **p)
+        for i, p in enumerate(params)
+    ]
+    reference = _served(tiny_gguf, requests)
+    drafted = _served(tiny_gguf, requests, {"mode": "ngram", "adaptive": False})
+    assert drafted.text == reference.text
+    assert all(t.startswith("ab") for t in drafted.text.values())
+    assert _counts(drafted)[1] > 0
+
+
 def test_tiny_draft_model_same_file_accepts_nearly_all(tiny_gguf):
     requests = _tiny_requests()
     reference = _served(tiny_gguf, requests)
