@@ -118,6 +118,8 @@ def test_ngram_lookup_of_a_long_text_is_cheap():
 class _Repeat:
     """A drafter that proposes token 7, as many as asked."""
 
+    probes = True
+
     def begin(self, seq: int) -> None:
         pass
 

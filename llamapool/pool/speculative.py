@@ -83,6 +83,10 @@ class Ask:
 class Drafter(Protocol):
     """Proposes each asking slot's next tokens."""
 
+    # Whether a slot whose drafts do not pay should still draft a token now and then: cheap
+    # for a lookup; a draft model would have to evaluate everything since its last draft.
+    probes: bool
+
     def begin(self, seq: int) -> None:
         """A new request starts on `seq`."""
 
@@ -100,6 +104,8 @@ class NgramDrafter:
     Each slot's text lives in a NumPy buffer, appended as its sequence grows; a lookup
     compares the whole text at once, n positions a pass (~µs per thousand tokens).
     """
+
+    probes = True
 
     def __init__(self, settings: SpeculativeSettings, n_slots: int, n_ctx: int):
         self.ngram_min, self.ngram_max = settings.ngram_min, settings.ngram_max
@@ -157,6 +163,8 @@ class ModelDrafter:
 
     It stops a slot's draft at a token whose probability is below `draft_p_min`.
     """
+
+    probes = False
 
     def __init__(self, cfg: LlamaSettings, n_slots: int, n_ctx: int, target: Any):
         settings = cfg.speculative
@@ -366,7 +374,7 @@ class Speculator:
         for ask in asks:
             s = self._slots[ask.seq]
             n = min(self._length(s.p, price), ask.limit)
-            if n == 0 and s.wait >= _PROBE_EVERY:
+            if n == 0 and s.wait >= _PROBE_EVERY and self.drafter.probes:
                 n = min(1, ask.limit)  # a probe keeps the estimate of p alive
             if n >= max(1, self.settings.draft_min):
                 wants[ask.seq] = n
