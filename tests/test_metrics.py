@@ -193,7 +193,7 @@ class _Exited:
     """A worker process that has already exited with `code` (its pid exists nowhere)."""
 
     pid = 2**22 + 12345
-    data = None
+    node = node_available = reason = data = None  # the rest of launcher.ProcessHandle
 
     def __init__(self, code: int):
         self.code = code
