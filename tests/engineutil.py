@@ -89,3 +89,11 @@ def together(
     engine.serve(jobs, sink)
     assert not sink.at, f"joins that never happened: {list(sink.at)}"
     return sink
+
+
+# A passage SmolLM2 copies well (rewrites, repeats, drafts).
+PASSAGE = (
+    "The lighthouse keeper climbed the narrow stairs every evening at dusk. He lit the "
+    "great lamp, polished the brass rails, and wrote the weather in a leather book. Ships "
+    "passed far out on the grey water, and none of them knew his name."
+)

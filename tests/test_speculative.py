@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engineutil import alone, together
+from engineutil import PASSAGE, alone, together
 from tinymodel import write_tiny_llama
 
 from llamapool.config import ConfigError, SpeculativeSettings, parse_config, parse_model
@@ -23,12 +23,6 @@ from llamapool.pool.speculative import (
     accept_run,
     fair_shares,
     ubatches,
-)
-
-PASSAGE = (
-    "The lighthouse keeper climbed the narrow stairs every evening at dusk. He lit the "
-    "great lamp, polished the brass rails, and wrote the weather in a leather book. Ships "
-    "passed far out on the grey water, and none of them knew his name."
 )
 
 
