@@ -8,7 +8,7 @@ must be byte-identical, and so must a seeded request's text at temperature 0.8.
 
 from __future__ import annotations
 
-from engineutil import Texts, alone, together
+from engineutil import PASSAGE, Texts, alone, together
 
 from llamapool.config import parse_config
 from llamapool.ipc.protocol import Request, SamplingParams
@@ -250,3 +250,25 @@ def test_tiny_requests_arriving_together_evaluate_their_system_prompt_once(tiny_
     assert shared[0] == 0 and all(n > len(SYSTEM) for n in shared[1:]), shared
     for rid, text in reference.text.items():
         assert loaded.text[rid] == text, f"{rid} differs after waiting for a shared prefix"
+
+
+def test_smollm2_a_prompt_evaluated_after_a_copied_prefix_keeps_its_text(smollm2_gguf):
+    path = str(smollm2_gguf)
+    repeat = f"Repeat this text exactly:\n\n{PASSAGE}"
+    requests = [
+        _ask("g0", repeat, temperature=0, max_tokens=80),
+        _ask("g1", f"Rewrite this in the first person:\n\n{PASSAGE}", temperature=0, max_tokens=80),
+        _ask("s0", repeat, temperature=0.8, seed=11, max_tokens=80),
+        _ask("c0", repeat, temperature=0, max_tokens=80, stop=["brass"]),
+    ]
+    reference = _reference(path, requests, n_ctx=1024)
+    engine = _engine(path, n_ctx=1024)
+    # g0 evaluates; the others wait for it and copy: s0 and c0 all but their last prompt
+    # token, g1 only the chat template's system prompt, then evaluates its own 60 tokens
+    # beside the others' first steps. Its text differed when those shared one decode.
+    loaded = together(engine, requests, {})
+    engine.close()
+    shared = {rid: r.timings.cache_shared_n for rid, r in loaded.results.items()}
+    assert shared["g0"] == 0 and min(shared[r] for r in ("g1", "s0", "c0")) > 0, shared
+    for rid, text in reference.text.items():
+        assert loaded.text[rid] == text, f"{rid} differs after a copied prefix"

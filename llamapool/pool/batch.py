@@ -355,28 +355,48 @@ class BatchEngine:
     # -- one decode step --------------------------------------------------------
 
     def _step(self, sink: Sink) -> None:
+        """One step: the generating slots' tokens (and drafts) in one decode, then each
+        prompt chunk `n_batch` leaves room for in a decode of its own.
+
+        A prompt's rows never share a decode with other sequences' rows: llama.cpp splits
+        such a batch into ubatches of equal tokens per sequence, so the prompt's first row
+        would be computed beside other sequences' single rows, in another attention
+        grouping than the same prompt alone, and a greedy near-tie could flip (seen with a
+        copied prefix on SmolLM2). Separate decodes cost no extra pass over the weights:
+        llama.cpp made those ubatches anyway.
+        """
         budget = self.n_batch
-        self.context.clear()
-        in_batch: list[tuple[_Slot, list[int]]] = []
+        groups: list[list[tuple[_Slot, list[int]]]] = []
         generating = [s for s in self.slots if s.state is SlotState.GENERATING]
         drafts = self._drafts(generating, budget) if self.speculator is not None else {}
+        runs = []
         for slot in generating:
             assert slot.next_token is not None
-            run = [slot.next_token, *drafts.get(slot.seq, ())]  # logits at each row
-            slot.logits_at = self._add(slot, run, logits=True, every=True) - len(run) + 1
-            in_batch.append((slot, run))
-            budget -= len(run)
+            runs.append((slot, [slot.next_token, *drafts.get(slot.seq, ())]))
+            budget -= len(runs[-1][1])
+        if runs:
+            groups.append(runs)
         for slot in self.slots:
             if slot.state is not SlotState.PROMPT or budget <= 0:
                 continue
-            chunk = slot.pending[:budget]
-            last = len(chunk) == len(slot.pending)
-            at = self._add(slot, chunk, logits=last, every=_scores_prompt(slot))
-            slot.logits_at = at if last else -1
-            in_batch.append((slot, chunk))
-            budget -= len(chunk)
+            groups.append([(slot, slot.pending[:budget])])
+            budget -= len(groups[-1][0][1])
+        for group in groups:
+            if not self._decode(group, sink):
+                return
 
-        generating_only = len(in_batch) == len(generating)  # a decode's cost by rows
+    def _decode(self, in_batch: list[tuple[_Slot, list[int]]], sink: Sink) -> bool:
+        """Decode these slots' tokens and sample where they have logits; False if the
+        decode was aborted (every request in it cancelled) and the step should end."""
+        self.context.clear()
+        for slot, tokens in in_batch:
+            if slot.state is SlotState.GENERATING:  # logits at each row
+                slot.logits_at = self._add(slot, tokens, logits=True, every=True) - len(tokens) + 1
+            else:
+                last = len(tokens) == len(slot.pending)
+                at = self._add(slot, tokens, logits=last, every=_scores_prompt(slot))
+                slot.logits_at = at if last else -1
+        generating_only = in_batch[0][0].state is SlotState.GENERATING  # cost by rows
         # A cancel of everything in the batch may have come before the flag was lowered.
         self.context.abort.set({s.rid for s, _ in in_batch} <= self._cancelled_ids)
         started = time.perf_counter()
@@ -389,7 +409,7 @@ class BatchEngine:
             for slot, _ in in_batch:  # drop whatever part of the batch reached the cache
                 self._trim(slot, len(slot.cached))
             if status == DECODE_ABORTED:
-                return  # every slot in it was cancelled; _drop_cancelled ends them
+                return False  # every slot in it was cancelled; _drop_cancelled ends them
             for slot, _ in in_batch:
                 self._finish_error(
                     slot,
@@ -397,7 +417,7 @@ class BatchEngine:
                     ErrorCode.GENERATION_FAILED,
                     f"llama_decode failed with status {status} in model {self.spec.id!r}",
                 )
-            return
+            return True
 
         for slot, tokens in in_batch:
             if slot.state is SlotState.PROMPT and _scores_prompt(slot):
@@ -419,6 +439,7 @@ class BatchEngine:
                 log.exception("request %s failed", slot.rid)
                 self._trim(slot, held)  # whatever it sampled, drafts may still be there
                 self._finish_error(slot, sink, ErrorCode.GENERATION_FAILED, self._failure(exc))
+        return True
 
     def _drafts(self, generating: list[_Slot], budget: int) -> dict[int, list[int]]:
         """Each generating slot's drafts for this step. Drafts share what the batch has
