@@ -336,3 +336,18 @@ def test_samples_of_one_prompt_share_its_evaluation(tiny_gguf):
     n_prompt = sink.results["s0"].usage.prompt_tokens
     assert shared == [0, n_prompt - 1, n_prompt - 1, n_prompt - 1]  # evaluated once
     assert len(set(sink.text.values())) > 1  # distinct seeds, distinct samples
+
+
+def test_threads_change_between_steps_and_greedy_text_does_not(engine):
+    alone = _serve(engine, _chat("a", "count", max_tokens=12, temperature=0.0))
+    assert engine.n_threads == 1
+    engine.set_threads(2)
+    assert engine.n_threads == 2
+    wide = _serve(engine, _chat("b", "count", max_tokens=12, temperature=0.0))
+    engine.set_threads(1)
+    assert engine.n_threads == 1
+
+    def text(sink, rid):
+        return "".join(e[2][0] for e in sink.events if e[0] == "chunk" and e[1] == rid)
+
+    assert text(alone, "a") == text(wide, "b") != ""

@@ -37,6 +37,7 @@ from llamapool.pool.llama_adapter import (
     Grammars,
     LogprobReader,
     Sampler,
+    set_threads,
 )
 from llamapool.pool.logprobs import Scoring
 from llamapool.pool.prepare import (
@@ -166,6 +167,17 @@ class BatchEngine:
         if self.speculator is not None:
             self.speculator.close()
         self.context.close()
+
+    @property
+    def n_threads(self) -> int:
+        """The threads each decode runs."""
+        return self.context.n_threads
+
+    def set_threads(self, n_threads: int) -> None:
+        """Decode with `n_threads` threads from the next step (elastic threads: the worker
+        calls it between steps, with its new CPU affinity)."""
+        self.context.set_threads(n_threads)
+        set_threads(self.llama, n_threads)
 
     # -- the worker's entry points --------------------------------------------
 

@@ -28,6 +28,7 @@ from llamapool.pool.llama_adapter.model import (  # noqa: F401
     handler_only,
     logit_bias_processor,
     open_llama,
+    set_threads,
     stopping_criteria,
     vocab_mismatch,
 )

@@ -51,6 +51,16 @@ class BatchContext:
         """The flash attention type this context was made with."""
         return self._context.params.flash_attn_type
 
+    @property
+    def n_threads(self) -> int:
+        """The threads its next decode runs (llama_n_threads)."""
+        return self._llama_cpp.llama_n_threads(self._context.ctx)
+
+    def set_threads(self, n_threads: int) -> None:
+        """Decode with `n_threads` threads, one token or a prompt batch, from the next
+        decode on (llama_set_n_threads: llama.cpp reads it per decode)."""
+        self._llama_cpp.llama_set_n_threads(self._context.ctx, n_threads, n_threads)
+
     def clear(self) -> None:
         """Start building the next batch."""
         self.n_tokens = 0

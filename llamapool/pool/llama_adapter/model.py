@@ -19,6 +19,16 @@ PENALTY_LAST_N = 64
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
 
 
+def set_threads(llama: Any, n_threads: int) -> None:
+    """Run the `Llama`'s own context with `n_threads` threads (generation and prompt) from
+    its next decode."""
+    import llama_cpp
+
+    llama_cpp.llama_set_n_threads(llama._ctx.ctx, n_threads, n_threads)
+    llama.n_threads = llama.n_threads_batch = n_threads
+    llama.context_params.n_threads = llama.context_params.n_threads_batch = n_threads
+
+
 def open_llama(cfg: LlamaSettings, *, n_ctx: int | None = None, seed: int | None = None) -> Any:
     """The model's `llama_cpp.Llama` with a context of `n_ctx` (default: the model's).
 
