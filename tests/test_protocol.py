@@ -49,6 +49,8 @@ from llamapool.ipc import protocol as P
         P.RouterHeartbeat(seq=1),
         P.Shutdown(drain=False),
         P.Pong(seq=3),
+        P.Resize(seq=2, cores=[0, 1], n_threads=2),
+        P.Resized(seq=2, cores=[0, 1], n_threads=2),
     ],
 )
 def test_round_trip(message):
@@ -85,6 +87,7 @@ _STREAM = [
     P.Chunk(request_id="r-1", text="ü", tokens=1),
     P.Done(request_id="r-1", finish_reason="stop", usage=P.Usage(2, 1)),
     P.Pong(seq=4),
+    P.Resize(seq=1, cores=[3], n_threads=1),
 ]
 
 

@@ -76,6 +76,9 @@ class Ready(msgspec.Struct):
     model_id: str
     n_ctx: int
     capacity: int
+    # Its engine takes RESIZE between decode steps (the batching engine), so the
+    # supervisor may lend it idle cores (elastic threads).
+    resizable: bool = False
 
 
 class Heartbeat(msgspec.Struct):
@@ -143,6 +146,15 @@ class Fatal(msgspec.Struct):
     kind: FatalKind
 
 
+class Resized(msgspec.Struct):
+    """A RESIZE applied at a step boundary: the engine thread's CPU affinity as the kernel
+    reports it, and its thread count. Data socket, after everything decoded before it."""
+
+    seq: int
+    cores: list[int]
+    n_threads: int
+
+
 class Ping(msgspec.Struct):
     """Asks for a PONG on the same socket: proof that everything sent before it arrived."""
 
@@ -170,6 +182,17 @@ class Request(msgspec.Struct, kw_only=True):
     tool_prompt: str | None = None
 
 
+class Resize(msgspec.Struct):
+    """Run the engine on `cores` with `n_threads` threads from the next decode step.
+
+    Data socket, in order with the requests: a widening sent before a request applies
+    before its first decode; the worker answers RESIZED."""
+
+    seq: int
+    cores: list[int]
+    n_threads: int
+
+
 class Cancel(msgspec.Struct):
     request_id: str
 
@@ -194,11 +217,13 @@ Message = (
     | Error
     | Fatal
     | Ping
+    | Resized
     | Request
     | Cancel
     | RouterHeartbeat
     | Shutdown
     | Pong
+    | Resize
 )
 
 _TYPES: dict[int, type] = {
@@ -209,11 +234,13 @@ _TYPES: dict[int, type] = {
     0x05: Error,
     0x06: Fatal,
     0x07: Ping,
+    0x08: Resized,
     0x10: Request,
     0x11: Cancel,
     0x12: RouterHeartbeat,
     0x13: Shutdown,
     0x14: Pong,
+    0x15: Resize,
 }
 _CODES: dict[type, bytes] = {cls: bytes([code]) for code, cls in _TYPES.items()}
 _DECODERS = {code: msgspec.msgpack.Decoder(cls) for code, cls in _TYPES.items()}

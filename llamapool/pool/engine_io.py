@@ -91,6 +91,8 @@ class Inbox:
                         return msg
                 elif isinstance(msg, P.Cancel):
                     self.worker.cancel(msg.request_id)
+                elif isinstance(msg, P.Resize):
+                    self.worker.resize(msg, self)
                 elif isinstance(msg, P.Pong):
                     pass  # a PONG that came after its fault gave up waiting
                 else:

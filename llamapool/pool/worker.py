@@ -111,6 +111,10 @@ class Worker:
         self.draining = False
         self.seq = 0
         self.faults = FaultInjector()
+        # The threads alive before the engine thread starts (this one, ZeroMQ's) stay
+        # unpinned; every later one is the engine's or llama.cpp's (OpenMP) and follows
+        # the engine's cores on a RESIZE.
+        self.io_tids = _thread_ids()
 
     def send(self, message: object) -> None:
         self.sock.send_multipart(P.encode(message))
@@ -137,6 +141,7 @@ class Worker:
                 model_id=self.spec.id,
                 n_ctx=self.engine.n_ctx,
                 capacity=self.engine.capacity,
+                resizable=isinstance(self.engine, BatchEngine) and bool(self.cores),
             )
         )
 
@@ -201,6 +206,25 @@ class Worker:
                 )
             )
         return accepted
+
+    def resize(self, msg: P.Resize, inbox: Inbox) -> None:
+        """Run on `msg.cores` with `msg.n_threads` threads from the next decode (engine
+        thread, between steps); confirm with what the kernel now reports."""
+        cores = set(msg.cores)
+        for tid in _thread_ids() - self.io_tids:
+            try:
+                os.sched_setaffinity(tid, cores)
+            except OSError:  # a thread that has just ended
+                pass
+        self.engine.set_threads(msg.n_threads)  # type: ignore[union-attr]
+        inbox.send(
+            P.Resized(
+                seq=msg.seq,
+                cores=sorted(os.sched_getaffinity(0)),
+                n_threads=self.engine.n_threads,  # type: ignore[union-attr]
+            )
+        )
+        log.debug("worker %s: %d thread(s) on cores %s", self.worker_id, msg.n_threads, msg.cores)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request the engine has (either thread); an unknown one has ended."""
@@ -342,6 +366,10 @@ class Worker:
         closer = threading.Thread(target=self.ctx.term, daemon=True)
         closer.start()
         closer.join(1.0)
+
+
+def _thread_ids() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
