@@ -145,6 +145,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpus: Annotated[list[NonNegativeInt], msgspec.Meta(min_length=1)] | None = None
     # Where its instances may run on a Ray cluster (placement.backend: ray only).
     placement: ModelPlacement | None = None
+    # Its busy instances borrow idle instances' cores, and lend theirs (null: the pool's).
+    elastic_threads: bool | None = None
 
     @property
     def instance_limit(self) -> int:
@@ -173,6 +175,8 @@ class PoolSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpu_memory_budget: str | int = "90%"
     max_worker_memory: str | int | None = None
     memory_check_interval: PositiveFloat = 2.0
+    # A busy instance runs on the cores of idle ones (more threads) until they get work.
+    elastic_threads: bool = True
 
 
 class AdminSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

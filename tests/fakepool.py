@@ -95,6 +95,10 @@ class FakePool:
     lost: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     drained: list[str] = field(default_factory=list)
+    resizes: list[tuple[str, list[int], int]] = field(
+        default_factory=list
+    )  # worker, cores, threads
+    reclaimed: list[str] = field(default_factory=list)  # workers whose held requests may go
 
     def tick(self, advance: float = 0.0) -> None:
         self.sup.tick(self.clock.advance(advance))
@@ -110,8 +114,17 @@ class FakePool:
         assert isinstance(w.process, FakeProcess)
         return w.process
 
-    def ready(self, w: WorkerHandle, capacity: int = 1) -> None:
-        self.sup.mark_ready(w, capacity=capacity, n_ctx=256)
+    def ready(self, w: WorkerHandle, capacity: int = 1, resizable: bool = False) -> None:
+        self.sup.mark_ready(w, capacity=capacity, n_ctx=256, resizable=resizable)
+
+    def dispatch(self, w: WorkerHandle, request_id: str) -> None:
+        """Book a request to `w` as the scheduler does."""
+        w.in_flight[request_id] = object()
+        self.sup.note_dispatched(w)
+
+    def release(self, w: WorkerHandle, request_id: str) -> None:
+        del w.in_flight[request_id]
+        self.sup.note_released(w)
 
     def restarts(self, reason: str, model_id: str = "m") -> float:
         from prometheus_client.parser import text_string_to_metric_families
@@ -149,6 +162,8 @@ def fake_pool(
         on_worker_ready=lambda w: None,
         on_model_failed=lambda m, r: holder["p"].failed.append((m, r)),
         on_drain=lambda w: holder["p"].drained.append(w.id),
+        on_resize=lambda w, r: holder["p"].resizes.append((w.id, r.cores, r.n_threads)),
+        on_reclaimed=lambda w: holder["p"].reclaimed.append(w.id),
         observer=metrics,
         launcher=launcher,
         clock=clock,

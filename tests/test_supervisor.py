@@ -426,3 +426,68 @@ def test_without_gpus_workers_see_every_gpu(tiny_gguf):
     pool = fake_pool(tiny_gguf)
     pool.tick()
     assert pool.launcher.started[0].launch.gpu is None and pool.only().gpu is None
+
+
+def _elastic_pool(tiny_gguf, **pool):
+    p = fake_pool(tiny_gguf, [{"id": "m", "min_instances": 2}], **pool)
+    p.tick()
+    p.tick()
+    a, b = p.workers()
+    p.ready(a, capacity=4, resizable=True)
+    p.ready(b, capacity=4, resizable=True)
+    return p, a, b
+
+
+def test_a_busy_worker_borrows_its_idle_neighbours_core_and_gives_it_back(tiny_gguf):
+    p, a, b = _elastic_pool(tiny_gguf)
+    assert (a.cores, b.cores) == ([0], [1])
+    p.dispatch(a, "r-1")
+    assert p.resizes == [(a.id, [0, 1], 2)]
+    assert p.sup.cores.view(a.id)["state"] == "borrowing"
+    assert p.sup.cores.view(b.id)["state"] == "lent"
+    p.sup.note_resized(a, 1, [0, 1], 2)
+    assert p.sup.cores.view(a.id)["cores"] == [0, 1]
+    # The neighbour gets work: a shrinks, and b's request waits for a's confirmation.
+    p.dispatch(b, "r-2")
+    assert p.resizes[-1] == (a.id, [0], 1)
+    assert p.sup.cores.holds(b.id) and not p.reclaimed
+    p.sup.note_resized(a, 2, [0], 1)
+    assert p.reclaimed == [b.id] and not p.sup.cores.holds(b.id)
+    p.sup.cores.check_invariant()
+
+
+def test_a_lenders_death_or_a_borrowers_frees_what_waits(tiny_gguf):
+    p, a, b = _elastic_pool(tiny_gguf)
+    p.dispatch(a, "r-1")
+    p.dispatch(b, "r-2")
+    assert p.sup.cores.holds(b.id)
+    p.proc(a).exit(-9)
+    p.tick()
+    assert p.reclaimed == [b.id]
+
+
+def test_elastic_threads_off_for_the_pool_or_the_model(tiny_gguf):
+    p, a, b = _elastic_pool(tiny_gguf, elastic_threads=False)
+    p.dispatch(a, "r-1")
+    assert not p.resizes and p.sup.cores.view(a.id)["state"] == "own"
+    models = [{"id": "m", "min_instances": 2, "elastic_threads": False}]
+    p = fake_pool(tiny_gguf, models)
+    p.tick()
+    p.tick()
+    a, b = p.workers()
+    p.ready(a, resizable=True)
+    p.ready(b, resizable=True)
+    p.dispatch(a, "r-1")
+    assert not p.resizes
+
+
+def test_a_worker_that_cannot_resize_never_lends_nor_borrows(tiny_gguf):
+    p = fake_pool(tiny_gguf, [{"id": "m", "min_instances": 2}])
+    p.tick()
+    p.tick()
+    a, b = p.workers()
+    p.ready(a, resizable=True)
+    p.ready(b, resizable=False)  # the one-at-a-time engine
+    p.dispatch(a, "r-1")
+    p.dispatch(b, "r-2")
+    assert not p.resizes and p.sup.cores.view(b.id)["elastic"] is False

@@ -71,6 +71,8 @@ class Broker:
             on_model_failed=self._on_model_failed,
             on_drain=lambda w: self.send(w, P.Shutdown(drain=True)),
             on_spawned=self._attach,
+            on_resize=self._send_resize,
+            on_reclaimed=self._release_held,
             observer=observer,
             log_level=log_level,
             worker_log=worker_log,
@@ -86,6 +88,9 @@ class Broker:
         self._closed = False
         self._hb_seq = 0
         self._next_hb = 0.0
+        # Requests and cancels for a worker reclaiming its cores, in order, until the
+        # borrower has given them back (supervisor.cores).
+        self._held: dict[str, list[Any]] = {}
         for spec in config.models.values():
             self._add_model(spec)
         for model_id, reason in config.broken.items():
@@ -197,6 +202,9 @@ class Broker:
         if self._closed:
             return False
         if isinstance(message, P.Request | P.Cancel):
+            if self.supervisor.cores.holds(worker.id):
+                self._held.setdefault(worker.id, []).append(message)
+                return True
             if worker.channel is None or not worker.channel.send(message):
                 return False
             if isinstance(message, P.Request):
@@ -216,6 +224,19 @@ class Broker:
                     self._read_scheduled = True
                     self._loop.call_soon(self._read_control)
         return True
+
+    def _send_resize(self, worker: WorkerHandle, resize: Any) -> None:
+        """New cores and threads, on the data socket: applied at the worker's next step."""
+        if worker.channel is not None:
+            msg = P.Resize(seq=resize.seq, cores=resize.cores, n_threads=resize.n_threads)
+            worker.channel.send(msg)  # a worker gone by now is reaped; nothing to undo
+
+    def _release_held(self, worker: WorkerHandle) -> None:
+        """The worker's cores are its own again: what waited for them goes, in order."""
+        for message in self._held.pop(worker.id, []):
+            if not self.send(worker, message):
+                self.supervisor.kill(worker, ExitCause.UNREACHABLE, "unreachable on its socket")
+                return
 
     def _read_control(self) -> None:
         """Handle every message waiting on the socket (the loop's reader callback)."""
@@ -309,6 +330,8 @@ class Broker:
         if isinstance(msg, P.Ping):
             # Everything the engine sent before its PING has been handled: say so.
             worker.channel.send(P.Pong(seq=msg.seq))
+        elif isinstance(msg, P.Resized):
+            self.supervisor.note_resized(worker, msg.seq, msg.cores, msg.n_threads)
         elif isinstance(msg, P.Chunk | P.Done | P.Error | P.Fatal):
             self._on_message(worker, msg)
         else:
@@ -321,7 +344,7 @@ class Broker:
             if worker.state is not WorkerState.STARTING or msg.worker_id != worker.id:
                 self._protocol_violation(worker, "READY out of order")
                 return
-            self.supervisor.mark_ready(worker, msg.capacity, msg.n_ctx)
+            self.supervisor.mark_ready(worker, msg.capacity, msg.n_ctx, msg.resizable)
         elif worker.state is WorkerState.STARTING and not isinstance(msg, P.Fatal):
             self._protocol_violation(worker, f"{type(msg).__name__} before READY")
         elif isinstance(msg, P.Chunk):
@@ -349,6 +372,7 @@ class Broker:
         self.scheduler.dispatch(worker.model_id)
 
     def _on_worker_lost(self, worker: WorkerHandle, reason: str) -> None:
+        self._held.pop(worker.id, None)  # its jobs are requeued or failed below
         if worker.channel is not None:
             # The supervisor has read what the worker wrote before it went.
             worker.channel.close()

@@ -57,6 +57,8 @@ def worker_status(sup: Supervisor, w: WorkerHandle) -> dict[str, Any]:
         # Picked on its node where it runs elsewhere (the host actor's choice).
         "cores": getattr(w.process, "cores", None) if w.process.node else w.cores,
         "n_threads": w.n_threads,
+        # Elastic threads: where it runs now (as it confirmed), lent or borrowing, and why.
+        "elastic": sup.cores.view(w.id),
         "rss": w.memory.rss if w.memory else None,
         "pss": w.memory.pss if w.memory else None,
         "gpu": w.gpu,

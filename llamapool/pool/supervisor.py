@@ -22,6 +22,7 @@ import msgspec
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
 from llamapool.pool import placement
+from llamapool.pool.cores import CoreLedger, Moves, Resize
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.gpus import GpuReader, open_reader
 from llamapool.pool.handle import WorkerHandle
@@ -56,6 +57,8 @@ class Supervisor:
         on_model_failed: Callable[[str, str], None],
         on_drain: Callable[[WorkerHandle], None] = lambda w: None,
         on_spawned: Callable[[WorkerHandle], None] = lambda w: None,
+        on_resize: Callable[[WorkerHandle, Resize], None] = lambda w, r: None,
+        on_reclaimed: Callable[[WorkerHandle], None] = lambda w: None,
         observer: PoolObserver | None = None,
         log_level: str = "INFO",
         worker_log: IO | None = None,
@@ -71,6 +74,8 @@ class Supervisor:
         self.on_model_failed = on_model_failed
         self.on_drain = on_drain
         self.on_spawned = on_spawned
+        self.on_resize = on_resize  # send a worker its new cores and threads
+        self.on_reclaimed = on_reclaimed  # its cores are back: its held requests may go
         self.observer = observer or PoolObserver()
         self.log_level = log_level
         self.launcher: Launcher = launcher or LocalLauncher(worker_log)
@@ -85,6 +90,7 @@ class Supervisor:
             self, settings, sample_router=sample_router, gpu_reader=gpu_reader
         )
         self.stopping = False  # set at shutdown: nothing is respawned any more
+        self.cores = CoreLedger()  # elastic threads: who runs on which cores now
 
     # -- models -----------------------------------------------------------------
 
@@ -255,25 +261,61 @@ class Supervisor:
             level = logging.INFO
         log.log(level, "worker %s (%s) %s: %s", w.id, w.model_id, state.value, reason)
 
-    def mark_ready(self, w: WorkerHandle, capacity: int, n_ctx: int) -> None:
+    def mark_ready(
+        self, w: WorkerHandle, capacity: int, n_ctx: int, resizable: bool = False
+    ) -> None:
         """The worker sent READY: it takes requests now."""
         w.capacity, w.n_ctx = capacity, n_ctx
         w.memory = w.process.memory()  # loaded now: the budget sees real numbers at once
         self._set_state(w, WorkerState.IDLE, f"ready in {self.clock() - w.started_at:.2f} s")
+        if w.cores:
+            moves = self.cores.join(
+                w.id, w.cores, w.n_threads, elastic=self._elastic(w, resizable), now=self.clock()
+            )
+            self._apply(moves)
         runtime = self.models.get(w.model_id)
         if runtime is not None:
             runtime.worker_ready(w)
         self.on_worker_ready(w)
 
     def note_dispatched(self, w: WorkerHandle) -> None:
-        """A request was booked to the worker: IDLE becomes BUSY."""
+        """A request was booked to the worker: IDLE becomes BUSY; it reclaims its cores
+        if lent, else borrows idle ones (before the request is sent)."""
         if w.state is WorkerState.IDLE and w.in_flight:
             self._set_state(w, WorkerState.BUSY, f"serving {next(iter(w.in_flight))}")
+            self._apply(self.cores.busy(w.id, self.clock()))
 
     def note_released(self, w: WorkerHandle) -> None:
         """A request left the worker: BUSY becomes IDLE once nothing is in flight."""
         if w.state is WorkerState.BUSY and not w.in_flight:
             self._set_state(w, WorkerState.IDLE, "request finished")
+            self._apply(self.cores.idle(w.id, self.clock()))
+
+    def note_resized(self, w: WorkerHandle, seq: int, cores: list[int], n_threads: int) -> None:
+        """The worker runs as its resize `seq` said (its RESIZED)."""
+        self._apply(self.cores.resized(w.id, seq, cores, n_threads))
+
+    def _elastic(self, w: WorkerHandle, resizable: bool) -> bool:
+        """Whether a worker lends and borrows cores: a batching engine pinned to cores,
+        no GPU, and elastic_threads on for its model (else the pool's setting)."""
+        runtime = self._runtime_of(w)
+        if runtime is None or not resizable or w.gpu is not None:
+            return False
+        spec = runtime.spec
+        if spec.config.n_gpu_layers != 0:
+            return False
+        on = spec.elastic_threads
+        return self.settings.elastic_threads if on is None else on
+
+    def _apply(self, moves: Moves) -> None:
+        for r in moves.resizes:
+            w = self.workers.get(r.worker_id)
+            if w is not None:
+                self.on_resize(w, r)
+        for worker_id in moves.freed:
+            w = self.workers.get(worker_id)
+            if w is not None:
+                self.on_reclaimed(w)
 
     def note_fatal(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
         """The worker's own account of why it is about to exit (its FATAL)."""
@@ -298,6 +340,7 @@ class Supervisor:
             return
         self._note_cause(w, cause, reason)
         self._set_state(w, WorkerState.DRAINING, reason)
+        self.cores.retire(w.id)
         self.on_drain(w)
 
     def _note_cause(self, w: WorkerHandle, cause: ExitCause, reason: str) -> None:
@@ -313,12 +356,13 @@ class Supervisor:
     # -- the tick ---------------------------------------------------------------
 
     def tick(self, now: float | None = None) -> None:
-        """One supervision round: reap → expire → memory → reconcile."""
+        """One supervision round: reap → expire → memory → reconcile → lend idle cores."""
         now = self.clock() if now is None else now
         self.reap(now)
         self.expire(now)
         self.memory.check(now)
         self.reconcile(now)
+        self._apply(self.cores.tick(now))
 
     def reap(self, now: float) -> None:
         """Record every worker whose process has exited."""
@@ -337,6 +381,7 @@ class Supervisor:
             # before judging what was lost.
             w.channel.read(to_the_end=True)
         self.workers.pop(w.id, None)
+        self._apply(self.cores.leave(w.id))
         runtime = self._runtime_of(w)
         if w.leaving:
             self._set_state(w, WorkerState.STOPPED, describe_exit(code))

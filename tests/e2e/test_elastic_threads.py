@@ -1,0 +1,71 @@
+"""Elastic threads against a real pool: a lone stream widens onto the idle instance's
+core, and gives it back when that instance gets work."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import psutil
+import pytest
+from serverutil import SMOLLM2_EOG, chat_body, model_entry, skip_to_first_token
+
+pytestmark = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="elastic threads need two cores"
+)
+
+
+def _affinities(pid: int) -> list[set[int]]:
+    """The CPU affinity of each of a process's threads, as the kernel reports it."""
+    return [set(os.sched_getaffinity(t.id)) for t in psutil.Process(pid).threads()]
+
+
+def _workers(server) -> dict[str, dict]:
+    return {w["id"]: w for w in server.pool()["workers"]}
+
+
+def _stream(server, content: str):
+    body = chat_body("m", content, 2000, logit_bias=SMOLLM2_EOG, stream=True)
+    return httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60)
+
+
+def test_a_lone_stream_borrows_the_idle_core_and_gives_it_back(serve, smollm2_gguf):
+    server = serve([model_entry("m", smollm2_gguf, min_instances=2)])
+    workers = _workers(server)
+    assert sorted(w["cores"] for w in workers.values()) == [[0], [1]]
+    both = {0, 1}
+    with _stream(server, "Write a long story.") as first:
+        first_lines = first.iter_lines()  # kept: a dropped iterator closes the stream
+        skip_to_first_token(first_lines)
+        busy = first.headers["x-llamapool-worker"].split()[0]
+        a = next(w for w in workers.values() if w["id"] == busy)
+        b = next(w for w in workers.values() if w["id"] != busy)
+
+        def widened():
+            now = _workers(server)
+            return now[a["id"]]["elastic"]["cores"] == [0, 1] and now
+
+        now = server.wait_for(widened, what="the busy worker widened")
+        assert now[a["id"]]["elastic"]["state"] == "borrowing"
+        assert now[a["id"]]["elastic"]["n_threads"] == 2
+        assert now[b["id"]]["elastic"]["state"] == "lent"
+        # Seen from the process: no thread of the busy worker is pinned to one core any
+        # more, and it runs a second (OpenMP) decode thread; the lender stays pinned.
+        assert all(aff == both for aff in _affinities(a["pid"]))
+        assert set(b["cores"]) in _affinities(b["pid"])
+
+        with _stream(server, "Write another long story.") as second:
+            second_lines = second.iter_lines()
+            skip_to_first_token(second_lines)
+            assert second.headers["x-llamapool-worker"].split()[0] == b["id"]
+            now = _workers(server)
+            # b's request was held until a confirmed its shrink: one core each, and the
+            # kernel says so for a's decode threads.
+            assert now[a["id"]]["elastic"]["state"] == "own"
+            assert now[a["id"]]["elastic"]["cores"] == a["cores"]
+            assert now[a["id"]]["elastic"]["n_threads"] == 1
+            assert now[b["id"]]["elastic"]["state"] == "own"
+            assert {frozenset(aff) for aff in _affinities(a["pid"]) if aff != both} == {
+                frozenset(a["cores"])
+            }
+    assert f"worker {b['id']} cores lent → reclaiming" in server.log_text()
