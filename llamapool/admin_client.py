@@ -204,6 +204,22 @@ def format_cores(cores: Any) -> str:
     return ",".join(runs)
 
 
+def worker_cores(w: dict[str, Any]) -> str:
+    """A worker's CORES cell: its own cores, `+` the ones it borrows, or `(lent)`."""
+    home = format_cores(w.get("cores"))
+    elastic = w.get("elastic")
+    if not isinstance(elastic, dict):
+        return home
+    if elastic.get("state") == "lent":
+        return f"{home} (lent)"
+    now = elastic.get("cores")
+    if isinstance(now, list) and isinstance(w.get("cores"), list):
+        extra = [c for c in now if c not in w["cores"]]
+        if extra:
+            return f"{home}+{format_cores(extra)}"
+    return home
+
+
 def _transition(t: Any, now: float) -> str:
     if not isinstance(t, dict):
         return "-"
@@ -265,7 +281,7 @@ def render_pool(pool: dict[str, Any], *, now: float | None = None) -> str:
             _cell(w.get("model")),
             _cell(w.get("pid")),
             _cell(w.get("state")),
-            format_cores(w.get("cores")),
+            worker_cores(w),
             format_bytes(w.get("rss")),
             format_bytes(w.get("pss")),
             *([_cell(w.get("gpu")), _format_vram(w.get("vram"))] if gpus else []),

@@ -23,6 +23,7 @@ from llamapool.admin_client import (
     format_cores,
     format_duration,
     render_pool,
+    worker_cores,
 )
 from llamapool.router.auth import ADMIN_TOKEN_ENV, BearerAuth
 
@@ -349,3 +350,11 @@ def test_render_pool_shows_gpus_only_where_there_are_some():
     at = header.index("GPU")
     assert first[at:].startswith(f"1    {format_bytes(700 * 1024 * 1024)}")
     assert f"-    0:{format_bytes(1 << 30)} 1:{format_bytes(1 << 30)}" in second
+
+
+def test_the_cores_cell_shows_borrowed_and_lent_cores():
+    borrowing = {"cores": [0], "elastic": {"state": "borrowing", "cores": [0, 1, 2]}}
+    assert worker_cores(borrowing) == "0+1-2"
+    assert worker_cores({"cores": [1], "elastic": {"state": "lent", "cores": [1]}}) == "1 (lent)"
+    assert worker_cores({"cores": [1], "elastic": {"state": "own", "cores": [1]}}) == "1"
+    assert worker_cores({"cores": [3], "elastic": None}) == "3"
