@@ -41,7 +41,7 @@ def test_going_idle_gives_everything_back_at_once():
     assert _state(ledger, "w0") is _state(ledger, "w1") is CoreState.OWN
 
 
-def test_a_lender_that_gets_work_waits_for_the_borrowers_shrink():
+def test_a_lender_that_gets_work_waits_for_the_borrowers_shrink(caplog):
     ledger = _ledger([0], [1])
     ledger.busy("w0", now=1.0)
     moves = ledger.busy("w1", now=1.5)
@@ -51,9 +51,11 @@ def test_a_lender_that_gets_work_waits_for_the_borrowers_shrink():
     assert _state(ledger, "w0") is CoreState.OWN
     ledger.check_invariant()
     # An older confirmation (the widening) frees nothing; the shrink's does.
-    assert not ledger.resized("w0", shrink.seq - 1, [0, 1], 2)
-    moves = ledger.resized("w0", shrink.seq, [0], 1)
+    assert not ledger.resized("w0", shrink.seq - 1, [0, 1], 2, now=9.9)
+    caplog.set_level("INFO", logger="llamapool.cores")
+    moves = ledger.resized("w0", shrink.seq, [0], 1, now=1.504)
     assert moves.freed == ["w1"] and not ledger.holds("w1")
+    assert "w0 gave its cores back (resize 2) after 4.0 ms" in caplog.text
     assert _state(ledger, "w1") is CoreState.OWN
     assert ledger.view("w0")["cores"] == [0]
 
@@ -62,13 +64,13 @@ def test_two_busy_workers_never_share_a_core():
     ledger = _ledger([0], [1], [2], [3])
     ledger.busy("w0", now=1.0)  # borrows 1, 2, 3
     ledger.busy("w2", now=1.1)  # reclaims 2
-    ledger.resized("w0", ledger.seats["w0"].seq, [0, 1, 3], 3)
+    ledger.resized("w0", ledger.seats["w0"].seq, [0, 1, 3], 3, now=9.9)
     ledger.busy("w3", now=1.2)  # reclaims 3
     ledger.check_invariant()
     assert ledger.seats["w0"].cores == [0, 1]
     assert ledger.seats["w2"].cores == [2] and ledger.seats["w3"].cores == [3]
     ledger.idle("w2", now=5.0)
-    ledger.resized("w0", ledger.seats["w0"].seq, [0, 1], 2)
+    ledger.resized("w0", ledger.seats["w0"].seq, [0, 1], 2, now=9.9)
     moves = ledger.tick(now=5.1)  # w2 idle for 0.1 s: not yet
     assert not moves.resizes
     moves = ledger.tick(now=5.3)
@@ -80,7 +82,7 @@ def test_only_cores_idle_for_a_while_are_lent_to_a_worker_already_busy():
     ledger = _ledger([0], [1])
     ledger.busy("w0", now=1.0)
     ledger.busy("w1", now=1.0)
-    ledger.resized("w0", ledger.seats["w0"].seq, [0], 1)
+    ledger.resized("w0", ledger.seats["w0"].seq, [0], 1, now=9.9)
     ledger.idle("w1", now=2.0)
     assert not ledger.tick(now=2.1).resizes  # a back-to-back request may be on its way
     (resize,) = ledger.tick(now=2.3).resizes
@@ -95,7 +97,7 @@ def test_workers_sharing_a_core_are_lent_together_or_not_at_all():
     assert _state(ledger, "w1") is _state(ledger, "w2") is CoreState.LENT
     (shrink,) = ledger.busy("w1", now=1.1).resizes
     assert shrink.cores == [0]
-    ledger.resized("w0", shrink.seq, [0], 1)
+    ledger.resized("w0", shrink.seq, [0], 1, now=9.9)
     assert _state(ledger, "w1") is _state(ledger, "w2") is CoreState.OWN
     ledger.idle("w0", now=2.0)
     assert not ledger.busy("w0", now=3.0).resizes  # w2 is idle, but w1 works on core 1
@@ -115,7 +117,7 @@ def test_a_draining_borrower_keeps_its_loan_until_idle_and_takes_no_more():
     ledger = _ledger([0], [1], [2])
     ledger.busy("w0", now=1.0)
     ledger.busy("w2", now=1.1)
-    ledger.resized("w0", ledger.seats["w0"].seq, [0, 1], 2)
+    ledger.resized("w0", ledger.seats["w0"].seq, [0, 1], 2, now=9.9)
     ledger.retire("w0")
     ledger.idle("w2", now=1.2)
     assert not ledger.tick(now=9.0).resizes

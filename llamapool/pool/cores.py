@@ -217,7 +217,9 @@ class CoreLedger:
         self._free_lenders(seat, f"borrower {worker_id} went idle", moves)
         return moves
 
-    def resized(self, worker_id: str, seq: int, cores: list[int], n_threads: int) -> Moves:
+    def resized(
+        self, worker_id: str, seq: int, cores: list[int], n_threads: int, now: float
+    ) -> Moves:
         """The worker confirms it runs as its resize `seq` said (at a step boundary)."""
         seat = self.seats.get(worker_id)
         moves = Moves()
@@ -227,7 +229,7 @@ class CoreLedger:
         seat.running = (list(cores), n_threads)
         for lender in self._lenders_of(seat):
             if lender.give_back_seq and lender.give_back_seq <= seat.acked:
-                self._own(lender, f"{worker_id} gave its cores back (resize {seq})", moves)
+                self._own(lender, f"{worker_id} gave its cores back (resize {seq})", moves, now)
         return moves
 
     def tick(self, now: float) -> Moves:
@@ -330,11 +332,15 @@ class CoreLedger:
         lender.lent_to, lender.give_back_seq = borrower.worker_id, 0
         self._move(lender, CoreState.LENT, reason)
 
-    def _own(self, seat: Seat, reason: str, moves: Moves) -> None:
+    def _own(self, seat: Seat, reason: str, moves: Moves, now: float | None = None) -> None:
+        level = logging.DEBUG
         if seat.state is CoreState.RECLAIMING:
             moves.freed.append(seat.worker_id)
+            level = logging.INFO
+            if now is not None:  # what the wait cost its first request
+                reason += f" after {1000 * (now - seat.reclaim_since):.1f} ms"
         seat.lent_to, seat.give_back_seq = None, 0
-        self._move(seat, CoreState.OWN, reason)
+        self._move(seat, CoreState.OWN, reason, level)
 
     def _resize(self, seat: Seat, reason: str, moves: Moves) -> None:
         seat.seq += 1

@@ -293,7 +293,7 @@ class Supervisor:
 
     def note_resized(self, w: WorkerHandle, seq: int, cores: list[int], n_threads: int) -> None:
         """The worker runs as its resize `seq` said (its RESIZED)."""
-        self._apply(self.cores.resized(w.id, seq, cores, n_threads))
+        self._apply(self.cores.resized(w.id, seq, cores, n_threads, self.clock()))
 
     def _elastic(self, w: WorkerHandle, resizable: bool) -> bool:
         """Whether a worker lends and borrows cores: a batching engine pinned to cores,
