@@ -166,3 +166,14 @@ def test_violations_name_a_core_two_running_workers_would_share():
     seat = ledger.seats["w1"]
     seat.busy, seat.state = True, CoreState.OWN  # as a bug that skipped the reclaim would
     assert ledger.violations() == ["w0 borrows [1] of w1"]
+
+
+def test_cores_are_lent_within_a_node_only():
+    ledger = CoreLedger()
+    ledger.join("a", [0], 1, elastic=True, now=0.0, node="n1")
+    ledger.join("b", [0], 1, elastic=True, now=0.0, node="n2")  # core 0 of another host
+    ledger.join("c", [1], 1, elastic=True, now=0.0, node="n2")
+    assert not ledger.busy("a", now=1.0).resizes
+    (resize,) = ledger.busy("b", now=1.0).resizes
+    assert resize.cores == [0, 1] and _state(ledger, "a") is CoreState.OWN
+    assert not ledger.violations()

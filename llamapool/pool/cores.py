@@ -85,6 +85,7 @@ class Seat:
     home: frozenset[int]
     threads: int  # its thread count on its home cores
     elastic: bool  # may lend and borrow (else its cores only count as taken)
+    node: str = ""  # the host its cores are on: cores are lent within a node only
     state: CoreState = CoreState.OWN
     busy: bool = False
     idle_since: float = 0.0
@@ -144,7 +145,7 @@ class CoreLedger:
         found = []
         for seat in running:
             for other in running:
-                if other is not seat:
+                if other is not seat and other.node == seat.node:
                     shared = seat.borrowed & (other.home | other.borrowed)
                     if shared:
                         found.append(
@@ -155,14 +156,22 @@ class CoreLedger:
     # -- events -------------------------------------------------------------------
 
     def join(
-        self, worker_id: str, home: list[int], threads: int, *, elastic: bool, now: float
+        self,
+        worker_id: str,
+        home: list[int],
+        threads: int,
+        *,
+        elastic: bool,
+        now: float,
+        node: str = "",
     ) -> Moves:
-        """A worker is READY on `home`. One placed on cores a borrower holds starts LENT."""
-        seat = Seat(worker_id, frozenset(home), threads, elastic, idle_since=now)
+        """A worker is READY on `home` (of host `node`). One placed on cores a borrower
+        holds starts LENT."""
+        seat = Seat(worker_id, frozenset(home), threads, elastic, node, idle_since=now)
         self.seats[worker_id] = seat
         moves = Moves()
         for b in self._borrowers():
-            if b.borrowed & seat.home:
+            if b.node == seat.node and b.borrowed & seat.home:
                 self._lend(
                     seat,
                     b,
@@ -259,18 +268,20 @@ class CoreLedger:
         """Seats whose home cores overlap, transitively (one group each on one core)."""
         groups: list[list[Seat]] = []
         for seat in self.seats.values():
-            joined = [g for g in groups if any(s.home & seat.home for s in g)]
+            joined = [
+                g for g in groups if any(s.node == seat.node and s.home & seat.home for s in g)
+            ]
             merged = [seat] + [s for g in joined for s in g]
             groups = [g for g in groups if g not in joined] + [merged]
         return groups
 
     def _widen(self, seat: Seat, now: float, idle_for: float, moves: Moves) -> None:
         """Lend `seat` every group whose seats are all elastic, idle (for `idle_for`), OWN."""
-        taken = {c for s in self.seats.values() for c in s.borrowed}
+        taken = {c for s in self.seats.values() if s.node == seat.node for c in s.borrowed}
         lenders: list[Seat] = []
         for group in self._groups():
             cores = {c for s in group for c in s.home}
-            if seat in group or cores & taken:
+            if seat in group or group[0].node != seat.node or cores & taken:
                 continue
             if all(
                 s.elastic
