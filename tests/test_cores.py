@@ -177,3 +177,23 @@ def test_cores_are_lent_within_a_node_only():
     (resize,) = ledger.busy("b", now=1.0).resizes
     assert resize.cores == [0, 1] and _state(ledger, "a") is CoreState.OWN
     assert not ledger.violations()
+
+
+def test_who_may_lend(tiny_gguf):
+    from llamapool.config import parse_config
+    from llamapool.pool.cores import may_lend
+
+    def spec_and_pool(pool=None, **model):
+        entry = {"id": "m", "config": {"model_path": str(tiny_gguf)}, **model}
+        config = parse_config({"pool": pool or {}, "models": [entry]})
+        return config.models["m"], config.pool
+
+    spec, pool = spec_and_pool()
+    assert may_lend(spec, pool, resizable=True, gpu=None)
+    assert not may_lend(spec, pool, resizable=False, gpu=None)  # one request at a time
+    assert not may_lend(spec, pool, resizable=True, gpu=0)
+    on_gpu, pool = spec_and_pool(config={"model_path": str(tiny_gguf), "n_gpu_layers": -1})
+    assert not may_lend(on_gpu, pool, resizable=True, gpu=None)
+    assert not may_lend(*spec_and_pool({"elastic_threads": False}), resizable=True, gpu=None)
+    model_on = spec_and_pool({"elastic_threads": False}, elastic_threads=True)
+    assert may_lend(*model_on, resizable=True, gpu=None)

@@ -23,6 +23,7 @@ import enum
 import logging
 from dataclasses import dataclass, field
 
+from llamapool.config import ModelSpec, PoolSettings
 from llamapool.pool.lifecycle import check
 
 log = logging.getLogger("llamapool.cores")
@@ -53,6 +54,15 @@ CORE_TRANSITIONS: dict[CoreState, frozenset[CoreState]] = {
     _C.LENT: frozenset({_C.OWN, _C.RECLAIMING}),
     _C.RECLAIMING: frozenset({_C.OWN}),
 }
+
+
+def may_lend(spec: ModelSpec, pool: PoolSettings, *, resizable: bool, gpu: int | None) -> bool:
+    """Whether a worker lends and borrows cores: an engine that resizes between steps
+    (READY's `resizable`: the batching one, pinned), no GPU, and `elastic_threads` on for
+    its model (null: the pool's)."""
+    if not resizable or gpu is not None or spec.config.n_gpu_layers != 0:
+        return False
+    return pool.elastic_threads if spec.elastic_threads is None else spec.elastic_threads
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import msgspec
 from llamapool import errors
 from llamapool.config import ModelSpec, PoolSettings
 from llamapool.pool import placement
-from llamapool.pool.cores import CoreLedger, Moves, Resize
+from llamapool.pool.cores import CoreLedger, Moves, Resize, may_lend
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.gpus import GpuReader, open_reader
 from llamapool.pool.handle import WorkerHandle
@@ -267,13 +267,12 @@ class Supervisor:
         """The worker sent READY: it takes requests now."""
         w.capacity, w.n_ctx = capacity, n_ctx
         w.memory = w.process.memory()  # loaded now: the budget sees real numbers at once
-        self._set_state(w, WorkerState.IDLE, f"ready in {self.clock() - w.started_at:.2f} s")
-        if w.cores:
-            moves = self.cores.join(
-                w.id, w.cores, w.n_threads, elastic=self._elastic(w, resizable), now=self.clock()
-            )
-            self._apply(moves)
+        now = self.clock()
+        self._set_state(w, WorkerState.IDLE, f"ready in {now - w.started_at:.2f} s")
         runtime = self.models.get(w.model_id)
+        if w.cores and runtime is not None:
+            elastic = may_lend(runtime.spec, self.settings, resizable=resizable, gpu=w.gpu)
+            self._apply(self.cores.join(w.id, w.cores, w.n_threads, elastic=elastic, now=now))
         if runtime is not None:
             runtime.worker_ready(w)
         self.on_worker_ready(w)
@@ -294,18 +293,6 @@ class Supervisor:
     def note_resized(self, w: WorkerHandle, seq: int, cores: list[int], n_threads: int) -> None:
         """The worker runs as its resize `seq` said (its RESIZED)."""
         self._apply(self.cores.resized(w.id, seq, cores, n_threads, self.clock()))
-
-    def _elastic(self, w: WorkerHandle, resizable: bool) -> bool:
-        """Whether a worker lends and borrows cores: a batching engine pinned to cores,
-        no GPU, and elastic_threads on for its model (else the pool's setting)."""
-        runtime = self._runtime_of(w)
-        if runtime is None or not resizable or w.gpu is not None:
-            return False
-        spec = runtime.spec
-        if spec.config.n_gpu_layers != 0:
-            return False
-        on = spec.elastic_threads
-        return self.settings.elastic_threads if on is None else on
 
     def _apply(self, moves: Moves) -> None:
         for r in moves.resizes:
