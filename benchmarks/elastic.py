@@ -6,7 +6,8 @@ The pool runs the default layout: one instance per core, each pinned to its core
 slots each. llama-server runs `-np 8 -c 8*n_ctx -t <cores>`. Every end-of-generation
 token is biased away, so each request generates `--max-tokens`.
 
-- single: `--single` requests one after another; tokens over wall time.
+- single: one request at a time, the targets taking turns request by request (`--single`
+  turns per round); tokens over the request's wall time, and per-turn ratios.
 - c8: 8 requests at once; tokens over wall time.
 - join: a long stream runs; a second streamed request is sent once it has output; that
   request's time to first token (with elastic threads, the reclaim's wait is in it).
@@ -101,6 +102,16 @@ async def _single(client, n: int, max_tokens: int, bias, base: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
+async def _turns(clients: dict, order: list[str], n: int, max_tokens: int, bias, base: int):
+    """`n` turns of one request per target, back to back: each turn's targets share one
+    moment of the host. Per target, the tok/s of each turn."""
+    rates: dict[str, list[float]] = {name: [] for name in order}
+    for i in range(n):
+        for name in order:
+            rates[name].append(await _single(clients[name], 1, max_tokens, bias, base + i))
+    return rates
+
+
 async def _c8(client, max_tokens: int, bias, base: int) -> float:
     started = time.perf_counter()
     counts = await asyncio.gather(
@@ -147,14 +158,19 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.rounds):
                 # Rotate the order: no target always follows the same one.
                 order = servers[r % len(servers) :] + servers[: r % len(servers)]
+                base = 1000 * (r + 1)
+                names = [s.name for s in order]
+                turns = await _turns(clients, names, args.single, args.max_tokens, bias, base)
+                for name, rates in turns.items():
+                    results[name]["single"] += rates
                 for s in order:
-                    c, out, base = clients[s.name], results[s.name], 1000 * (r + 1)
-                    out["single"].append(await _single(c, args.single, args.max_tokens, bias, base))
+                    c, out = clients[s.name], results[s.name]
                     out["c8"].append(await _c8(c, args.max_tokens, bias, base + 100))
                     ttft = [await _join(c, args.max_tokens, bias, base + 200 + 2 * i)
                             for i in range(args.joins)]  # fmt: skip
                     out["join_ttft_ms"].append(1000 * statistics.median(ttft))
-                    print(r, s.name, {k: round(v[-1], 1) for k, v in out.items()},
+                    print(r, s.name, {k: [round(x, 1) for x in v[-args.single:]]
+                                      for k, v in out.items()},
                           file=sys.stderr, flush=True)  # fmt: skip
             for c in clients.values():
                 await c.aclose()
@@ -170,10 +186,12 @@ def _summary(results: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
         out[name] = {k: {"median": round(statistics.median(v), 1), "runs": [round(x, 1) for x in v]}
                      for k, v in phases.items()}  # fmt: skip
 
-    # Per round: the phases ran minutes apart at most, so a round's ratio is the fairest.
-    def ratios(a: str, b: str, phase: str) -> list[float]:
+    # Per turn (single) and per round (c8): what shared one moment of the host. Their
+    # median is the figure to read.
+    def ratios(a: str, b: str, phase: str) -> dict[str, Any]:
         pairs = zip(results[a][phase], results[b][phase], strict=True)
-        return [round(x / y, 3) for x, y in pairs]
+        runs = [round(x / y, 3) for x, y in pairs]
+        return {"median": round(statistics.median(runs), 3), "runs": runs}
 
     out["elastic_vs_fixed"] = {p: ratios("pool-elastic", "pool-fixed", p) for p in ("single", "c8")}
     if "llama-server" in results:
