@@ -188,11 +188,14 @@ def test_who_may_lend(tiny_gguf):
         config = parse_config({"pool": pool or {}, "models": [entry]})
         return config.models["m"], config.pool
 
-    spec, pool = spec_and_pool()
+    assert not may_lend(*spec_and_pool(), resizable=True, gpu=None)  # off by default
+    spec, pool = spec_and_pool({"elastic_threads": True})
     assert may_lend(spec, pool, resizable=True, gpu=None)
     assert not may_lend(spec, pool, resizable=False, gpu=None)  # one request at a time
     assert not may_lend(spec, pool, resizable=True, gpu=0)
-    on_gpu, pool = spec_and_pool(config={"model_path": str(tiny_gguf), "n_gpu_layers": -1})
+    on_gpu, pool = spec_and_pool(
+        {"elastic_threads": True}, config={"model_path": str(tiny_gguf), "n_gpu_layers": -1}
+    )
     assert not may_lend(on_gpu, pool, resizable=True, gpu=None)
     assert not may_lend(*spec_and_pool({"elastic_threads": False}), resizable=True, gpu=None)
     model_on = spec_and_pool({"elastic_threads": False}, elastic_threads=True)

@@ -428,8 +428,8 @@ def test_without_gpus_workers_see_every_gpu(tiny_gguf):
     assert pool.launcher.started[0].launch.gpu is None and pool.only().gpu is None
 
 
-def _elastic_pool(tiny_gguf, **pool):
-    p = fake_pool(tiny_gguf, [{"id": "m", "min_instances": 2}], **pool)
+def _elastic_pool(tiny_gguf, elastic_threads=True):
+    p = fake_pool(tiny_gguf, [{"id": "m", "min_instances": 2}], elastic_threads=elastic_threads)
     p.tick()
     p.tick()
     a, b = p.workers()
@@ -471,7 +471,7 @@ def test_elastic_threads_off_for_the_pool_or_the_model(tiny_gguf):
     p.dispatch(a, "r-1")
     assert not p.resizes and p.sup.cores.view(a.id)["state"] == "own"
     models = [{"id": "m", "min_instances": 2, "elastic_threads": False}]
-    p = fake_pool(tiny_gguf, models)
+    p = fake_pool(tiny_gguf, models, elastic_threads=True)
     p.tick()
     p.tick()
     a, b = p.workers()
@@ -482,7 +482,7 @@ def test_elastic_threads_off_for_the_pool_or_the_model(tiny_gguf):
 
 
 def test_a_worker_that_cannot_resize_never_lends_nor_borrows(tiny_gguf):
-    p = fake_pool(tiny_gguf, [{"id": "m", "min_instances": 2}])
+    p = fake_pool(tiny_gguf, [{"id": "m", "min_instances": 2}], elastic_threads=True)
     p.tick()
     p.tick()
     a, b = p.workers()

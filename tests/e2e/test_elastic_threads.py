@@ -30,7 +30,9 @@ def _stream(server, content: str):
 
 
 def test_a_lone_stream_borrows_the_idle_core_and_gives_it_back(serve, smollm2_gguf):
-    server = serve([model_entry("m", smollm2_gguf, min_instances=2)])
+    server = serve(
+        [model_entry("m", smollm2_gguf, min_instances=2)], pool={"elastic_threads": True}
+    )
     workers = _workers(server)
     assert sorted(w["cores"] for w in workers.values()) == [[0], [1]]
     both = {0, 1}
