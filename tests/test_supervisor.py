@@ -491,3 +491,16 @@ def test_a_worker_that_cannot_resize_never_lends_nor_borrows(tiny_gguf):
     p.dispatch(a, "r-1")
     p.dispatch(b, "r-2")
     assert not p.resizes and p.sup.cores.view(b.id)["elastic"] is False
+
+
+def test_a_worker_on_another_node_stays_out_of_the_core_ledger(tiny_gguf):
+    p = fake_pool(tiny_gguf, [{"id": "m", "min_instances": 2}], elastic_threads=True)
+    p.tick()
+    p.tick()
+    a, b = p.workers()
+    p.proc(b).node = "ray-node-1"  # its cores are numbered on its own machine
+    p.ready(a, resizable=True)
+    p.ready(b, resizable=True)
+    p.dispatch(a, "r-1")
+    assert p.sup.cores.view(b.id) is None
+    assert p.resizes == []  # a has no idle neighbour on this machine

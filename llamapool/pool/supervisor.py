@@ -270,7 +270,8 @@ class Supervisor:
         now = self.clock()
         self._set_state(w, WorkerState.IDLE, f"ready in {now - w.started_at:.2f} s")
         runtime = self.models.get(w.model_id)
-        if w.cores and runtime is not None:
+        # Cores are lent between this machine's workers only (a Ray node's are its host's).
+        if w.cores and runtime is not None and w.process.node is None:
             elastic = may_lend(runtime.spec, self.settings, resizable=resizable, gpu=w.gpu)
             self._apply(self.cores.join(w.id, w.cores, w.n_threads, elastic=elastic, now=now))
         if runtime is not None:
