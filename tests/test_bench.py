@@ -546,3 +546,39 @@ def test_queue_wait_from_prometheus_histograms() -> None:
     assert 0.1 < wait["p50"] < 1.0
     assert find_queue_wait(parse_samples("up 1\n"), "bench") is None
     assert level_queue_wait(None, after) is None
+
+
+@needs_pool
+def test_versus_takes_turns_and_pairs_the_rounds(
+    tiny_gguf: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import versus
+    from benchmarks.servers import write_pool_config
+
+    tag = f"versus-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv(TAG_ENV, tag)
+    configs = []
+    for name, slots in (("wide", 2), ("narrow", 1)):
+        path = tmp_path / f"{name}.yaml"
+        write_pool_config(path, tiny_gguf, 1, 512, 1, 16, 30.0, slots)
+        configs += ["--pool", f"{name}={path}"]
+    flags = [
+        "--model", str(tiny_gguf), "--levels", "1,2", "--rounds", "2", "--requests", "2",
+        "--max-tokens", "8", "--soak", "6", "--soak-concurrency", "3", "--soak-tokens", "4",
+        "--out-dir", str(tmp_path), "--name", "v",
+    ]  # fmt: skip
+    code = versus.main(configs + flags)
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert code == 0
+    assert report["config"]["reference"] == "narrow"  # no llama-server: the last one
+    for name in ("wide", "narrow"):
+        for level, count in (("1", 2), ("2", 4)):  # --requests, at least twice the level
+            batches = report["batches"][name][level]
+            assert len(batches) == 2  # one per round
+            assert all(b["ok"] == count and b["completion_tokens"] == 8 * count for b in batches)
+            assert all(b["server_cpu_s"] > 0 for b in batches)
+        assert report["soak"][name]["ok"] == 6
+    wide = report["summary"]["wide"]["2"]
+    assert wide["tok_s_ratio_vs_narrow"] > 0 and wide["failed"] == 0
+    assert "tok_s_ratio_vs_narrow" not in report["summary"]["narrow"]["2"]
+    assert not tagged_processes(tag), "the benchmark left processes behind"
