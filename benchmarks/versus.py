@@ -76,11 +76,16 @@ class CpuMeter:
         mine = self.me.cpu_times()
         return per_pid, mine.user + mine.system
 
-    @staticmethod
-    def split(before: Any, after: Any) -> dict[str, float]:
+    def split(self, before: Any, after: Any) -> dict[str, float]:
+        """Server (all its processes), its main process (llamapool's router) and client."""
         (pids0, me0), (pids1, me1) = before, after
-        server = sum(max(0.0, pids1[p] - pids0.get(p, 0.0)) for p in pids1)
-        return {"server_cpu_s": server, "client_cpu_s": me1 - me0}
+        used = {p: max(0.0, pids1[p] - pids0.get(p, 0.0)) for p in pids1}
+        main = self.server.process.pid if self.server.process is not None else None
+        return {
+            "server_cpu_s": sum(used.values()),
+            "main_cpu_s": used.get(main, 0.0),
+            "client_cpu_s": me1 - me0,
+        }
 
 
 def _pool_model(config: pathlib.Path) -> str:
@@ -135,7 +140,7 @@ async def _batch(
     before = meter.read()
     results, wall = await server.target.run_level(requests, concurrency, 600.0, lambda r: None)
     level = summarize_level(concurrency, results, wall, tokens)
-    level.update(CpuMeter.split(before, meter.read()))
+    level.update(meter.split(before, meter.read()))
     if not load["details"]:
         level.pop("requests_detail")
     return level
@@ -160,6 +165,13 @@ def _summary(runs: dict[str, dict[int, list[dict]]], reference: str | None) -> d
                 "server_cpu_s_per_1k_tokens": _median(
                     [
                         1000 * b["server_cpu_s"] / b["completion_tokens"]
+                        for b in batches
+                        if b["completion_tokens"]
+                    ]
+                ),
+                "main_cpu_s_per_1k_tokens": _median(
+                    [
+                        1000 * b["main_cpu_s"] / b["completion_tokens"]
                         for b in batches
                         if b["completion_tokens"]
                     ]
@@ -259,7 +271,8 @@ def _line(batch: dict[str, Any]) -> str:
     return (
         f"{batch['aggregate_tok_s'] or 0:.1f} tok/s, ttft p50 "
         f"{(ttft or 0) * 1000:.0f} ms, {batch['ok']}/{batch['requests']} ok, "
-        f"server cpu {batch['server_cpu_s']:.1f} s, client cpu {batch['client_cpu_s']:.1f} s"
+        f"server cpu {batch['server_cpu_s']:.1f} s (main process {batch['main_cpu_s']:.2f} s), "
+        f"client cpu {batch['client_cpu_s']:.1f} s"
     )
 
 
