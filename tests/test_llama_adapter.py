@@ -112,3 +112,13 @@ def test_flash_attn_defaults_to_auto_and_takes_yaml_booleans(tmp_path, tiny_gguf
     assert cfg.broken["c"] == "model 'c': config.flash_attn: 'maybe' is not one of auto, on, off"
     entry = {"id": "d", "config": {"model_path": str(tiny_gguf), "flash_attn": 1}}
     assert "model 'd': config.flash_attn" in parse_config({"models": [entry]}).broken["d"]
+
+
+def test_the_vocab_answers_as_llama_does_asked_twice(llama):
+    vocab = llama_adapter.Vocab(llama)
+    tokens = range(llama.n_vocab())
+    for _ in range(2):  # the second pass answers from what the first one kept
+        assert [vocab.detokenize(t) for t in tokens] == [llama.detokenize([t]) for t in tokens]
+        eog = [t for t in tokens if vocab.is_eog(t)]
+        assert eog == [t for t in tokens if llama_cpp.llama_vocab_is_eog(llama._model.vocab, t)]
+        assert eog, "the tiny model has end-of-generation tokens"

@@ -162,7 +162,11 @@ def chat_formatter(llama: Any, template: str | None = None) -> Any | None:
 
 
 class Vocab:
-    """A model's vocabulary: a token's bytes, and whether it ends generation."""
+    """A model's vocabulary: a token's bytes, and whether it ends generation.
+
+    Both are pure functions of the token, asked once per generated token per slot, so each
+    token's answer is kept: a dict lookup instead of ~25 us of ctypes and Python layers.
+    """
 
     def __init__(self, llama: Any):
         import llama_cpp
@@ -171,14 +175,22 @@ class Vocab:
         self._vocab = llama._model.vocab
         self._detokenize = llama.detokenize
         self.bos = llama.token_bos()  # -1 if the model has none
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
 
     def is_eog(self, token: int) -> bool:
         """Whether `token` ends generation (EOS, EOT, ...)."""
-        return bool(self._is_eog(self._vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(self._is_eog(self._vocab, token))
+        return eog
 
     def detokenize(self, token: int) -> bytes:
         """The bytes of one token (maybe part of a character)."""
-        return self._detokenize([token])
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._detokenize([token])
+        return piece
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token as written, control tokens included (`<|im_end|>`)."""
