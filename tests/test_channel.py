@@ -298,3 +298,34 @@ def test_a_done_over_the_frame_limit_becomes_an_error_for_that_request(pair, mon
     assert error.request_id == "r-1" and error.code == "generation_failed"
     assert "over the 4096-byte frame limit" in error.message
     assert seen == [("finished", "r-1"), ("notify", b"finished")]
+
+
+def test_held_chunks_leave_together_before_the_next_frame_or_wait(pair):
+    from llamapool.errors import ErrorCode
+    from llamapool.pool.engine_io import DataSink
+
+    router_end, inbox, _ = pair
+    worker = type(
+        "W",
+        (),
+        {"faults": type("F", (), {"kind": None})(), "finished": id, "notify": id},
+    )()
+    sink = DataSink(worker, inbox, hold_chunks=True)  # type: ignore[arg-type]
+    sink.chunk("r-1", "a", 1)
+    sink.chunk("r-2", "b", 1)
+    router_end.setblocking(False)
+    with pytest.raises((BlockingIOError, ssl.SSLWantReadError)):
+        router_end.recv(4096)  # held: nothing is written before the step ends
+    router_end.setblocking(True)
+    with pytest.raises(queue.Empty):
+        inbox.get_nowait()  # the engine asks for work between steps: the held frames go
+    reader = P.FrameReader()
+    got: list = []
+    while len(got) < 2:
+        got += reader.feed(router_end.recv(4096))
+    assert got == [P.Chunk("r-1", "a", 1), P.Chunk("r-2", "b", 1)]
+    sink.chunk("r-1", "c", 1)
+    sink.error("r-1", ErrorCode.CANCELLED, "gone")  # an end goes at once, after its text
+    while len(got) < 4:
+        got += reader.feed(router_end.recv(4096))
+    assert [type(m) for m in got[2:]] == [P.Chunk, P.Error]

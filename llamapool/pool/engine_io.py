@@ -31,6 +31,10 @@ class Inbox:
     `get` returns the next accepted REQUEST, or None once the worker is stopping (or the
     router's end is gone). CANCELs are applied as they are read; a REQUEST beyond the
     engine's capacity, or while draining, is refused with a retryable `worker_busy`.
+
+    Frames `hold` queues (a batching step's CHUNKs) leave with the next `send` or `get`:
+    the batching engine asks for work between decode steps, so one step's tokens cross
+    in one write and wake the router once, not once per slot.
     """
 
     def __init__(self, worker: Worker, sock: socket.socket):
@@ -44,9 +48,25 @@ class Inbox:
         self.pings = 0
         self.closed = False
         self.stop_said = False
+        self.held = bytearray()
 
     def send(self, message: object) -> None:
-        self.sock.sendall(P.pack(message))
+        """Write `message` now, after the frames held so far."""
+        if self.held:
+            self.held += P.pack(message)
+            self.flush()
+        else:
+            self.sock.sendall(P.pack(message))
+
+    def hold(self, message: object) -> None:
+        """Queue `message` until the next `send`, `get` or `flush`."""
+        self.held += P.pack(message)
+
+    def flush(self) -> None:
+        """Write the frames held so far."""
+        if self.held:
+            data, self.held = self.held, bytearray()
+            self.sock.sendall(data)
 
     def _read(self, timeout: float | None) -> bool:
         """Wait up to `timeout` (None: forever) for bytes or a stop; False if none came."""
@@ -83,6 +103,7 @@ class Inbox:
         return True
 
     def get(self, block: bool = True) -> P.Request | None:
+        self.flush()  # between steps: the last one's output goes before any wait
         while True:
             while self.pending:
                 msg = self.pending.popleft()
@@ -126,12 +147,17 @@ class Inbox:
 
 
 class DataSink:
-    """The engine thread's output: every event becomes a frame on the data socket."""
+    """The engine thread's output: every event becomes a frame on the data socket.
 
-    def __init__(self, worker: Worker, inbox: Inbox):
+    With `hold_chunks` (an engine that reads its inbox between steps) CHUNKs wait for the
+    step's end (`Inbox.hold`); DONE, ERROR and FATAL go at once, after them.
+    """
+
+    def __init__(self, worker: Worker, inbox: Inbox, *, hold_chunks: bool = False):
         self.worker = worker
         self.inbox = inbox
         self.faults = worker.faults
+        self._chunk_out = inbox.hold if hold_chunks else inbox.send
 
     def start(self, request_id: str) -> None:
         self.faults.at_start()
@@ -143,7 +169,7 @@ class DataSink:
         tokens: int,
         logprobs: list[P.TokenLogprob] | None = None,
     ) -> None:
-        self.inbox.send(P.Chunk(request_id=request_id, text=text, tokens=tokens, logprobs=logprobs))
+        self._chunk_out(P.Chunk(request_id=request_id, text=text, tokens=tokens, logprobs=logprobs))
         if self.faults.kind:
             self.faults.at_chunk(self.inbox)
 

@@ -168,7 +168,9 @@ class Worker:
         self.notices.connect(_EVENTS)
         inbox = Inbox(self, self.data)
         try:
-            self.engine.serve(inbox, DataSink(self, inbox))  # type: ignore[arg-type]
+            # The batching engine reads its inbox between steps: a step's CHUNKs go together.
+            sink = DataSink(self, inbox, hold_chunks=isinstance(self.engine, BatchEngine))
+            self.engine.serve(inbox, sink)  # type: ignore[arg-type]
             if not self.stopping:  # the data socket closed or broke under the engine
                 raise RuntimeError("the data socket from the router closed")
         except BaseException as exc:  # noqa: BLE001 - reported as FATAL, then the worker exits
