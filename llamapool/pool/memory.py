@@ -253,23 +253,18 @@ class MemoryBudget:
 
     def used(self) -> int:
         """The pool's use: the router plus every live worker (its estimate until measured)."""
-        used = self.router.charge if self.router else 0
-        counted: dict[str, int] = {}
-        for w in self.pool.live_workers():
-            runtime = self.pool.models.get(w.model_id)
-            if w.memory is not None and w.state is not WorkerState.STARTING:
-                used += w.memory.charge
-            elif runtime is not None and runtime.footprint is not None:
-                used += runtime.footprint.cost(counted.get(w.model_id, 0))
-            counted[w.model_id] = counted.get(w.model_id, 0) + 1
-        return used
+        return (self.router.charge if self.router else 0) + self._workers_use(None)
 
     def node_used(self, node: str) -> int:
         """What the pool's live workers on `node` use (their estimates until measured)."""
+        return self._workers_use(node)
+
+    def _workers_use(self, node: str | None) -> int:
+        """Live workers' use, each measured or estimated; only those on `node` unless None."""
         used = 0
         counted: dict[str, int] = {}
         for w in self.pool.live_workers():
-            if w.process.node != node:
+            if node is not None and w.process.node != node:
                 continue
             runtime = self.pool.models.get(w.model_id)
             if w.memory is not None and w.state is not WorkerState.STARTING:
