@@ -274,21 +274,11 @@ async def _stream(
     event = first
     while True:
         if isinstance(event, P.Chunk):
-            text = event.text if reader is None else reader.feed(event.text)
-            if text or event.logprobs:
-                data += shape.delta(text, logprobs=event.logprobs)
+            data += _chunk_delta(shape, reader, event)
         elif event is CLIENT_GONE:
             return
         elif isinstance(event, P.Done):
-            finish = event.finish_reason
-            if reader is not None:
-                calls, held = reader.finish()
-                if calls:
-                    data += shape.tool_calls_delta(calls)
-                    finish = "tool_calls"
-                elif held:
-                    data += shape.delta(held)
-            data += shape.delta(None if shape.kind == "chat" else "", finish=finish, done=event)
+            data += _done_delta(shape, reader, event, timings=True)
             if include_usage:
                 data += shape.usage_chunk(event.usage)
             yield data + b"data: [DONE]\n\n"
@@ -304,6 +294,37 @@ async def _stream(
             event = await job.events.get()
         else:
             event = job.events.get_nowait()
+
+
+def _chunk_delta(
+    shape: Shape, reader: tools.CallReader | None, event: P.Chunk, index: int = 0
+) -> bytes:
+    """A choice's CHUNK as a delta (nothing while a tool call may be forming)."""
+    text = event.text if reader is None else reader.feed(event.text)
+    if text or event.logprobs:
+        return shape.delta(text, index=index, logprobs=event.logprobs)
+    return b""
+
+
+def _done_delta(
+    shape: Shape,
+    reader: tools.CallReader | None,
+    event: P.Done,
+    *,
+    index: int = 0,
+    timings: bool = False,
+) -> bytes:
+    """A choice's last deltas: its tool calls or held text, then its finish_reason."""
+    data, finish = b"", event.finish_reason
+    if reader is not None:
+        calls, held = reader.finish()
+        if calls:
+            data += shape.tool_calls_delta(calls, index=index)
+            finish = "tool_calls"
+        elif held:
+            data += shape.delta(held, index=index)
+    end = None if shape.kind == "chat" else ""
+    return data + shape.delta(end, finish=finish, index=index, done=event if timings else None)
 
 
 async def _stream_many(
@@ -343,22 +364,11 @@ async def _stream_many(
             started[index] = True
             reader = readers[index]
             if isinstance(event, P.Chunk):
-                text = event.text if reader is None else reader.feed(event.text)
-                if text or event.logprobs:
-                    data += shape.delta(text, index=index, logprobs=event.logprobs)
+                data += _chunk_delta(shape, reader, event, index)
             elif event is CLIENT_GONE:
                 return
             elif isinstance(event, P.Done):
-                finish = event.finish_reason
-                if reader is not None:
-                    calls, held = reader.finish()
-                    if calls:
-                        data += shape.tool_calls_delta(calls, index=index)
-                        finish = "tool_calls"
-                    elif held:
-                        data += shape.delta(held, index=index)
-                end = None if shape.kind == "chat" else ""
-                data += shape.delta(end, finish=finish, index=index)
+                data += _done_delta(shape, reader, event, index=index)
                 usages[index] = event.usage
                 if all(u is not None for u in usages):
                     if include_usage:
