@@ -110,6 +110,23 @@ class RayCluster:
                 pass
         return procs
 
+    def wait_dead(self, zone: str, timeout: float = 90.0) -> None:
+        """Wait until Ray itself has declared every node of `zone` dead: a lost node it
+        still counts alive would take the next test's workers (their actors then die)."""
+        probe = (
+            "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(any(n['Alive'] and n['Resources'].get(sys.argv[2]) for n in ray.nodes()))"
+        )
+
+        def gone() -> bool:
+            out = subprocess.run(
+                [sys.executable, "-c", probe, self.address, f"node_{zone}"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            return out.stdout.strip().endswith("False")
+
+        _wait_until(gone, timeout, f"Ray to declare the zone {zone} nodes dead")
+
     def shutdown(self) -> None:
         """SIGTERM every process of the cluster, SIGKILL what is left after 10 s (as
         `ray stop` does after its grace period), then prove that nothing remains."""
@@ -293,6 +310,7 @@ def test_a_lost_nodes_workers_come_back_elsewhere_and_no_request_is_lost(
             if how == "frozen":
                 ray_cluster.kill_node(node, signal.SIGKILL)
                 ray_cluster.kill_node(node, signal.SIGCONT)
+            ray_cluster.wait_dead("b")
     assert back == ["a", "a"]
     # Each request ended once: a stream that had output on node b gets worker_crashed,
     # every other request is whole (a whole response's output is held: requeued, redone).
