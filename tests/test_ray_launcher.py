@@ -7,7 +7,9 @@ import asyncio
 import functools
 import signal
 import socket
+import subprocess
 
+import psutil
 import pytest
 
 pytest.importorskip("ray")
@@ -15,7 +17,7 @@ pytest.importorskip("ray")
 from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
 
 from llamapool.pool import ray_launcher  # noqa: E402
-from llamapool.pool.ray_host import CannotHost, taken_cores  # noqa: E402
+from llamapool.pool.ray_host import CannotHost, WorkerHost, taken_cores  # noqa: E402
 from llamapool.pool.ray_launcher import HostState, RayProcess  # noqa: E402
 
 NODE = "ab" * 28
@@ -183,6 +185,23 @@ def test_a_node_s_taken_cores_are_read_from_its_workers_command_lines():
         [],
     ]
     assert taken_cores(cmdlines) == [[0, 1], [3]]
+
+
+def test_a_worker_s_memory_includes_the_actor_hosting_it():
+    """The host actor's process exists only for its worker, so the budget counts both
+    (a Ray Python worker is ~50 MB PSS; a sleeping worker stand-in well under 10 MB)."""
+    host = WorkerHost()
+    host.proc = subprocess.Popen(["sleep", "30"])
+    try:
+        alone = psutil.Process(host.proc.pid).memory_full_info().pss
+        sample = asyncio.run(host.memory())
+    finally:
+        host.proc.kill()
+        host.proc.wait()
+    assert sample is not None
+    assert sample["pss"] > alone + 10 * 2**20
+    assert sample["rss"] > sample["pss"] - alone
+    assert sample["available"] > 0
 
 
 def test_an_unreachable_head_fails_at_once_naming_the_address():
