@@ -320,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     # shell starts background jobs with SIGINT ignored, so it is set here too).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    report = asyncio.run(run(args))
     out = pathlib.Path(args.out_dir) / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the run, not after its minutes
+    report = asyncio.run(run(args))
     out.write_text(json.dumps(report, indent=1))
     _print(report)
     _say(f"results: {out}")
