@@ -321,10 +321,7 @@ class MemoryBudget:
                     "another model there can be evicted; raise pool.gpu_memory_budget, lower "
                     "n_gpu_layers, n_ctx or n_parallel, or unload a model"
                 )
-            if reason != runtime.memory_blocked:
-                log.error("%s", reason)
-            runtime.memory_blocked = reason
-            return False
+            return _refuse(runtime, reason)
         self._evict(runtime, victims)
         return False
 
@@ -378,10 +375,7 @@ class MemoryBudget:
             "instance of another model there can be evicted; raise pool.memory_budget, add a "
             "node or unload a model"
         )
-        if reason != runtime.memory_blocked:
-            log.error("%s", reason)
-        runtime.memory_blocked = reason
-        return False
+        return _refuse(runtime, reason)
 
     def vram_shortfall(self, runtime: ModelRuntime, more: int) -> Shortfall | None:
         """What `more` instances of a model would lack on the first GPU short of VRAM,
@@ -470,3 +464,12 @@ class MemoryBudget:
                     f"restart: memory {fmt_bytes(w.memory.charge)} above max_worker_memory "
                     f"{limit} for {self.over_limit.readings} readings in a row",
                 )
+
+
+def _refuse(runtime: ModelRuntime, reason: str) -> bool:
+    """The model cannot have another instance now: say why once (not on every retry), keep
+    the reason for /admin/pool and the queue's 503, and return False."""
+    if reason != runtime.memory_blocked:
+        log.error("%s", reason)
+    runtime.memory_blocked = reason
+    return False
