@@ -116,6 +116,9 @@ class _Sink:
     def start(self, rid: str) -> None:
         self.text[rid] = ""
 
+    def flush(self) -> None:
+        pass
+
     def chunk(self, rid: str, text: str, tokens: int) -> None:
         self.text[rid] += text
 

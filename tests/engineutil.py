@@ -25,6 +25,9 @@ class Texts:
         self.text[rid] = ""
         self.logprobs[rid] = []
 
+    def flush(self) -> None:
+        pass
+
     def chunk(
         self, rid: str, text: str, tokens: int, logprobs: list[TokenLogprob] | None = None
     ) -> None:

@@ -39,6 +39,9 @@ class Recorder:
     def start(self, rid):
         self.events.append(("start", rid, None))
 
+    def flush(self) -> None:
+        self.events.append(("flush", "", None))
+
     def chunk(self, rid, text, tokens):
         self.events.append(("chunk", rid, (text, tokens)))
         n = self._chunks[rid] = self._chunks.get(rid, 0) + 1
@@ -104,6 +107,22 @@ def test_a_request_joins_while_another_generates(engine):
     assert sink.end("long")[2].usage.completion_tokens == 200
     assert sink.end("short")[2].usage.completion_tokens == 3
     assert sink.index("done", "short") < sink.index("done", "long")
+
+
+def test_a_joining_prompt_is_decoded_first_in_its_step_and_its_token_sent_at_once(engine):
+    """A new request's first token does not wait for the generating slots' decode (one
+    row per slot: ~0.1 s at 8 slots on one core of the 2-core box), nor for the step's
+    end: its prompt goes first and its chunk is flushed as soon as it is sampled."""
+    jobs: queue.Queue = queue.Queue()
+    sink = Recorder()
+    joiner = _chat("short", "another question", max_tokens=3, temperature=0)
+    sink.on_chunk[("long", 5)] = lambda: (jobs.put(joiner), jobs.put(None))
+    jobs.put(_chat("long", max_tokens=40, temperature=0))
+    engine.serve(jobs, sink)
+    admitted, first = sink.index("start", "short"), sink.index("chunk", "short")
+    assert [e for e in sink.events[admitted:first] if e[0] == "chunk"] == []
+    assert sink.events[first + 1][0] == "flush"
+    assert sink.end("long")[2].usage.completion_tokens == 40
 
 
 def test_cancel_ends_one_request_and_spares_the_others(engine):

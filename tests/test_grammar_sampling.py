@@ -35,6 +35,9 @@ class _Text:
 
     def start(self, rid: str) -> None: ...
 
+    def flush(self) -> None:
+        pass
+
     def chunk(self, rid: str, text: str, tokens: int) -> None:
         self.text += text
 

@@ -367,8 +367,8 @@ class BatchEngine:
     # -- one decode step --------------------------------------------------------
 
     def _step(self, sink: Sink) -> None:
-        """One step: the generating slots' tokens (and drafts) in one decode, then each
-        prompt chunk `n_batch` leaves room for in a decode of its own.
+        """One step: each prompt chunk the generating slots' tokens (and drafts) leave
+        room for in `n_batch`, in a decode of its own, then those tokens in one decode.
 
         A prompt's rows never share a decode with other sequences' rows: llama.cpp splits
         such a batch into ubatches of equal tokens per sequence, so the prompt's first row
@@ -378,7 +378,6 @@ class BatchEngine:
         llama.cpp made those ubatches anyway.
         """
         budget = self.n_batch
-        groups: list[list[tuple[_Slot, list[int]]]] = []
         generating = [s for s in self.slots if s.state is SlotState.GENERATING]
         drafts = self._drafts(generating, budget) if self.speculator is not None else {}
         runs = []
@@ -386,16 +385,23 @@ class BatchEngine:
             assert slot.next_token is not None
             runs.append((slot, [slot.next_token, *drafts.get(slot.seq, ())]))
             budget -= len(runs[-1][1])
-        if runs:
-            groups.append(runs)
+        chunks = []
         for slot in self.slots:
             if slot.state is not SlotState.PROMPT or budget <= 0:
                 continue
-            groups.append([(slot, slot.pending[:budget])])
-            budget -= len(groups[-1][0][1])
-        for group in groups:
-            if not self._decode(group, sink):
+            chunks.append((slot, slot.pending[:budget]))
+            budget -= len(chunks[-1][1])
+        # Prompts first, the shortest first, each one's first token sent as soon as it is
+        # sampled: a new request's TTFT does not wait for the generating slots' decode or
+        # for longer prompts. The step takes as long in any order, so the generating
+        # slots' tokens come as often as before.
+        chunks.sort(key=lambda chunk: len(chunk[1]))
+        for chunk in chunks:
+            if not self._decode([chunk], sink):
                 return
+            sink.flush()
+        if runs:
+            self._decode(runs, sink)
 
     def _decode(self, in_batch: list[tuple[_Slot, list[int]]], sink: Sink) -> bool:
         """Decode these slots' tokens and sample where they have logits; False if the

@@ -173,6 +173,9 @@ class DataSink:
         if self.faults.kind:
             self.faults.at_chunk(self.inbox)
 
+    def flush(self) -> None:
+        self.inbox.flush()
+
     def done(self, request_id: str, result: Result) -> None:
         self.worker.finished(request_id)
         done = P.Done(

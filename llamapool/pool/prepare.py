@@ -38,6 +38,9 @@ class Sink(Protocol):
         logprobs: list[TokenLogprob] | None = None,
     ) -> None: ...
 
+    def flush(self) -> None:
+        """Send the chunks held so far now (a first token mid-step), not at the step's end."""
+
     def done(self, request_id: str, result: Result) -> None: ...
 
     def error(
