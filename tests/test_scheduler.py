@@ -1,5 +1,5 @@
 """Dispatch: least loaded first, then prompt-cache affinity (pool/affinity.py), then least
-recently used."""
+recently used; a long cached prefix is worth one request more in flight."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import pytest
 from fakepool import fake_pool
 
 from llamapool.ipc.protocol import Request
-from llamapool.pool.affinity import cached_prefix, common_prefix_len, prefix_key, remember_prefix
+from llamapool.pool.affinity import (
+    AFFINITY_MIN_GAIN,
+    AFFINITY_SLACK,
+    cached_prefix,
+    common_prefix_len,
+    prefix_key,
+    remember_prefix,
+)
 from llamapool.pool.handle import WorkerHandle
 from llamapool.pool.job import Job, JobState
 from llamapool.pool.lifecycle import WorkerState
@@ -49,8 +56,16 @@ def test_pick_worker_prefers_the_instance_that_cached_the_longest_prefix():
     a.cache_entries = 0
     remember_prefix(a, "w")
     assert scheduler._pick_worker("m", next_turn) is b
-    # Affinity only breaks ties of load: an instance with fewer requests in flight wins.
+    # An instance with fewer requests in flight wins over a few shared characters...
     b.in_flight["r-1"] = object()
+    assert cached_prefix(b, next_turn) < AFFINITY_MIN_GAIN
+    assert scheduler._pick_worker("m", next_turn) is c
+    # ... but not over a prefix worth evaluating, up to AFFINITY_SLACK requests more.
+    remember_prefix(a, chat)  # a serves the chat's first turn again
+    a.in_flight["r-2"] = object()
+    assert scheduler._pick_worker("m", next_turn) is a
+    a.in_flight["r-3"] = object()
+    assert len(a.in_flight) > AFFINITY_SLACK
     assert scheduler._pick_worker("m", next_turn) is c
     # Nothing shared: the least recently used.
     assert scheduler._pick_worker("m", "user\x1fnew\x1e") is c

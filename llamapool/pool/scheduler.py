@@ -19,7 +19,13 @@ from typing import Any
 from llamapool import errors
 from llamapool.config import ModelSpec
 from llamapool.ipc import protocol as P
-from llamapool.pool.affinity import cached_prefix, prefix_key, remember_prefix
+from llamapool.pool.affinity import (
+    AFFINITY_MIN_GAIN,
+    AFFINITY_SLACK,
+    cached_prefix,
+    prefix_key,
+    remember_prefix,
+)
 from llamapool.pool.events import PoolObserver
 from llamapool.pool.handle import WorkerHandle
 from llamapool.pool.job import Event, Job, JobState
@@ -186,10 +192,20 @@ class Scheduler:
         # ones, prompt-cache affinity: the instance that served the longest prefix of this
         # one lately holds it in a slot or its RAM prompt cache (a chat's next turn).
         # Ties, and requests that share nothing, go to the least recently used instance.
-        return min(
-            candidates,
-            key=lambda w: (len(w.in_flight), -cached_prefix(w, key), w.last_used),
+        least = min(
+            candidates, key=lambda w: (len(w.in_flight), -cached_prefix(w, key), w.last_used)
         )
+        # One request more in flight is worth it for a prefix that spares a real prompt
+        # evaluation: the wider batch costs a row per step, the miss costs every token of
+        # the prefix now (on a 2-core box a prompt row costs about what a step's row does).
+        held = cached_prefix(least, key) + AFFINITY_MIN_GAIN
+        nearly = len(least.in_flight) + AFFINITY_SLACK
+        better = [
+            w for w in candidates if len(w.in_flight) <= nearly and cached_prefix(w, key) >= held
+        ]
+        if not better:
+            return least
+        return min(better, key=lambda w: (-cached_prefix(w, key), len(w.in_flight), w.last_used))
 
     # -- events from workers ----------------------------------------------------
 
