@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import psutil
 import pytest
 from engineutil import alone
 
 from llamapool.config import parse_config
 from llamapool.ipc.protocol import Request, SamplingParams
-from llamapool.pool.batch import BatchEngine
+from llamapool.pool.batch import SCORED_ROWS, BatchEngine
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}  # the pick is the model's own argmax
 
@@ -201,3 +202,22 @@ def test_logprob_values_are_a_distribution(engine):
     sink = alone(engine, [_completion("d", "abc", logprobs=5, max_tokens=1, **GREEDY)])
     (entry,) = sink.logprobs["d"]
     assert sum(math.exp(t.logprob) for t in entry.top) <= 1.0 + 1e-6
+
+
+def test_a_scored_prompt_keeps_the_logits_buffer_small(smollm2_gguf):
+    """Echo with logprobs needs every prompt row's logits; llama.cpp keeps an output
+    buffer for the most rows one decode asked for, for good. Chunks of SCORED_ROWS keep
+    it at 12 MiB on SmolLM2, where one 361-row decode grew it by 128 MiB."""
+    engine = _engine(smollm2_gguf, n_ctx=1024, n_parallel=1)
+    try:
+        prompt = "The lighthouse keeper climbed the stairs at dusk. " * 40
+        alone(engine, [_completion("warm", prompt, max_tokens=1)])  # the same prompt, plainly
+        before = psutil.Process().memory_info().rss
+        sink = alone(engine, [_completion("e", prompt, logprobs=1, echo=True, max_tokens=0)])
+        grown = psutil.Process().memory_info().rss - before
+        n_prompt = sink.results["e"].usage.prompt_tokens
+    finally:
+        engine.close()
+    assert n_prompt > 300 > SCORED_ROWS
+    assert len(sink.logprobs["e"]) >= n_prompt - 1
+    assert grown < 48 * 2**20, f"grew {grown / 2**20:.0f} MiB"

@@ -9,9 +9,11 @@ from fakepool import fake_pool
 from tinymodel import N_CTX_TRAIN, N_EMBD
 
 from llamapool.config import ConfigError, parse_config
+from llamapool.pool.batch import SCORED_ROWS
 from llamapool.pool.launcher import NodeRoom
 from llamapool.pool.lifecycle import ExitCause
 from llamapool.pool.memory import (
+    PROCESS_BASE,
     Candidate,
     GGUFError,
     MiB,
@@ -51,6 +53,20 @@ def test_smollm2_estimate_matches_its_shape(smollm2_gguf):
     assert fp.overhead - small_batch.overhead == 256 * 49152 * 4
     # Each parallel request gets its own n_ctx cells.
     assert estimate(_spec(smollm2_gguf, n_ctx=4096, n_parallel=4)).kv_cache == 4 * fp.kv_cache
+
+
+def test_the_estimate_counts_the_logits_output_buffer(smollm2_gguf):
+    """llama.cpp keeps the logits of the most rows one decode asked for: a scored prompt's
+    chunk (SCORED_ROWS), or every slot's token and drafts when speculation is on."""
+    vocab = 49152 * 4
+    plain = estimate(_spec(smollm2_gguf, n_ctx=1024, n_parallel=16))
+    weights = os.path.getsize(smollm2_gguf)
+    assert plain.overhead == PROCESS_BASE + weights // 20 + 512 * vocab + SCORED_ROWS * vocab
+    drafting = {"mode": "ngram", "draft_max": 16}
+    spec = estimate(_spec(smollm2_gguf, n_ctx=1024, n_parallel=16, speculative=drafting))
+    assert spec.overhead - plain.overhead == (16 * 17 - SCORED_ROWS) * vocab
+    capped = estimate(_spec(smollm2_gguf, n_ctx=1024, n_parallel=64, speculative=drafting))
+    assert capped.overhead - plain.overhead == (512 - SCORED_ROWS) * vocab  # n_batch at most
 
 
 def test_a_draft_model_counts_its_weights_cache_and_buffers(smollm2_gguf):

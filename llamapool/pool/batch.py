@@ -65,6 +65,12 @@ _TOKENIZER_CTX = 64
 _NO_REQUEST = object()
 
 
+# Rows of a scored prompt (echo with logprobs: every row's logits) per decode. llama.cpp's
+# output buffer keeps the logits of the most rows one decode asked for, for good: a full
+# n_batch of 512 rows is 96 MiB more on SmolLM2's vocabulary; 64 rows are 12 MiB.
+SCORED_ROWS = 64
+
+
 class SlotState(enum.Enum):
     """Where a slot is in serving a request (llama.cpp's server slots have the same)."""
 
@@ -389,7 +395,8 @@ class BatchEngine:
         for slot in self.slots:
             if slot.state is not SlotState.PROMPT or budget <= 0:
                 continue
-            chunks.append((slot, slot.pending[:budget]))
+            take = min(budget, SCORED_ROWS) if _scores_prompt(slot) else budget
+            chunks.append((slot, slot.pending[:take]))
             budget -= len(chunks[-1][1])
         # Prompts first, the shortest first, each one's first token sent as soon as it is
         # sampled: a new request's TTFT does not wait for the generating slots' decode or

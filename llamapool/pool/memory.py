@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from llamapool.config import ModelSpec, PoolSettings, parse_bytes
+from llamapool.pool.batch import SCORED_ROWS
 from llamapool.pool.gguf_header import GGUFError, GGUFHeader, read_gguf
 from llamapool.pool.gguf_header import read_gguf_scalars as read_gguf_scalars  # lived here first
 from llamapool.pool.gpus import GpuReader, open_reader
@@ -78,6 +79,12 @@ def estimate(spec: ModelSpec, *, gpu: bool = False) -> Footprint:
     # alone are n_batch × n_vocab floats (96 MiB for SmolLM2 at 512); a small share of
     # the weights covers the rest.
     overhead = PROCESS_BASE + weights // 20 + cfg.n_batch * _n_vocab(meta) * 4
+    # ... and llama.cpp's output buffer, which keeps the logits of the most rows one
+    # decode asked for (it grows, never shrinks): every generating slot's token and drafts,
+    # or a scored prompt's chunk.
+    drafts = cfg.speculative.draft_max if cfg.speculative is not None else 0
+    output_rows = min(cfg.n_batch, max(SCORED_ROWS, cfg.n_parallel * (1 + drafts)))
+    overhead += output_rows * _n_vocab(meta) * 4
     draft = cfg.speculative.draft_model_path if cfg.speculative is not None else None
     if draft is not None:  # a second model, context and compute buffer in the same worker
         draft_weights = os.path.getsize(draft)
