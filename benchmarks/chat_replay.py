@@ -150,6 +150,12 @@ class ReplaySettings:
     # Mean seconds a user reads and types between an answer and their next turn (0: the
     # next turn is sent at once, a closed loop). See `think_time`.
     think_s: float = 0.0
+    # Seconds between a conversation's turns on a fixed clock: turn k (from 0) is due at
+    # k × turn_interval_s (+ its think time) from the replay's start, or when the previous
+    # answer ends if that is later (0: off). Every target that keeps up then gets the same
+    # arrivals, so per-turn TTFT compares the servers, not how their earlier turns bunched
+    # the later ones.
+    turn_interval_s: float = 0.0
 
     def describe(self) -> dict[str, Any]:
         """The JSON config section: enough to check two runs sent the same bytes."""
@@ -157,6 +163,7 @@ class ReplaySettings:
             "conversations": self.conversations,
             "turns": self.turns,
             "think_s": self.think_s,
+            "turn_interval_s": self.turn_interval_s,
             "system_prompt_tokens": self.system_tokens,
             "system_prompt_chars": len(self.system_prompt),
             "system_prompt_sha256": hashlib.sha256(self.system_prompt.encode()).hexdigest(),
@@ -196,9 +203,15 @@ async def replay_conversations(
         results: list[RequestResult] = []
         for turn in range(replay.turns):
             index = conversation * replay.turns + turn
+            late = None
             if turn > 0:
                 # The user reading and typing: part of the workload, not a synchronisation.
-                await asyncio.sleep(think_time(replay.think_s, load.seed, conversation, turn))
+                pause = think_time(replay.think_s, load.seed, conversation, turn)
+                if replay.turn_interval_s > 0:
+                    due = origin + turn * replay.turn_interval_s + pause
+                    late = max(0.0, time.perf_counter() - due)
+                    pause = max(0.0, due - time.perf_counter())
+                await asyncio.sleep(pause)
             body = chat_body(
                 model_name,
                 turn_messages(replay.system_prompt, conversation, answers),
@@ -209,6 +222,8 @@ async def replay_conversations(
             )
             result = await send(body, index)
             result.extra.update(conversation=conversation, turn=turn + 1)
+            if late is not None:  # behind the schedule: this turn's arrival differs
+                result.extra["late_s"] = late
             results.append(result)
             on_result(result)
             if not result.ok:
@@ -281,6 +296,9 @@ def summarize_turn(
         "failed": len(results) - len(ok),
         "skipped": skipped,
         "errors_by_type": errors_by_type(results),
+        # With --turn-interval: turns sent after their due time (the previous answer ended
+        # later), whose arrivals are not the schedule's.
+        "late": sum(1 for r in results if r.extra.get("late_s", 0.0) > 0.0),
         **tokens,
         "span_s": span,
         "aggregate_tok_s": tokens["completion_tokens"] / span if span else None,

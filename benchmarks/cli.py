@@ -300,6 +300,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "exponentially from the seed (the same schedule for every target); 0 sends the next "
         "turn at once (default: 0)",
     )
+    replay.add_argument(
+        "--turn-interval",
+        type=_non_negative(float),
+        default=0.0,
+        metavar="SECONDS",
+        help="send turn k of every conversation k x SECONDS (plus its think time) after the "
+        "start, or when the previous answer ends if later: the same arrivals for every "
+        "target that keeps up, so per-turn TTFT compares servers; 0 is off (default: 0)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -358,7 +367,9 @@ def _replay_settings(
             f"{args.turns} turns of up to {max_tokens} tokens); --n-ctx is {args.n_ctx}: raise "
             "it or lower --system-tokens, --turns or --max-tokens"
         )
-    return ReplaySettings(args.conversations, args.turns, text, tokens, args.think_time)
+    return ReplaySettings(
+        args.conversations, args.turns, text, tokens, args.think_time, args.turn_interval
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -334,6 +334,12 @@ def render_chat_replay(console: Console, report: dict[str, Any]) -> None:
         if entry.get("error"):
             console.print(f"[red]{name} failed:[/] {entry['error']}")
             continue
+        late = sum(turn.get("late", 0) for turn in entry["per_turn"])
+        if late:
+            console.print(
+                f"[yellow]{name}:[/] {late} turn(s) sent after their --turn-interval time "
+                "(the previous answer ended later): their arrivals differ from the schedule"
+            )
         if entry["skipped"]:
             console.print(
                 f"[yellow]{name}:[/] {entry['skipped']} turn(s) not sent: their conversation "

@@ -7,6 +7,7 @@ tests/test_bench.py with the harness's other short runs.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -178,6 +179,44 @@ def test_think_time_comes_between_turns_only(monkeypatch: pytest.MonkeyPatch) ->
     assert waited == pauses
     assert sent == [(0, 0.0), (1, pauses[0]), (2, pauses[0] + pauses[1])]
     assert replay.describe()["think_s"] == 4.0
+
+
+def test_turns_on_a_fixed_clock_are_due_at_their_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With turn_interval_s, turn k is sent k intervals (plus its think time) after the
+    start whatever the answers took, or late (and marked) when an answer ends after that."""
+    clock = [100.0]
+    sent: list[tuple[int, float]] = []
+
+    async def sleep(seconds: float) -> None:  # the clock moves by the pause, no real wait
+        clock[0] += seconds
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    send, _ = _fake_server()
+    answer_s = [2.0, 100.0, 1.0]  # the second answer ends after the third turn is due
+
+    async def record(body: dict[str, Any], index: int) -> RequestResult:
+        sent.append((index, clock[0] - 100.0))
+        result = await send(body, index)
+        clock[0] += answer_s[index]
+        return result
+
+    replay = ReplaySettings(1, 3, system_prompt(2), 99, think_s=4.0, turn_interval_s=30.0)
+    conversations, _ = asyncio.run(
+        replay_conversations(record, "m", LOAD, replay, lambda result: None)
+    )
+    pauses = [think_time(4.0, LOAD.seed, 0, turn) for turn in (1, 2)]
+    assert sent[0] == (0, 0.0)
+    assert sent[1] == (1, pytest.approx(30.0 + pauses[0]))
+    due = 60.0 + pauses[1]
+    arrived = 30.0 + pauses[0] + 100.0
+    assert arrived > due
+    assert sent[2] == (2, pytest.approx(arrived))
+    turns = conversations[0]
+    assert turns[1].extra["late_s"] == 0.0
+    assert turns[2].extra["late_s"] == pytest.approx(arrived - due)
+    assert "late_s" not in turns[0].extra
+    assert replay.describe()["turn_interval_s"] == 30.0
 
 
 def test_prompt_counts_are_null_unless_every_answer_has_them() -> None:
