@@ -192,20 +192,17 @@ class Scheduler:
         # ones, prompt-cache affinity: the instance that served the longest prefix of this
         # one lately holds it in a slot or its RAM prompt cache (a chat's next turn).
         # Ties, and requests that share nothing, go to the least recently used instance.
-        least = min(
-            candidates, key=lambda w: (len(w.in_flight), -cached_prefix(w, key), w.last_used)
-        )
+        cached = {w.id: cached_prefix(w, key) for w in candidates}
+        least = min(candidates, key=lambda w: (len(w.in_flight), -cached[w.id], w.last_used))
         # One request more in flight is worth it for a prefix that spares a real prompt
         # evaluation: the wider batch costs a row per step, the miss costs every token of
         # the prefix now (on a 2-core box a prompt row costs about what a step's row does).
-        held = cached_prefix(least, key) + AFFINITY_MIN_GAIN
+        held = cached[least.id] + AFFINITY_MIN_GAIN
         nearly = len(least.in_flight) + AFFINITY_SLACK
-        better = [
-            w for w in candidates if len(w.in_flight) <= nearly and cached_prefix(w, key) >= held
-        ]
+        better = [w for w in candidates if len(w.in_flight) <= nearly and cached[w.id] >= held]
         if not better:
             return least
-        return min(better, key=lambda w: (-cached_prefix(w, key), len(w.in_flight), w.last_used))
+        return min(better, key=lambda w: (-cached[w.id], len(w.in_flight), w.last_used))
 
     # -- events from workers ----------------------------------------------------
 
