@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from llamapool.ipc.protocol import Request, TokenLogprob
+from llamapool.ipc.protocol import Request, SamplingParams, TokenLogprob
 from llamapool.pool.batch import BatchEngine
 
 
@@ -100,3 +100,21 @@ PASSAGE = (
     "great lamp, polished the brass rails, and wrote the weather in a leather book. Ships "
     "passed far out on the grey water, and none of them knew his name."
 )
+
+
+def ask(rid: str, content: str, **params) -> Request:
+    """A chat request of one user message."""
+    messages = [{"role": "user", "content": content}]
+    return Request(request_id=rid, kind="chat", messages=messages, params=SamplingParams(**params))
+
+
+def copy_requests() -> list[Request]:
+    """Four requests SmolLM2 answers by copying PASSAGE: greedy, a greedy rewrite, seeded
+    at temperature 0.8, and greedy with a stop sequence that cuts the copy short."""
+    repeat = f"Repeat this text exactly:\n\n{PASSAGE}"
+    return [
+        ask("g0", repeat, temperature=0, max_tokens=80),
+        ask("g1", f"Rewrite this in the first person:\n\n{PASSAGE}", temperature=0, max_tokens=80),
+        ask("s0", repeat, temperature=0.8, seed=11, max_tokens=80),
+        ask("c0", repeat, temperature=0, max_tokens=80, stop=["brass"]),
+    ]

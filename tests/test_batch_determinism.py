@@ -8,7 +8,7 @@ must be byte-identical, and so must a seeded request's text at temperature 0.8.
 
 from __future__ import annotations
 
-from engineutil import PASSAGE, Texts, alone, together
+from engineutil import Texts, alone, ask, copy_requests, together
 
 from llamapool.config import parse_config
 from llamapool.ipc.protocol import Request, SamplingParams
@@ -35,10 +35,6 @@ def _chat(rid: str, messages: list[dict], **params) -> Request:
     return Request(request_id=rid, kind="chat", messages=messages, params=SamplingParams(**params))
 
 
-def _ask(rid: str, question: str, **params) -> Request:
-    return _chat(rid, [{"role": "user", "content": question}], **params)
-
-
 def _reference(path, requests: list[Request], **config) -> Texts:
     """Each request alone, from an empty sequence, in an engine of its own."""
     engine = _engine(path, reset_each_request=True, **config)
@@ -50,10 +46,10 @@ def _reference(path, requests: list[Request], **config) -> Texts:
 
 def test_tiny_greedy_and_seeded_text_is_the_same_alone_and_under_load(tiny_gguf):
     greedy = [
-        _ask(f"g{i}", q, temperature=0, max_tokens=24 + 7 * i) for i, q in enumerate(QUESTIONS)
+        ask(f"g{i}", q, temperature=0, max_tokens=24 + 7 * i) for i, q in enumerate(QUESTIONS)
     ]
     seeded = [
-        _ask(f"s{i}", q, temperature=0.8, seed=1000 + i, max_tokens=40)
+        ask(f"s{i}", q, temperature=0.8, seed=1000 + i, max_tokens=40)
         for i, q in enumerate(QUESTIONS[:2])
     ]
     reference = _reference(tiny_gguf, greedy + seeded)
@@ -82,7 +78,7 @@ def test_tiny_greedy_and_seeded_text_is_the_same_alone_and_under_load(tiny_gguf)
 
 
 def test_tiny_second_turn_with_a_cached_prefix_matches_it_evaluatedalone(tiny_gguf):
-    first = [_ask(f"t{i}", q, temperature=0, max_tokens=20) for i, q in enumerate(QUESTIONS[:4])]
+    first = [ask(f"t{i}", q, temperature=0, max_tokens=20) for i, q in enumerate(QUESTIONS[:4])]
     engine = _engine(tiny_gguf)
     turn1 = together(engine, first, {})  # slot i now holds first turn t{i}
     second = [
@@ -100,7 +96,7 @@ def test_tiny_second_turn_with_a_cached_prefix_matches_it_evaluatedalone(tiny_gg
     ]
     # They share t3's prompt most, so they take its slot and leave the others' history be.
     others = [
-        _ask(f"o{i}", f"{QUESTIONS[3]} {extra}", temperature=0, max_tokens=25)
+        ask(f"o{i}", f"{QUESTIONS[3]} {extra}", temperature=0, max_tokens=25)
         for i, extra in enumerate(["and 3 + 3?", "and 4 + 4?"])
     ]
     reference = _reference(tiny_gguf, second)
@@ -122,7 +118,7 @@ def test_tiny_second_turn_with_a_cached_prefix_matches_it_evaluatedalone(tiny_gg
 
 def test_smollm2_greedy_text_is_the_same_alone_and_under_load(smollm2_gguf):
     path = str(smollm2_gguf)
-    greedy = [_ask(f"g{i}", q, temperature=0, max_tokens=16) for i, q in enumerate(QUESTIONS[:6])]
+    greedy = [ask(f"g{i}", q, temperature=0, max_tokens=16) for i, q in enumerate(QUESTIONS[:6])]
     reference = _reference(path, greedy, n_ctx=256)
     engine = _engine(path, n_ctx=256)
     # Four prompts evaluated in one decode, then two joining as slots free up.
@@ -153,7 +149,7 @@ def _second_turns(first: Texts, questions: list[str], **params) -> list[Request]
 def test_tiny_a_history_restored_from_ram_gives_the_same_text(tiny_gguf):
     # Two slots, four conversations: by their second turns the first two histories are
     # held only in the RAM prompt cache.
-    first = [_ask(f"t{i}", q, temperature=0, max_tokens=20) for i, q in enumerate(QUESTIONS[:4])]
+    first = [ask(f"t{i}", q, temperature=0, max_tokens=20) for i, q in enumerate(QUESTIONS[:4])]
     engine = _engine(tiny_gguf, n_parallel=2)
     turn1 = alone(engine, first)
     second = _second_turns(turn1, QUESTIONS[:4], temperature=0, max_tokens=30)
@@ -254,13 +250,7 @@ def test_tiny_requests_arriving_together_evaluate_their_system_prompt_once(tiny_
 
 def test_smollm2_a_prompt_evaluated_after_a_copied_prefix_keeps_its_text(smollm2_gguf):
     path = str(smollm2_gguf)
-    repeat = f"Repeat this text exactly:\n\n{PASSAGE}"
-    requests = [
-        _ask("g0", repeat, temperature=0, max_tokens=80),
-        _ask("g1", f"Rewrite this in the first person:\n\n{PASSAGE}", temperature=0, max_tokens=80),
-        _ask("s0", repeat, temperature=0.8, seed=11, max_tokens=80),
-        _ask("c0", repeat, temperature=0, max_tokens=80, stop=["brass"]),
-    ]
+    requests = copy_requests()
     reference = _reference(path, requests, n_ctx=1024)
     engine = _engine(path, n_ctx=1024)
     # g0 evaluates; the others wait for it and copy: s0 and c0 all but their last prompt

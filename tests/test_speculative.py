@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engineutil import PASSAGE, alone, together
+from engineutil import alone, ask, copy_requests, together
 from tinymodel import write_tiny_llama
 
 from llamapool.config import ConfigError, SpeculativeSettings, parse_config, parse_model
-from llamapool.ipc.protocol import Request, SamplingParams
+from llamapool.ipc.protocol import Request
 from llamapool.pool.batch import BatchEngine
 from llamapool.pool.speculative import (
     Ask,
@@ -31,11 +31,6 @@ def _engine(path, speculative=None, **config) -> BatchEngine:
     if speculative is not None:
         cfg["speculative"] = speculative
     return BatchEngine(parse_config({"models": [{"id": "m", "config": cfg}]}).models["m"])
-
-
-def _ask(rid: str, content: str, **params) -> Request:
-    messages = [{"role": "user", "content": content}]
-    return Request(request_id=rid, kind="chat", messages=messages, params=SamplingParams(**params))
 
 
 def _served(path, requests, speculative=None, *, concurrent=False, **config):
@@ -230,8 +225,8 @@ def test_a_draft_with_the_same_vocabulary_is_taken(tiny_gguf, tmp_path):
 
 def _tiny_requests() -> list[Request]:
     prompts = ["hello there", "tell me a story about a dragon", "abc abc abc abc", "2 + 2"]
-    greedy = [_ask(f"g{i}", p, temperature=0, max_tokens=60) for i, p in enumerate(prompts)]
-    seeded = [_ask("s0", prompts[1], temperature=0.8, seed=3, max_tokens=60)]
+    greedy = [ask(f"g{i}", p, temperature=0, max_tokens=60) for i, p in enumerate(prompts)]
+    seeded = [ask("s0", prompts[1], temperature=0.8, seed=3, max_tokens=60)]
     return greedy + seeded
 
 
@@ -247,14 +242,14 @@ def test_tiny_text_is_the_same_with_ngram_drafts_alone_and_together(tiny_gguf):
 
 def test_tiny_max_tokens_and_stops_inside_accepted_drafts(tiny_gguf):
     ngram = {"mode": "ngram", "draft_max": 8, "adaptive": False}
-    full = _served(tiny_gguf, [_ask("r", "abc abc abc abc", temperature=0, max_tokens=60)])
+    full = _served(tiny_gguf, [ask("r", "abc abc abc abc", temperature=0, max_tokens=60)])
     text = full.text["r"]
     # Every length, so some end inside a run of accepted drafts.
-    cut = [_ask(f"n{n}", "abc abc abc abc", temperature=0, max_tokens=n) for n in range(1, 30)]
+    cut = [ask(f"n{n}", "abc abc abc abc", temperature=0, max_tokens=n) for n in range(1, 30)]
     # Stops taken from the text's middle, where drafts are accepted.
     stops = [text[i : i + 3] for i in range(20, 50, 7) if text[i : i + 3].strip()]
     cut += [
-        _ask(f"s{i}", "abc abc abc abc", temperature=0, max_tokens=60, stop=[stop])
+        ask(f"s{i}", "abc abc abc abc", temperature=0, max_tokens=60, stop=[stop])
         for i, stop in enumerate(stops)
     ]
     reference = _served(tiny_gguf, cut)
@@ -272,8 +267,8 @@ def test_tiny_max_tokens_and_stops_inside_accepted_drafts(tiny_gguf):
 
 def test_tiny_logprobs_of_accepted_drafts_are_those_without_drafts(tiny_gguf):
     requests = [
-        _ask("g", "abc abc abc abc", temperature=0, max_tokens=40),
-        _ask("s", "abc abc abc abc", temperature=0.8, seed=5, max_tokens=40),
+        ask("g", "abc abc abc abc", temperature=0, max_tokens=40),
+        ask("s", "abc abc abc abc", temperature=0.8, seed=5, max_tokens=40),
     ]
     requests[0].logprobs, requests[1].logprobs = 3, 0
     reference = _served(tiny_gguf, requests)
@@ -300,7 +295,7 @@ def test_tiny_grammar_penalties_and_bias_keep_the_text_with_drafts(tiny_gguf):
         {"temperature": 0.8, "seed": 4, "repeat_penalty": 1.3, "logit_bias": {300: 3.0}},
     ]
     requests = [
-        _ask(f"r{i}", "abc abc abc abc", max_tokens=48, grammar=grammar, **p)
+        ask(f"r{i}", "abc abc abc abc", max_tokens=48, grammar=grammar, **p)
         for i, p in enumerate(params)
     ]
     reference = _served(tiny_gguf, requests)
@@ -334,13 +329,7 @@ def test_tiny_draft_model_with_other_weights_keeps_the_text(tiny_gguf, tmp_path)
 
 
 def test_smollm2_copy_is_the_same_with_ngram_drafts(smollm2_gguf):
-    ask = f"Repeat this text exactly:\n\n{PASSAGE}"
-    requests = [
-        _ask("g0", ask, temperature=0, max_tokens=80),
-        _ask("g1", f"Rewrite this in the first person:\n\n{PASSAGE}", temperature=0, max_tokens=80),
-        _ask("s0", ask, temperature=0.8, seed=11, max_tokens=80),
-        _ask("c0", ask, temperature=0, max_tokens=80, stop=["brass"]),
-    ]
+    requests = copy_requests()
     reference = _served(smollm2_gguf, requests, n_ctx=1024, reset_each_request=True)
     ngram = {"mode": "ngram", "adaptive": False}
     alone_ = _served(smollm2_gguf, requests, ngram, n_ctx=1024)
@@ -357,7 +346,7 @@ def test_smollm2_copy_is_the_same_with_ngram_drafts(smollm2_gguf):
 
 
 def test_smollm2_as_its_own_draft_accepts_nearly_all(smollm2_gguf):
-    requests = [_ask("g0", "Tell me about the sea.", temperature=0, max_tokens=48)]
+    requests = [ask("g0", "Tell me about the sea.", temperature=0, max_tokens=48)]
     reference = _served(smollm2_gguf, requests, n_ctx=1024)
     same = {"mode": "draft", "draft_model_path": str(smollm2_gguf), "draft_max": 6}
     same["adaptive"] = False  # the mechanics: draft every step
