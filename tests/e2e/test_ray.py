@@ -289,9 +289,10 @@ def test_a_lost_nodes_workers_come_back_elsewhere_and_no_request_is_lost(
     )
 
     # Streams first: node b's first request is a stream, and hangs after its first token;
-    # then whole responses, until node b holds two.
+    # then a burst of whole responses, so that node b takes its second one when instance a
+    # is full (with only three, a could finish each before the next came: b kept one).
     streams = [chat_body("m", f"s{i}", 200, stream=True, logit_bias=NO_EOG) for i in range(2)]
-    wholes = [chat_body("m", f"w{i}", 200, stream=False, logit_bias=NO_EOG) for i in range(3)]
+    wholes = [chat_body("m", f"w{i}", 200, stream=False, logit_bias=NO_EOG) for i in range(8)]
     in_flight_on_b = lambda: len(_worker(server, on_b["id"])["in_flight"])  # noqa: E731
     with ThreadPoolExecutor(len(streams) + len(wholes)) as pool:
         futures = [pool.submit(_outcome, server.url, b) for b in streams]
