@@ -40,6 +40,7 @@ from llamapool.pool.batch import BatchEngine
 from llamapool.pool.engine import Engine
 from llamapool.pool.engine_io import DataSink, Inbox
 from llamapool.pool.faults import FaultInjector
+from llamapool.pool.llama_adapter import load_library
 from llamapool.pool.prepare import chats_through_handler, is_broken_pipe
 
 log = logging.getLogger("llamapool.worker")
@@ -151,9 +152,12 @@ class Worker:
         # Only this thread (and the threads llama.cpp starts from it) is pinned: the I/O
         # thread stays free to run on any core, so forwarding a token never waits for the
         # decode that holds this instance's core (measured: ~5 ms of TTFT when it did).
-        if self.cores:
-            os.sched_setaffinity(0, self.cores)
         try:
+            # Before pinning: OpenMP sizes its spinning from the loading thread's cores, and
+            # a decode widened onto lent cores needs all of them counted (load_library).
+            load_library()
+            if self.cores:
+                os.sched_setaffinity(0, self.cores)
             self.engine = make_engine(self.spec)
         except BaseException as exc:  # noqa: BLE001 - any loader failure is a boot failure
             self.boot_error = exc

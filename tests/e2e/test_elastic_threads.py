@@ -8,7 +8,13 @@ import os
 import httpx
 import psutil
 import pytest
-from serverutil import SMOLLM2_EOG, chat_body, model_entry, skip_to_first_token
+from serverutil import (
+    SMOLLM2_EOG,
+    chat_body,
+    is_content_line,
+    model_entry,
+    skip_to_first_token,
+)
 
 pytestmark = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2, reason="elastic threads need two cores"
@@ -18,6 +24,17 @@ pytestmark = pytest.mark.skipif(
 def _affinities(pid: int) -> list[set[int]]:
     """The CPU affinity of each of a process's threads, as the kernel reports it."""
     return [set(os.sched_getaffinity(t.id)) for t in psutil.Process(pid).threads()]
+
+
+def _sleeps(pid: int) -> dict[int, int]:
+    """Per thread of a process, how often it has blocked (voluntary context switches)."""
+    out = {}
+    for t in psutil.Process(pid).threads():
+        with open(f"/proc/{pid}/task/{t.id}/status") as status:
+            for line in status:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out[t.id] = int(line.split()[1])
+    return out
 
 
 def _workers(server) -> dict[str, dict]:
@@ -71,3 +88,32 @@ def test_a_lone_stream_borrows_the_idle_core_and_gives_it_back(serve, smollm2_gg
                 frozenset(a["cores"])
             }
     assert f"worker {b['id']} cores lent → reclaiming" in server.log_text()
+
+
+def test_a_widened_decode_spins_between_its_threads_instead_of_sleeping(serve, smollm2_gguf):
+    # OpenMP (libgomp) counts its CPUs from the thread that loads it. Loaded by an engine
+    # thread already pinned to one core, it counted one; a decode widened to two threads
+    # then had more threads than CPUs, and each thread slept at nearly every barrier of
+    # the graph (~270 times a token) instead of spinning for the other: ~20% slower.
+    server = serve(
+        [model_entry("m", smollm2_gguf, min_instances=2)], pool={"elastic_threads": True}
+    )
+    with _stream(server, "Write a long story.") as stream:
+        lines = stream.iter_lines()
+        skip_to_first_token(lines)
+        busy = _workers(server)[stream.headers["x-llamapool-worker"].split()[0]]
+        server.wait_for(
+            lambda: _workers(server)[busy["id"]]["elastic"]["n_threads"] == 2,
+            what="the busy worker widened",
+        )
+        skip_to_first_token(lines)  # a step that started after the widening has ended
+        before, tokens = _sleeps(busy["pid"]), 0
+        for line in lines:
+            tokens += is_content_line(line)
+            if tokens == 64:
+                break
+        after = _sleeps(busy["pid"])
+    per_token = {tid: (after[tid] - before.get(tid, 0)) / tokens for tid in after}
+    # A thread that forwards tokens wakes about once a token; a decode thread that sleeps
+    # at its barriers, hundreds of times.
+    assert max(per_token.values()) < 20, per_token

@@ -26,6 +26,7 @@ from llamapool.pool.llama_adapter.model import (  # noqa: F401
     evaluated_tokens,
     flash_attn_type_of,
     handler_only,
+    load_library,
     logit_bias_processor,
     open_llama,
     set_threads,
