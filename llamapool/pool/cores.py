@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 
 from llamapool.config import ModelSpec, PoolSettings
-from llamapool.pool.lifecycle import check
+from llamapool.pool.transitions import check
 
 log = logging.getLogger("llamapool.cores")
 

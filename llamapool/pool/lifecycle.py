@@ -12,6 +12,7 @@ import enum
 import signal
 
 from llamapool.ipc import protocol as P
+from llamapool.pool.transitions import IllegalTransition, check  # noqa: F401 (re-exported)
 from llamapool.pool.worker import EXIT_CANNOT_BOOT, EXIT_FATAL, EXIT_ORPHANED
 
 
@@ -65,16 +66,6 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
 LIVE = frozenset({_W.STARTING, _W.IDLE, _W.BUSY, _W.DRAINING, _W.KILLING})
 # Workers that serve: READY and not on their way out.
 SERVING = frozenset({_W.IDLE, _W.BUSY})
-
-
-class IllegalTransition(RuntimeError):
-    """A state change the lifecycle's table does not allow: a bug in the caller."""
-
-
-def check(table: dict, kind: str, name: str, old: enum.Enum, new: enum.Enum, reason: str) -> None:
-    """Raise IllegalTransition unless `old` → `new` is in `table`."""
-    if new not in table[old]:
-        raise IllegalTransition(f"{kind} {name}: {old.value} → {new.value} ({reason})")
 
 
 class ExitCause(str, enum.Enum):

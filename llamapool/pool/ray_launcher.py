@@ -38,10 +38,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from llamapool.config import ModelSpec, PlacementSettings
 from llamapool.ipc.remote import RemoteWire
 from llamapool.pool.launcher import NodeRoom, WorkerLaunch, worker_args, worker_env
-from llamapool.pool.lifecycle import check
 from llamapool.pool.memory import Sample
 from llamapool.pool.ray_host import WorkerHost, versions
 from llamapool.pool.ray_placement import actor_options, demand, fitting_nodes, pick_node
+from llamapool.pool.transitions import check
 from llamapool.pool.worker import EXIT_CANNOT_BOOT
 
 log = logging.getLogger("llamapool.ray")
