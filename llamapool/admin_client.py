@@ -205,7 +205,8 @@ def format_cores(cores: Any) -> str:
 
 
 def worker_cores(w: dict[str, Any]) -> str:
-    """A worker's CORES cell: its own cores, `+` the ones it borrows, or `(lent)`."""
+    """A worker's CORES cell: its own cores, `+` the ones it borrows (`(unused)` when its
+    widened decodes were slower than at home), or `(lent)`."""
     home = format_cores(w.get("cores"))
     elastic = w.get("elastic")
     if not isinstance(elastic, dict):
@@ -216,7 +217,8 @@ def worker_cores(w: dict[str, Any]) -> str:
     if isinstance(now, list) and isinstance(w.get("cores"), list):
         extra = [c for c in now if c not in w["cores"]]
         if extra:
-            return f"{home}+{format_cores(extra)}"
+            unused = elastic.get("decode_threads", 0) == w.get("n_threads")
+            return f"{home}+{format_cores(extra)}" + (" (unused)" if unused else "")
     return home
 
 

@@ -149,7 +149,10 @@ class Server:
         """This model's entry in GET /ready (state, instances, queue depth...)."""
         return httpx.get(f"{self.url}/ready", timeout=10).json()["models"][model]
 
-    def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> Any:
+    def wait_for(
+        self, predicate, timeout: float = 30.0, what: str = "condition", every: float = 0.05
+    ) -> Any:
+        """Poll `predicate` each `every` seconds until it is truthy; its value."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -158,7 +161,7 @@ class Server:
                 value = None
             if value:
                 return value
-            time.sleep(0.05)
+            time.sleep(every)
         raise AssertionError(f"timed out waiting for {what}:\n{self.log_text()[-4000:]}")
 
     def stop(self, timeout: float = 30.0) -> int:

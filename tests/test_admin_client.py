@@ -358,3 +358,8 @@ def test_the_cores_cell_shows_borrowed_and_lent_cores():
     assert worker_cores({"cores": [1], "elastic": {"state": "lent", "cores": [1]}}) == "1 (lent)"
     assert worker_cores({"cores": [1], "elastic": {"state": "own", "cores": [1]}}) == "1"
     assert worker_cores({"cores": [3], "elastic": None}) == "3"
+    # Its widened decodes were slower than at home: it runs its own thread only.
+    declined = {"state": "borrowing", "cores": [0, 1], "n_threads": 2, "decode_threads": 1}
+    assert worker_cores({"cores": [0], "n_threads": 1, "elastic": declined}) == "0+1 (unused)"
+    running = dict(declined, decode_threads=2)
+    assert worker_cores({"cores": [0], "n_threads": 1, "elastic": running}) == "0+1"

@@ -87,6 +87,9 @@ class Heartbeat(msgspec.Struct):
     # The RAM prompt cache: bytes held and saved states (the scheduler's affinity reads it).
     cache_bytes: int = 0
     cache_entries: int = 0
+    # Elastic threads: the threads its decodes run now (0: not a resizable engine). Fewer
+    # than granted when widened decodes were slower than at home (pool/widening.py).
+    decode_threads: int = 0
 
 
 class TopLogprob(msgspec.Struct, array_like=True):

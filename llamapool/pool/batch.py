@@ -57,6 +57,7 @@ from llamapool.pool.prompt_cache import (
     worth_copying,
 )
 from llamapool.pool.speculative import Ask, accept_run, open_speculator, ubatches
+from llamapool.pool.widening import WidenGuard
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ class BatchEngine:
             )
         self._cancelled_ids: set[str] = set()
         self._waiting: list[_Waiting] = []
+        # Elastic threads: widened decodes run their extra threads only while it pays.
+        self.widening = WidenGuard(self.context.n_threads, f"model {spec.id}")
         # time.monotonic() of the engine's last decode step; the I/O thread's stall watchdog
         # reads it (a float assignment is atomic under the GIL).
         self.progress_at = time.monotonic()
@@ -176,14 +179,23 @@ class BatchEngine:
 
     @property
     def n_threads(self) -> int:
-        """The threads each decode runs."""
+        """The threads the supervisor granted (elastic threads), or its own."""
+        return self.widening.granted
+
+    @property
+    def decode_threads(self) -> int:
+        """The threads each decode runs: the grant, unless widened decodes were slower."""
         return self.context.n_threads
 
     def set_threads(self, n_threads: int) -> None:
-        """Decode with `n_threads` threads from the next step (elastic threads: the worker
-        calls it between steps, with its new CPU affinity)."""
-        self.context.set_threads(n_threads)
-        set_threads(self.llama, n_threads)
+        """Up to `n_threads` threads from the next step (elastic threads: the worker calls
+        it between steps, with its new CPU affinity); WidenGuard decides how many run."""
+        self._run_threads(self.widening.grant(n_threads))
+
+    def _run_threads(self, n_threads: int) -> None:
+        if n_threads != self.context.n_threads:
+            self.context.set_threads(n_threads)
+            set_threads(self.llama, n_threads)
 
     # -- the worker's entry points --------------------------------------------
 
@@ -403,11 +415,14 @@ class BatchEngine:
         # for longer prompts. The step takes as long in any order, so the generating
         # slots' tokens come as often as before.
         chunks.sort(key=lambda chunk: len(chunk[1]))
+        if chunks:
+            self._run_threads(self.widening.prompt_threads)
         for chunk in chunks:
             if not self._decode([chunk], sink):
                 return
             sink.flush()
         if runs:
+            self._run_threads(self.widening.running)
             self._decode(runs, sink)
 
     def _decode(self, in_batch: list[tuple[_Slot, list[int]]], sink: Sink) -> bool:
@@ -426,10 +441,13 @@ class BatchEngine:
         self.context.abort.set({s.rid for s, _ in in_batch} <= self._cancelled_ids)
         started = time.perf_counter()
         status = self.context.decode()
-        if self.speculator is not None and status == 0 and generating_only:
-            groups = [(slot.seq, len(run)) for slot, run in in_batch]
+        if status == 0 and generating_only:
             seconds = time.perf_counter() - started
-            self.speculator.observe(ubatches(groups, self.n_batch), self.context.n_tokens, seconds)
+            rows, threads = self.context.n_tokens, self.context.n_threads
+            self._run_threads(self.widening.observe(threads, rows, seconds))
+            if self.speculator is not None:
+                groups = [(slot.seq, len(run)) for slot, run in in_batch]
+                self.speculator.observe(ubatches(groups, self.n_batch), rows, seconds)
         if status != 0:
             for slot, _ in in_batch:  # drop whatever part of the batch reached the cache
                 self._trim(slot, len(slot.cached))

@@ -358,6 +358,7 @@ class Broker:
             self.supervisor.note_fatal(worker, cause, msg.reason)
         elif isinstance(msg, P.Heartbeat):
             worker.cache_bytes, worker.cache_entries = msg.cache_bytes, msg.cache_entries
+            worker.decode_threads = msg.decode_threads
         else:
             self._protocol_violation(worker, f"unexpected {type(msg).__name__}")
 

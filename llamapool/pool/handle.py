@@ -34,6 +34,7 @@ class WorkerHandle:
     recent_prefixes: deque = field(default_factory=deque)
     cache_bytes: int = 0  # its RAM prompt cache, as its last heartbeat said
     cache_entries: int = 0
+    decode_threads: int = 0  # from its last heartbeat (elastic threads; 0: unknown)
     # Why it is ending, once known (a kill, a drain, its own FATAL), and in words.
     cause: ExitCause | None = None
     cause_detail: str | None = None

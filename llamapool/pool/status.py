@@ -58,7 +58,7 @@ def worker_status(sup: Supervisor, w: WorkerHandle) -> dict[str, Any]:
         "cores": getattr(w.process, "cores", None) if w.process.node else w.cores,
         "n_threads": w.n_threads,
         # Elastic threads: where it runs now (as it confirmed), lent or borrowing, and why.
-        "elastic": sup.cores.view(w.id),
+        "elastic": _elastic(sup.cores.view(w.id), w),
         "rss": w.memory.rss if w.memory else None,
         "pss": w.memory.pss if w.memory else None,
         "gpu": w.gpu,
@@ -72,6 +72,14 @@ def worker_status(sup: Supervisor, w: WorkerHandle) -> dict[str, Any]:
         "last_transition": {"state": state, "reason": reason, "at": at},
         "history": [{"at": a, "state": st, "reason": r} for a, st, r in w.history],
     }
+
+
+def _elastic(view: dict | None, w: WorkerHandle) -> dict | None:
+    """The ledger's view of a worker's cores, with the threads its decodes run as its last
+    heartbeat said: fewer than `n_threads` when widened decodes were slower than at home."""
+    if view is not None and w.decode_threads:
+        view["decode_threads"] = w.decode_threads
+    return view
 
 
 def model_status(sup: Supervisor, scheduler: Scheduler, model_id: str) -> dict[str, Any]:

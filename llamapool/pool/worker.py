@@ -42,6 +42,7 @@ from llamapool.pool.engine_io import DataSink, Inbox
 from llamapool.pool.faults import FaultInjector
 from llamapool.pool.llama_adapter import load_library
 from llamapool.pool.prepare import chats_through_handler, is_broken_pipe
+from llamapool.pool.widening import LOAD_EVERY, CoreLoad
 
 log = logging.getLogger("llamapool.worker")
 
@@ -87,6 +88,10 @@ class Worker:
         self.spec = spec
         self.worker_id = args.worker_id
         self.cores = {int(c) for c in args.cores.split(",")} if args.cores else set()
+        # Where the engine thread runs now (its cores, or more during a RESIZE's widening),
+        # and how busy other work keeps them (read by the I/O thread each heartbeat).
+        self.run_cores = set(self.cores)
+        self.core_load = CoreLoad()
         self.interval = args.heartbeat_interval
         self.liveness = args.heartbeat_liveness
         self.ctx = zmq.Context()
@@ -217,6 +222,7 @@ class Worker:
         """Run on `msg.cores` with `msg.n_threads` threads from the next decode (engine
         thread, between steps); confirm with what the kernel now reports."""
         cores = set(msg.cores)
+        self.run_cores = cores
         for tid in _thread_ids() - self.io_tids:
             try:
                 os.sched_setaffinity(tid, cores)
@@ -278,9 +284,14 @@ class Worker:
         poller.register(self.events, zmq.POLLIN)
         parent = self.args.parent_pid
         router_seen = time.monotonic()
-        next_beat = time.monotonic()
+        next_beat = next_load = time.monotonic()
+        reads_load = isinstance(self.engine, BatchEngine) and bool(self.cores)
         while True:
             now = time.monotonic()
+            if reads_load and now >= next_load:
+                foreign, since = self.core_load.read(self.run_cores)
+                self.engine.widening.note_load(foreign, since)  # type: ignore[union-attr]
+                next_load = now + LOAD_EVERY
             if now >= next_beat:
                 self.seq += 1
                 with self.active_lock:
@@ -292,6 +303,7 @@ class Worker:
                         busy_request=busy,
                         cache_bytes=cache.nbytes if cache is not None else 0,
                         cache_entries=len(cache) if cache is not None else 0,
+                        decode_threads=getattr(self.engine, "decode_threads", 0),
                     )
                 )
                 next_beat = now + self.interval
@@ -310,7 +322,8 @@ class Worker:
                         now - router_seen,
                     )
                     return EXIT_ORPHANED
-            timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
+            wake = min(next_beat, next_load) if reads_load else next_beat
+            timeout_ms = max(0, int((wake - time.monotonic()) * 1000))
             for sock, _ in poller.poll(timeout_ms):
                 if sock is self.sock:
                     router_seen = time.monotonic()

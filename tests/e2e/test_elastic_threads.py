@@ -4,6 +4,9 @@ core, and gives it back when that instance gets work."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 
 import httpx
 import psutil
@@ -35,6 +38,16 @@ def _sleeps(pid: int) -> dict[int, int]:
                 if line.startswith("voluntary_ctxt_switches:"):
                     out[t.id] = int(line.split()[1])
     return out
+
+
+def _drain(lines, closing: threading.Event) -> None:
+    """Read a stream to its end, or until the test closes it."""
+    try:
+        for _ in lines:
+            pass
+    except (httpx.HTTPError, httpx.StreamError):
+        if not closing.is_set():
+            raise
 
 
 def _workers(server) -> dict[str, dict]:
@@ -117,3 +130,47 @@ def test_a_widened_decode_spins_between_its_threads_instead_of_sleeping(serve, s
     # A thread that forwards tokens wakes about once a token; a decode thread that sleeps
     # at its barriers, hundreds of times.
     assert max(per_token.values()) < 20, per_token
+
+
+def test_a_widened_decode_leaves_a_lent_core_that_other_work_keeps_busy(serve, smollm2_gguf):
+    # The supervisor sees idle instances, not idle cores: with a busy loop on the lent core,
+    # a two-thread decode waits at every barrier for the thread that shares it, up to
+    # seconds a token. The worker sees the other work (or the slow decodes), decodes on its
+    # own thread, and tries the lent core again later.
+    server = serve(
+        [model_entry("m", smollm2_gguf, min_instances=2)], pool={"elastic_threads": True}
+    )
+    with _stream(server, "Write a long story.") as stream:
+        lines = stream.iter_lines()
+        skip_to_first_token(lines)
+        a = _workers(server)[stream.headers["x-llamapool-worker"].split()[0]]
+        lent = ({0, 1} - set(a["cores"])).pop()
+        # A client reading as it comes, as any would; the checks poll gently (each poll is
+        # work on these two cores too).
+        closing = threading.Event()
+        reader = threading.Thread(target=_drain, args=(lines, closing), daemon=True)
+        reader.start()
+
+        def decode_threads():
+            return _workers(server)[a["id"]]["elastic"].get("decode_threads")
+
+        server.wait_for(lambda: decode_threads() == 2, what="a widened decode", every=0.5)
+        loop = f"import os\nos.sched_setaffinity(0, {{{lent}}})\nwhile True: pass"
+        hog = subprocess.Popen([sys.executable, "-c", loop])
+        try:
+            server.wait_for(lambda: decode_threads() == 1, what="the widening declined", every=0.5)
+        finally:
+            hog.kill()
+            hog.wait()
+        elastic = _workers(server)[a["id"]]["elastic"]
+        assert (elastic["state"], elastic["cores"], elastic["n_threads"]) == (
+            "borrowing",
+            [0, 1],
+            2,
+        )
+        # The core is free again: a retry finds two threads faster and keeps them.
+        server.wait_for(lambda: decode_threads() == 2, timeout=60, what="the retry", every=0.5)
+        closing.set()
+    reader.join(timeout=10)
+    log = server.log_text()
+    assert "decode threads wide → declined" in log or "decode threads trial → declined" in log
