@@ -103,6 +103,17 @@ def test_a_lone_stream_borrows_the_idle_core_and_gives_it_back(serve, smollm2_gg
     assert f"worker {b['id']} cores lent → reclaiming" in server.log_text()
 
 
+def _streaming_worker(server, stream, lines) -> dict:
+    """The worker serving `stream`, once it has sent a token."""
+    skip_to_first_token(lines)
+    return _workers(server)[stream.headers["x-llamapool-worker"].split()[0]]
+
+
+def _decode_threads(server, worker: dict) -> int | None:
+    """The threads a worker's decodes run, as its last heartbeat said."""
+    return _workers(server)[worker["id"]]["elastic"].get("decode_threads")
+
+
 def test_a_widened_decode_spins_between_its_threads_instead_of_sleeping(serve, smollm2_gguf):
     # OpenMP (libgomp) counts its CPUs from the thread that loads it. Loaded by an engine
     # thread already pinned to one core, it counted one; a decode widened to two threads
@@ -113,11 +124,9 @@ def test_a_widened_decode_spins_between_its_threads_instead_of_sleeping(serve, s
     )
     with _stream(server, "Write a long story.") as stream:
         lines = stream.iter_lines()
-        skip_to_first_token(lines)
-        busy = _workers(server)[stream.headers["x-llamapool-worker"].split()[0]]
+        busy = _streaming_worker(server, stream, lines)
         server.wait_for(
-            lambda: _workers(server)[busy["id"]]["elastic"]["n_threads"] == 2,
-            what="the busy worker widened",
+            lambda: _decode_threads(server, busy) == 2, what="a widened decode", every=0.5
         )
         skip_to_first_token(lines)  # a step that started after the widening has ended
         before, tokens = _sleeps(busy["pid"]), 0
@@ -142,8 +151,7 @@ def test_a_widened_decode_leaves_a_lent_core_that_other_work_keeps_busy(serve, s
     )
     with _stream(server, "Write a long story.") as stream:
         lines = stream.iter_lines()
-        skip_to_first_token(lines)
-        a = _workers(server)[stream.headers["x-llamapool-worker"].split()[0]]
+        a = _streaming_worker(server, stream, lines)
         lent = ({0, 1} - set(a["cores"])).pop()
         # A client reading as it comes, as any would; the checks poll gently (each poll is
         # work on these two cores too).
@@ -152,7 +160,7 @@ def test_a_widened_decode_leaves_a_lent_core_that_other_work_keeps_busy(serve, s
         reader.start()
 
         def decode_threads():
-            return _workers(server)[a["id"]]["elastic"].get("decode_threads")
+            return _decode_threads(server, a)
 
         server.wait_for(lambda: decode_threads() == 2, what="a widened decode", every=0.5)
         loop = f"import os\nos.sched_setaffinity(0, {{{lent}}})\nwhile True: pass"
