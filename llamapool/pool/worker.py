@@ -89,9 +89,11 @@ class Worker:
         self.worker_id = args.worker_id
         self.cores = {int(c) for c in args.cores.split(",")} if args.cores else set()
         # Where the engine thread runs now (its cores, or more during a RESIZE's widening),
-        # and how busy other work keeps them (read by the I/O thread each heartbeat).
+        # and how busy other work keeps them (read by the I/O thread every LOAD_EVERY).
         self.run_cores = set(self.cores)
         self.core_load = CoreLoad()
+        # Read only once a RESIZE came: a pool without elastic threads never pays for it.
+        self.reads_load = False
         self.interval = args.heartbeat_interval
         self.liveness = args.heartbeat_liveness
         self.ctx = zmq.Context()
@@ -223,6 +225,7 @@ class Worker:
         thread, between steps); confirm with what the kernel now reports."""
         cores = set(msg.cores)
         self.run_cores = cores
+        self.reads_load = True
         for tid in _thread_ids() - self.io_tids:
             try:
                 os.sched_setaffinity(tid, cores)
@@ -285,10 +288,9 @@ class Worker:
         parent = self.args.parent_pid
         router_seen = time.monotonic()
         next_beat = next_load = time.monotonic()
-        reads_load = isinstance(self.engine, BatchEngine) and bool(self.cores)
         while True:
             now = time.monotonic()
-            if reads_load and now >= next_load:
+            if self.reads_load and now >= next_load:
                 foreign, since = self.core_load.read(self.run_cores)
                 self.engine.widening.note_load(foreign, since)  # type: ignore[union-attr]
                 next_load = now + LOAD_EVERY
@@ -322,7 +324,7 @@ class Worker:
                         now - router_seen,
                     )
                     return EXIT_ORPHANED
-            wake = min(next_beat, next_load) if reads_load else next_beat
+            wake = min(next_beat, next_load) if self.reads_load else next_beat
             timeout_ms = max(0, int((wake - time.monotonic()) * 1000))
             for sock, _ in poller.poll(timeout_ms):
                 if sock is self.sock:
