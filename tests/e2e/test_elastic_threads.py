@@ -24,6 +24,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _two_elastic_instances(serve, gguf):
+    """A pool of two SmolLM2 instances, one core each, lending and borrowing."""
+    return serve([model_entry("m", gguf, min_instances=2)], pool={"elastic_threads": True})
+
+
 def _affinities(pid: int) -> list[set[int]]:
     """The CPU affinity of each of a process's threads, as the kernel reports it."""
     return [set(os.sched_getaffinity(t.id)) for t in psutil.Process(pid).threads()]
@@ -60,9 +65,7 @@ def _stream(server, content: str):
 
 
 def test_a_lone_stream_borrows_the_idle_core_and_gives_it_back(serve, smollm2_gguf):
-    server = serve(
-        [model_entry("m", smollm2_gguf, min_instances=2)], pool={"elastic_threads": True}
-    )
+    server = _two_elastic_instances(serve, smollm2_gguf)
     workers = _workers(server)
     assert sorted(w["cores"] for w in workers.values()) == [[0], [1]]
     both = {0, 1}
@@ -119,9 +122,7 @@ def test_a_widened_decode_spins_between_its_threads_instead_of_sleeping(serve, s
     # thread already pinned to one core, it counted one; a decode widened to two threads
     # then had more threads than CPUs, and each thread slept at nearly every barrier of
     # the graph (~270 times a token) instead of spinning for the other: ~20% slower.
-    server = serve(
-        [model_entry("m", smollm2_gguf, min_instances=2)], pool={"elastic_threads": True}
-    )
+    server = _two_elastic_instances(serve, smollm2_gguf)
     with _stream(server, "Write a long story.") as stream:
         lines = stream.iter_lines()
         busy = _streaming_worker(server, stream, lines)
@@ -146,9 +147,7 @@ def test_a_widened_decode_leaves_a_lent_core_that_other_work_keeps_busy(serve, s
     # a two-thread decode waits at every barrier for the thread that shares it, up to
     # seconds a token. The worker sees the other work (or the slow decodes), decodes on its
     # own thread, and tries the lent core again later.
-    server = serve(
-        [model_entry("m", smollm2_gguf, min_instances=2)], pool={"elastic_threads": True}
-    )
+    server = _two_elastic_instances(serve, smollm2_gguf)
     with _stream(server, "Write a long story.") as stream:
         lines = stream.iter_lines()
         a = _streaming_worker(server, stream, lines)
