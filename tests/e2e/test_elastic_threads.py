@@ -121,7 +121,7 @@ def test_a_widened_decode_spins_between_its_threads_instead_of_sleeping(serve, s
     # OpenMP (libgomp) counts its CPUs from the thread that loads it. Loaded by an engine
     # thread already pinned to one core, it counted one; a decode widened to two threads
     # then had more threads than CPUs, and each thread slept at nearly every barrier of
-    # the graph (~270 times a token) instead of spinning for the other: ~20% slower.
+    # the graph (~245 times a token) instead of spinning for the other: ~20% slower.
     server = _two_elastic_instances(serve, smollm2_gguf)
     with _stream(server, "Write a long story.") as stream:
         lines = stream.iter_lines()

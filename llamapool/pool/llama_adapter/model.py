@@ -27,7 +27,7 @@ def load_library() -> None:
     may use once, when it is loaded, from the loading thread's affinity. Loaded from an
     engine thread already pinned to one core, it counts one; a decode later widened to two
     threads (elastic threads) has more threads than that count, so libgomp spins only
-    briefly at each barrier and then sleeps: ~270 context switches per token instead of
+    briefly at each barrier and then sleeps: ~245 context switches per token instead of
     none, and 55-63 tok/s instead of 71-78 for SmolLM2 on two cores.
     """
     import llama_cpp  # noqa: F401
