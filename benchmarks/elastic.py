@@ -8,11 +8,13 @@ token is biased away, so each request generates `--max-tokens`.
 
 - single: one request at a time, the targets taking turns request by request (`--single`
   turns per round); tokens over the request's wall time, and per-turn ratios.
-- c8: 8 requests at once; tokens over wall time.
+- c8: 8 requests at once; tokens over wall time. `--levels 8,16,32` adds c16 and c32
+  (more requests than the pool's 8 slots queue; elastic threads should not cost there).
 - join: a long stream runs; a second streamed request is sent once it has output; that
   request's time to first token (with elastic threads, the reclaim's wait is in it).
 
     python -m benchmarks.elastic --rounds 4
+    python -m benchmarks.elastic --rounds 3 --single 2 --joins 1 --levels 8,16,32
     python -m benchmarks.elastic --llama-server /work/llama-server/llama-server
 """
 
@@ -112,10 +114,10 @@ async def _turns(clients: dict, order: list[str], n: int, max_tokens: int, bias,
     return rates
 
 
-async def _c8(client, max_tokens: int, bias, base: int) -> float:
+async def _at_once(client, n: int, max_tokens: int, bias, base: int) -> float:
     started = time.perf_counter()
     counts = await asyncio.gather(
-        *(_tokens(client, _body(base + i, max_tokens, bias)) for i in range(8))
+        *(_tokens(client, _body(base + i, max_tokens, bias)) for i in range(n))
     )
     return sum(counts) / (time.perf_counter() - started)
 
@@ -154,7 +156,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             for s in servers:
                 await s.wait_ready(clients[s.name], 180)
                 await _single(clients[s.name], 2, 16, bias, 0)  # warm-up
-                results[s.name] = {"single": [], "c8": [], "join_ttft_ms": []}
+                results[s.name] = {"single": [], **{f"c{n}": [] for n in args.levels},
+                                   "join_ttft_ms": []}  # fmt: skip
             for r in range(args.rounds):
                 # Rotate the order: no target always follows the same one.
                 order = servers[r % len(servers) :] + servers[: r % len(servers)]
@@ -165,7 +168,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     results[name]["single"] += rates
                 for s in order:
                     c, out = clients[s.name], results[s.name]
-                    out["c8"].append(await _c8(c, args.max_tokens, bias, base + 100))
+                    for n in args.levels:
+                        rate = await _at_once(c, n, args.max_tokens, bias, base + 100)
+                        out[f"c{n}"].append(rate)
                     ttft = [await _join(c, args.max_tokens, bias, base + 200 + 2 * i)
                             for i in range(args.joins)]  # fmt: skip
                     out["join_ttft_ms"].append(1000 * statistics.median(ttft))
@@ -193,15 +198,26 @@ def _summary(results: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
         runs = [round(x / y, 3) for x, y in pairs]
         return {"median": round(statistics.median(runs), 3), "runs": runs}
 
-    out["elastic_vs_fixed"] = {p: ratios("pool-elastic", "pool-fixed", p) for p in ("single", "c8")}
+    phases = [p for p in results["pool-elastic"] if p != "join_ttft_ms"]
+    out["elastic_vs_fixed"] = {p: ratios("pool-elastic", "pool-fixed", p) for p in phases}
     if "llama-server" in results:
         out["elastic_vs_llama_server"] = {
-            p: ratios("pool-elastic", "llama-server", p) for p in ("single", "c8")
+            p: ratios("pool-elastic", "llama-server", p) for p in phases
         }
-        out["fixed_vs_llama_server"] = {
-            p: ratios("pool-fixed", "llama-server", p) for p in ("single", "c8")
-        }
+        out["fixed_vs_llama_server"] = {p: ratios("pool-fixed", "llama-server", p) for p in phases}
     return out
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of counts: {text!r}"
+        ) from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"counts must be at least 1: {text!r}")
+    return levels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--single", type=int, default=4, help="requests per single phase")
     parser.add_argument("--joins", type=int, default=3, help="joining requests per join phase")
+    parser.add_argument(
+        "--levels",
+        type=_levels,
+        default=[8],
+        help="requests at once, comma-separated (default: 8)",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--n-ctx", type=int, default=4096)
     default_server = LLAMA_SERVER if pathlib.Path(LLAMA_SERVER).exists() else None
