@@ -176,9 +176,7 @@ class PoolSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_worker_memory: str | int | None = None
     memory_check_interval: PositiveFloat = 2.0
     # A busy instance runs on the cores of idle ones (more threads) until they get work.
-    # Off for now: the quiet-box run meets its target (README), a suite run with it on
-    # did not pass yet.
-    elastic_threads: bool = False
+    elastic_threads: bool = True
 
 
 class AdminSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -188,9 +188,8 @@ def test_who_may_lend(tiny_gguf):
         config = parse_config({"pool": pool or {}, "models": [entry]})
         return config.models["m"], config.pool
 
-    assert not may_lend(*spec_and_pool(), resizable=True, gpu=None)  # off by default
-    spec, pool = spec_and_pool({"elastic_threads": True})
-    assert may_lend(spec, pool, resizable=True, gpu=None)
+    spec, pool = spec_and_pool()
+    assert may_lend(spec, pool, resizable=True, gpu=None)  # on by default
     assert not may_lend(spec, pool, resizable=False, gpu=None)  # one request at a time
     assert not may_lend(spec, pool, resizable=True, gpu=0)
     on_gpu, pool = spec_and_pool(
