@@ -43,6 +43,13 @@ def guard_at_home(cost: float = 0.030) -> tuple[WidenGuard, Clock]:
     return guard, clock
 
 
+def widen(guard: WidenGuard, cost: float = 0.017) -> None:
+    """Run a granted guard's trial decodes at `cost` a row, each on two threads: it widens."""
+    for _ in range(TRIAL_DECODES):
+        assert guard.observe(2, 1, cost) == 2
+    assert guard.state is Widening.WIDE
+
+
 def test_a_grant_before_any_home_decode_times_home_decodes_first():
     guard = WidenGuard(1, "model m", Clock())
     assert guard.grant(2) == 1
@@ -58,9 +65,7 @@ def test_widened_decodes_that_pay_keep_the_grant(caplog):
     assert guard.grant(2) == 2
     assert guard.state is Widening.TRIAL
     caplog.set_level(logging.INFO, "llamapool.widening")
-    for _ in range(TRIAL_DECODES):
-        assert guard.observe(2, 1, 0.017) == 2
-    assert guard.state is Widening.WIDE
+    widen(guard)
     assert "decode threads trial → wide" in caplog.text
     for _ in range(20):  # steady: it stays wide
         assert guard.observe(2, 4, 4 * 0.018) == 2
@@ -88,9 +93,7 @@ def test_a_trial_slower_than_home_declines_and_retries_later(caplog):
 def test_two_slow_decodes_in_a_row_end_a_widening_at_once():
     guard, _ = guard_at_home()
     guard.grant(2)
-    for _ in range(TRIAL_DECODES):
-        guard.observe(2, 1, 0.017)
-    assert guard.state is Widening.WIDE
+    widen(guard)
     assert guard.observe(2, 1, 0.070) == 2  # one slow decode: noise, perhaps
     assert guard.observe(2, 1, 0.017) == 2
     assert guard.observe(2, 1, 0.070) == 2
@@ -123,8 +126,7 @@ def test_a_grant_before_the_retry_time_stays_home():
 def test_a_wide_guard_declines_when_its_average_stops_paying():
     guard, _ = guard_at_home()
     guard.grant(2)
-    for _ in range(TRIAL_DECODES):
-        guard.observe(2, 1, 0.017)
+    widen(guard)
     n = 0
     while guard.state is Widening.WIDE:
         guard.observe(2, 1, 0.032)  # slower than home, not by SLOW
@@ -146,9 +148,7 @@ def test_each_failed_trial_doubles_the_wait_up_to_the_maximum_and_one_that_pays_
         clock.now = guard.retry_at
         guard.observe(1, 1, 0.030)
     assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, RETRY_MAX, RETRY_MAX]
-    for _ in range(TRIAL_DECODES):
-        guard.observe(2, 1, 0.017)
-    assert guard.state is Widening.WIDE
+    widen(guard)
     assert guard.retry_after == RETRY_FIRST
 
 
@@ -156,7 +156,7 @@ def test_giving_the_cores_back_returns_home_from_any_state():
     guard, clock = guard_at_home()
     for prepare in (
         lambda: None,  # TRIAL
-        lambda: [guard.observe(2, 1, 0.017) for _ in range(TRIAL_DECODES)],  # WIDE
+        lambda: widen(guard),  # WIDE
         lambda: [guard.observe(2, 1, 0.5) for _ in range(2)],  # DECLINED
     ):
         clock.now += RETRY_MAX
@@ -197,9 +197,7 @@ def test_a_widened_decode_is_compared_with_home_decodes_of_its_own_size():
     for _ in range(3):
         guard.observe(1, 8, 8 * 0.016)  # eight rows: cheaper each
     guard.grant(2)
-    for _ in range(TRIAL_DECODES):
-        assert guard.observe(2, 1, 0.018) == 2  # 0.6x one row at home, 1.1x eight rows
-    assert guard.state is Widening.WIDE
+    widen(guard, 0.018)  # 0.6x one row at home, 1.1x eight rows
     for _ in range(5):
         guard.observe(2, 8, 8 * 0.017)  # slower than eight rows at home
     assert guard.state is Widening.DECLINED
@@ -210,9 +208,7 @@ def test_a_wide_guard_times_one_decode_in_probe_every_at_home():
     # would compare its late widened rows with its early home ones.
     guard, _ = guard_at_home(0.020)
     guard.grant(2)
-    for _ in range(TRIAL_DECODES):
-        guard.observe(2, 1, 0.012)
-    assert guard.state is Widening.WIDE
+    widen(guard, 0.012)
     for _ in range(PROBE_EVERY - TRIAL_DECODES - 1):
         assert guard.observe(2, 1, 0.012) == 2
     assert guard.observe(2, 1, 0.018) == 1  # the probe: one decode at home
@@ -233,9 +229,7 @@ def test_other_work_read_after_a_grant_ends_the_widening_and_holds_the_retry():
     clock.now += 0.25
     guard.note_load(0.1, since=clock.now - 0.25)  # it ended with the request
     assert guard.prompt_threads == 2
-    for _ in range(TRIAL_DECODES):
-        guard.observe(2, 1, 0.017)
-    assert guard.state is Widening.WIDE
+    widen(guard)
     clock.now += 0.25
     guard.note_load(1.0, since=clock.now - 0.25)  # a busy loop on the lent core
     assert guard.observe(2, 1, 0.017) == 1
